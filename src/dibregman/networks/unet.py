@@ -240,6 +240,7 @@ class EDMDenoiser(nn.Module):
         self.sigma_data, self.sigma_min, self.sigma_max = cfg.sigma_data, cfg.sigma_min, cfg.sigma_max
         self.label_dim = cfg.label_dim
         self.model = SongUNet(cfg)
+        self.feature_channels = self.model.feature_channels  # width of `features()`
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,124 @@
+"""Build the four networks of Algorithm 1 from a config: teacher phi (frozen), generator G_theta and fake score
+psi (both copies of the teacher's network, line 1), discriminator eta (a head on a backbone), plus the sampler of
+the real side of Eq. 5. Analytic teachers have no network to copy: an MLP denoiser is pretrained on their exact
+samples and copied instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import DistillConfig
+from .networks.discriminator import DiscriminatorHead
+from .networks.generator import OneStepGenerator
+from .networks.mlp import MLPConfig, MLPDenoiser
+from .networks.unet import EDMDenoiser, build_unet
+from .noise import edm_training_sigma
+
+
+@dataclass
+class Models:
+    teacher: nn.Module  # phi, frozen
+    generator: OneStepGenerator  # G_theta
+    fake: nn.Module  # psi
+    disc: DiscriminatorHead  # eta
+    shape: tuple  # per-sample shape
+    sigma_data: float
+    real: Callable[[torch.Tensor], torch.Tensor]  # global indices/seed tensor -> real samples
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    return net.eval().requires_grad_(False)
+
+
+def _trainable_copy(net: nn.Module) -> nn.Module:
+    # eval(): no dropout, so a run is a deterministic function of its seed; gradients still flow.
+    return copy.deepcopy(net).eval().requires_grad_(True)
+
+
+def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
+    """DSM-pretrain an MLP denoiser on exact teacher samples (the stand-in for 'copy the teacher's weights')."""
+    m = cfg.model
+    dim = int(teacher.shape[0])
+    torch.manual_seed(cfg.run.seed)
+    net = MLPDenoiser(MLPConfig(dim=dim, hidden=m.mlp_hidden, depth=m.mlp_depth, sigma_data=teacher.sigma_data,
+                                sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(cfg.run.seed + 12345)
+    for _ in range(m.init_steps):
+        x0 = teacher.sample(512, generator=g).to(device)
+        sigma, weight = edm_training_sigma(512, -0.4, 1.4, teacher.sigma_data, generator=g)
+        sigma, weight = sigma.to(device), weight.to(device)
+        x_t = x0 + sigma[:, None] * torch.randn(x0.shape, generator=g).to(device)
+        loss = (weight[:, None] * (net(x_t, sigma) - x0).square()).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net
+
+
+def _separate_backbone(init: nn.Module) -> nn.Module:
+    if isinstance(init, MLPDenoiser):
+        return MLPDenoiser(replace(init.cfg, hidden=64, depth=2))
+    if isinstance(init, EDMDenoiser):
+        c = init.cfg
+        attn = (c.img_resolution // 2,)
+        return build_unet(c, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=attn, dropout=0.0)
+    raise ValueError(f"disc_placement=separate has no small backbone for {type(init).__name__}")
+
+
+def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable[[torch.Generator, int], torch.Tensor]:
+    """Return draw(generator, n) -> [n, *shape] real samples: data set, exact teacher samples, or a teacher pool."""
+    spec = cfg.model.real
+    if spec == "teacher" and hasattr(teacher, "sample"):
+        return lambda g, n: teacher.sample(n, generator=g).to(device)
+    if spec == "teacher":
+        from .sample import sample_teacher
+
+        g = torch.Generator().manual_seed(cfg.run.seed + 777)
+        pool = sample_teacher(teacher, cfg.model.teacher_pool, num_steps=cfg.model.teacher_pool_steps, generator=g)
+    else:
+        from .data import load_dataset
+
+        pool, _ = load_dataset(spec)
+    if tuple(pool.shape[1:]) != tuple(shape):
+        raise ValueError(f"real data {spec!r} has shape {tuple(pool.shape[1:])} but the teacher makes {tuple(shape)}")
+    pool = pool.to(device)
+    return lambda g, n: pool[torch.randint(len(pool), (n,), generator=g).to(device)]
+
+
+def build_models(cfg: DistillConfig, device: torch.device) -> Models:
+    from .teachers import load_teacher
+
+    teacher = _frozen(load_teacher(resolve_path(cfg.model.teacher)).to(device))
+    shape = tuple(teacher.shape)
+    analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
+    init = pretrain_mlp(teacher, cfg, device) if analytic else teacher
+    generator = OneStepGenerator(_trainable_copy(init), cfg.model.sigma_init).to(device)
+    fake = _trainable_copy(init).to(device)
+    placement = cfg.model.disc_placement
+    if placement == "fake_score":
+        disc = DiscriminatorHead(fake, cfg.model.disc_head)
+    elif placement == "teacher":
+        disc = DiscriminatorHead(teacher, cfg.model.disc_head)
+    else:
+        disc = DiscriminatorHead(_separate_backbone(init).eval(), cfg.model.disc_head, own_backbone=True)
+    disc = disc.to(device)
+    real = real_sampler(cfg, teacher, shape, device)
+    return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real)
+
+
+def resolve_path(spec: str) -> str:
+    """Relative paths in a spec are resolved against the working directory, then the package folder (assets/)."""
+    kind, _, path = spec.partition(":")
+    if path and not Path(path).exists():
+        alt = Path(__file__).resolve().parent / path
+        if alt.exists():
+            return f"{kind}:{alt}"
+    return spec

@@ -1,0 +1,212 @@
+"""Distillation configuration: frozen dataclasses are the single source of truth, named presets live in
+`PRESETS`, and `--set section.key=value` overrides are applied by `override()` with clear errors.
+
+The resolved config is written to `<run_dir>/config.json` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    teacher: str = "gmm:ring8"  # teacher spec, see dibregman.teachers.load_teacher
+    real: str = "teacher"  # real side of the discriminator: dataset KIND:PATH, or "teacher" (exact/pooled samples)
+    teacher_pool: int = 2048  # teacher samples drawn once for real="teacher" when no exact sampler exists
+    teacher_pool_steps: int = 18  # Heun steps for that pool (2n-1 evaluations)
+    sigma_init: float = 2.5  # G(z) = D_init(sigma_init * z, sigma_init) (SiD)
+    init_steps: int = 2000  # analytic teachers only: DSM steps that pretrain the MLP initialising G and psi
+    mlp_hidden: int = 128  # analytic teachers only: MLP width
+    mlp_depth: int = 3  # analytic teachers only: MLP depth
+    disc_placement: str = "fake_score"  # discriminator backbone: fake_score | teacher | separate
+    disc_head: str = "linear"  # logit from features: linear (zero-initialised) | mean (SiDA: channel mean, no params)
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    name: str = "sba"  # registered divergence (dibregman divergences)
+    lam: float = 5.0  # SBA lambda (sba only)
+    alpha: float = 0.5  # alpha-divergence alpha (alpha only)
+    logit_clamp: float = 10.0  # |l| <= clamp before weighting (0 = off)
+    ratio_clip_min: float = 0.0  # clip r = e^{-l} to [min, max] (0 = off)
+    ratio_clip_max: float = 0.0
+    normalize: str = "sigma_bins"  # none | batch_mean | sigma_bins | softmax
+    num_sigma_bins: int = 8  # bins in log sigma for normalize=sigma_bins
+    weight_clip: float = 5.0  # clip normalised weights at this value (0 = off)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    weighting: str = "dmd"  # w(t): dmd (divide by mean|x - D_teacher|) | unit (D_p - D_q) | score ((D_p - D_q)/sigma^2)
+    gen_sigma_max: float = 0.0  # largest generator-step sigma (0 = teacher's sigma_max)
+    gen_sigma_min: float = 0.0  # smallest generator-step sigma (0 = teacher's sigma_min)
+    gen_t_max: float = 0.8  # generator sigma: Karras schedule at t ~ U[0, gen_t_max] (0 = sigma_max)
+    disc_t_max: float = 0.95  # discriminator sigma: Karras schedule at t'' ~ U[0, disc_t_max] (Algorithm 1)
+    fake_p_mean: float = -1.2  # fake-score DSM: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
+    fake_p_std: float = 1.2
+    disc_weight: float = 1.0  # weight of the discriminator BCE in the critic loss
+    gan_weight: float = 0.0  # weight of the generator's GAN term (0 = off)
+    gan_warmup_kimg: float = 0.0  # GAN term switched on after this many thousand images
+    gan_logit_clamp: float = 10.0  # logits clamped to +-this in the GAN term (SiDA)
+    gen_warmup_kimg: float = 0.0  # generator frozen for the first N thousand images (critic warm-up)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 256  # global batch (all ranks, all accumulation rounds)
+    accum_steps: int = 1  # gradient accumulation rounds per step
+    gen_lr: float = 1e-4  # generator learning rate
+    fake_lr: float = 1e-4  # fake score + discriminator learning rate
+    beta1: float = 0.0  # AdamW beta1 (SiD/DMD use 0)
+    beta2: float = 0.999  # AdamW beta2
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 10.0  # global gradient-norm clip per network (0 = off)
+    gen_every: int = 1  # generator updated every N critic steps (DMD2: 5)
+    order: str = "critic_first"  # critic_first (SiDA) | generator_first (Algorithm 1)
+    ema_halflife_kimg: float = 5.0  # generator EMA half-life, thousands of images (0 = off)
+    bf16: bool = False  # bf16 autocast on CUDA (ignored on CPU)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    total_kimg: float = 100.0  # training length, thousands of generator images
+    log_every_kimg: float = 1.0  # JSONL / TensorBoard period
+    ckpt_every_kimg: float = 10.0  # checkpoint period
+    sample_every_kimg: float = 10.0  # sample-grid period (0 = off)
+    keep_ckpts: int = 2  # checkpoints kept on disk
+    seed: int = 0  # all randomness derives from (seed, step)
+    max_bad_steps: int = 20  # abort after this many consecutive NaN/Inf steps
+    threads: int = 0  # torch CPU threads (0 = default)
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = True  # also write TensorBoard scalars when tensorboard is installed
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        return override(cls(), {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()})
+
+
+CHOICES = {
+    "model.disc_placement": ("fake_score", "teacher", "separate"),
+    "model.disc_head": ("linear", "mean"),
+    "divergence.normalize": ("none", "batch_mean", "sigma_bins", "softmax"),
+    "loss.weighting": ("dmd", "unit", "score"),
+    "optim.order": ("critic_first", "generator_first"),
+    "run.device": ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    """Raise ValueError for a config that cannot run; returns it unchanged otherwise."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not valid; choose one of {list(allowed)}")
+    o = cfg.optim
+    if o.batch_size < 1 or o.accum_steps < 1 or o.batch_size % o.accum_steps:
+        raise ValueError(f"optim.batch_size={o.batch_size} must be a positive multiple of accum_steps={o.accum_steps}")
+    if o.gen_every < 1:
+        raise ValueError(f"optim.gen_every must be >= 1, got {o.gen_every}")
+    if not 0 <= cfg.loss.gen_t_max <= 1 or not 0 <= cfg.loss.disc_t_max <= 1:
+        raise ValueError("loss.gen_t_max and loss.disc_t_max must lie in [0, 1]")
+    if cfg.run.total_kimg <= 0:
+        raise ValueError(f"run.total_kimg must be > 0, got {cfg.run.total_kimg}")
+    from . import divergences
+
+    divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params
+    return cfg
+
+
+def divergence_params(d: DivergenceConfig) -> dict:
+    """The keyword parameters of the chosen divergence (lam for sba, alpha for alpha, none otherwise)."""
+    return {"sba": {"lam": d.lam}, "alpha": {"alpha": d.alpha}}.get(d.name, {})
+
+
+def _convert(value, current, key: str):
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool | int):
+            return bool(value)
+    elif isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, int | float) and float(value).is_integer():
+            return int(value)
+    elif isinstance(current, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, str):
+        return str(value)
+    raise ValueError(f"{key}: cannot use {value!r} for a {type(current).__name__} option")
+
+
+def override(cfg: DistillConfig, pairs: dict) -> DistillConfig:
+    """Apply {"section.key": value} overrides; unknown keys raise ValueError listing the valid ones."""
+    sections = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for key, value in pairs.items():
+        section, _, name = key.partition(".")
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r} in {key!r}; valid: {sorted(sections)}")
+        valid = [f.name for f in fields(sections[section])]
+        if name not in valid:
+            raise ValueError(f"unknown config key {key!r}; valid keys in {section!r}: {valid}")
+        current = getattr(sections[section], name)
+        sections[section] = replace(sections[section], **{name: _convert(value, current, key)})
+    return replace(cfg, **sections)
+
+
+def _preset(**sections) -> DistillConfig:
+    cfg = DistillConfig()
+    return replace(cfg, **{k: replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+PRESETS: dict[str, DistillConfig] = {
+    # The 8-mode 2-D ring with its exact teacher; MLP generator/fake score; exact metrics available.
+    "gmm": _preset(
+        model=dict(teacher="gmm:ring8", real="teacher", sigma_init=2.5, init_steps=2000),
+        loss=dict(gen_sigma_max=10.0, gen_t_max=1.0),
+        optim=dict(batch_size=512, gen_lr=1e-3, fake_lr=1e-3, ema_halflife_kimg=20.0),
+        run=dict(total_kimg=2000.0, log_every_kimg=50.0, ckpt_every_kimg=500.0, sample_every_kimg=500.0),
+    ),
+    # The shipped MNIST teacher (EDM U-Net, 28x28) against full MNIST (make data).
+    "mnist": _preset(
+        model=dict(teacher="edm:assets/mnist_teacher.safetensors", real="mnist:data/mnist"),
+        optim=dict(batch_size=64, gen_lr=1e-4, fake_lr=1e-4, ema_halflife_kimg=2.0),
+        run=dict(total_kimg=40.0, log_every_kimg=1.0, ckpt_every_kimg=10.0, sample_every_kimg=5.0),
+    ),
+    # A CIFAR-10-sized EDM teacher (DDPM++ 55.7 M, e.g. imported with `dibregman import-edm`); SiDA's recipe.
+    "cifar10": _preset(
+        model=dict(teacher="edm:teachers/edm-cifar10-uncond.safetensors", real="cifar10:data/cifar-10-batches-py"),
+        optim=dict(batch_size=256, gen_lr=1e-5, fake_lr=1e-5, ema_halflife_kimg=500.0, bf16=True),
+        loss=dict(gan_weight=0.01, gan_warmup_kimg=200.0, gen_warmup_kimg=100.0),
+        run=dict(total_kimg=200_000.0, log_every_kimg=50.0, ckpt_every_kimg=5000.0, sample_every_kimg=1000.0),
+    ),
+}
+
+
+def get_preset(name: str) -> DistillConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = [
+    "DistillConfig", "ModelConfig", "DivergenceConfig", "LossConfig", "OptimConfig", "RunConfig",
+    "PRESETS", "get_preset", "override", "validate", "divergence_params",
+]

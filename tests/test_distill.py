@@ -1,0 +1,220 @@
+"""The distillation engine (Algorithm 1): every divergence runs, resume is exact, data parallel equals one
+process, bad input fails clearly, NaN steps are skipped and counted."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dibregman import checkpoint as ckpt
+from dibregman import divergences
+from dibregman.config import get_preset, override
+from dibregman.generators import load_generator
+from dibregman.loop import Trainer, distill
+from dibregman.networks.unet import build_unet
+
+GMM_SMALL = {
+    "model.init_steps": 30,
+    "model.mlp_hidden": 32,
+    "model.mlp_depth": 2,
+    "optim.batch_size": 32,
+    "run.log_every_kimg": 0.064,
+    "run.ckpt_every_kimg": 1000.0,
+    "run.sample_every_kimg": 0.0,
+    "run.tensorboard": False,
+}
+
+
+def gmm_cfg(**pairs):
+    return override(get_preset("gmm"), {**GMM_SMALL, **pairs})
+
+
+def steps_kimg(steps: int, batch: int = 32) -> float:
+    return steps * batch / 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> str:
+    """A randomly initialised tiny EDM U-Net exported like a trained teacher (8x8, one channel)."""
+    torch.manual_seed(0)
+    net = build_unet("tiny")
+    path = tmp_path_factory.mktemp("teacher") / "tiny.safetensors"
+    ckpt.export_safetensors(net.state_dict(), {"kind": "edm-unet", "unet": net.cfg.to_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", divergences.names())
+def test_every_divergence_runs_on_gmm(name, tmp_path):
+    cfg = gmm_cfg(**{"divergence.name": name, "run.total_kimg": steps_kimg(3)})
+    out = distill(cfg, tmp_path)
+    assert out["steps"] == 3 and out["bad_steps"] == 0
+    gen, meta = load_generator(out["export"])
+    x = gen(torch.randn(5, 2))
+    assert x.shape == (5, 2) and torch.isfinite(x).all()
+    assert meta["distill_config"]["divergence"]["name"] == name
+
+
+@pytest.mark.parametrize("name", divergences.names())
+def test_every_divergence_runs_on_tiny_unet(name, tmp_path, tiny_teacher):
+    cfg = override(
+        get_preset("mnist"),
+        {
+            "model.teacher": f"edm:{tiny_teacher}",
+            "model.real": "teacher",
+            "model.teacher_pool": 16,
+            "model.teacher_pool_steps": 2,
+            "divergence.name": name,
+            "optim.batch_size": 4,
+            "run.total_kimg": 0.008,
+            "run.tensorboard": False,
+            "run.sample_every_kimg": 0.004,
+        },
+    )
+    out = distill(cfg, tmp_path)
+    assert out["steps"] == 2 and out["bad_steps"] == 0
+    assert list((tmp_path / "samples").glob("*.png")), "sample grid written"
+    gen, _ = load_generator(tmp_path)
+    assert gen(torch.randn(2, 1, 8, 8)).shape == (2, 1, 8, 8)
+
+
+def _params(trainer: Trainer) -> dict:
+    out = {}
+    for name, mod in (
+        ("g", trainer.m.generator),
+        ("f", trainer.m.fake),
+        ("d", trainer.m.disc),
+        ("e", trainer.ema),
+    ):
+        out.update({f"{name}.{k}": v.clone() for k, v in mod.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("placement", ["fake_score", "separate"])
+def test_resume_is_bitwise_exact(tmp_path, placement):
+    pairs = {"model.disc_placement": placement, "loss.gan_weight": 0.1, "optim.gen_every": 2}
+    full = Trainer(gmm_cfg(**pairs, **{"run.total_kimg": steps_kimg(6)}), tmp_path / "full")
+    full.train()
+    half = gmm_cfg(**pairs, **{"run.total_kimg": steps_kimg(3)})
+    Trainer(half, tmp_path / "split").train()
+    resumed = Trainer(gmm_cfg(**pairs, **{"run.total_kimg": steps_kimg(6)}), tmp_path / "split")
+    assert resumed.state.step == 3
+    resumed.train()
+    a, b = _params(full), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_config_typo_lists_valid_keys():
+    with pytest.raises(ValueError, match="valid keys in 'divergence'.*'lam'"):
+        override(get_preset("gmm"), {"divergence.lamda": 3})
+    with pytest.raises(ValueError, match="unknown config section"):
+        override(get_preset("gmm"), {"optimiser.lr": 3})
+    with pytest.raises(ValueError, match="unknown divergence|valid"):
+        Trainer(gmm_cfg(**{"divergence.name": "klx"}), "/nonexistent-never-created")
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("imagenet")
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(1)}), tmp_path).train()
+    with pytest.raises(ValueError, match="different config.*divergence.lam"):
+        Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(2), "divergence.lam": 3.0}), tmp_path)
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
+    cfg = gmm_cfg(
+        **{"run.total_kimg": steps_kimg(4), "run.ckpt_every_kimg": steps_kimg(2), "run.keep_ckpts": 5}
+    )
+    Trainer(cfg, tmp_path).train()
+    paths = ckpt.list_checkpoints(tmp_path)
+    assert len(paths) == 2
+    good = paths[-1].read_bytes()
+    paths[-1].write_bytes(good[: len(good) // 2])  # a crash mid-copy, a full disk ...
+    with pytest.warns(UserWarning, match="skipping"):
+        resumed = Trainer(cfg, tmp_path)
+    assert resumed.state.step == 2  # the previous, intact checkpoint
+
+
+class _NaNTeacher(torch.nn.Module):
+    """Wraps a teacher and returns NaN on chosen calls."""
+
+    def __init__(self, inner, bad_calls):
+        super().__init__()
+        self.inner, self.bad_calls, self.calls = inner, bad_calls, 0
+        self.sigma_min, self.sigma_max, self.sigma_data = inner.sigma_min, inner.sigma_max, inner.sigma_data
+        self.shape = inner.shape
+
+    def forward(self, x, sigma, cond=None):
+        self.calls += 1
+        out = self.inner(x, sigma, cond)
+        return out * float("nan") if self.calls in self.bad_calls else out
+
+
+def test_nan_step_is_skipped_counted_and_logged(tmp_path):
+    tr = Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(5)}), tmp_path)
+    tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls={2, 3})
+    before = {k: v.clone() for k, v in tr.m.generator.state_dict().items()}
+    out = tr.train()
+    assert out["bad_steps"] == 2 and out["steps"] == 5
+    assert all(torch.isfinite(p).all() for p in tr.m.generator.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in tr.m.generator.state_dict().items())
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"skipped/generator"' in log and '"bad_steps_total": 2' in log
+
+
+def test_consecutive_nan_steps_abort_with_a_clear_message(tmp_path):
+    tr = Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(10), "run.max_bad_steps": 3}), tmp_path)
+    tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls=set(range(1, 100)))
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite steps"):
+        tr.train()
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    sets = [
+        f"--set={k}={v}"
+        for k, v in {
+            **GMM_SMALL,
+            "run.total_kimg": steps_kimg(3),
+            "loss.gan_weight": 0.1,
+            "divergence.normalize": "softmax",
+        }.items()
+    ]
+    base = ["distill", "--preset", "gmm", *sets]
+    one = subprocess.run(
+        [sys.executable, "-m", "dibregman.cli", *base, "--run-dir", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "dibregman.cli",
+            *base,
+            "--run-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = ckpt.load_safetensors(tmp_path / "one" / "generator.safetensors")[0]
+    b = ckpt.load_safetensors(tmp_path / "two" / "generator.safetensors")[0]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -223,6 +223,8 @@ def test_clamps_and_clip():
     torch.testing.assert_close(w, torch.exp(-l.clamp(-10, 10)))
     w = dv.stabilized_weight(ls, l, stab=dv.Stabilizer(ratio_clip=(0.1, 20.0)))
     torch.testing.assert_close(w, torch.exp(-l).clamp(0.1, 20.0))
+    w = dv.stabilized_weight(ls, l, stab=dv.Stabilizer(ratio_clip=(0.0, 20.0)))  # one-sided
+    torch.testing.assert_close(w, torch.exp(-l).clamp(max=20.0))
     w = dv.stabilized_weight(ls, l, stab=dv.Stabilizer(normalize="softmax", weight_clip=2.0))
     assert float(w.max()) == 2.0 and float(w.min()) >= 0
     lg = l.clone().requires_grad_(True)
@@ -292,6 +294,7 @@ def test_bad_input():
         {"normalize": "mean"},
         {"num_sigma_bins": 0},
         {"ratio_clip": (2.0, 1.0)},
+        {"ratio_clip": (-1.0, 1.0)},
         {"logit_clamp": -1.0},
         {"weight_clip": 0.0},
         {"nan": "ignore"},

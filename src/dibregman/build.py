@@ -30,7 +30,9 @@ class Models:
     disc: DiscriminatorHead  # eta
     shape: tuple  # per-sample shape
     sigma_data: float
-    real: Callable[[torch.Tensor], torch.Tensor]  # global indices/seed tensor -> real samples
+    real: Callable  # (generator, n) -> real samples [n, *shape]; text-to-image: (samples, caption index [n])
+    conditions: object = None  # text-to-image: ConditionSet D_c that c is drawn from (Algorithm 1 line 4)
+    real_conditions: object = None  # text-to-image: ConditionSet of the real side's captions (line 21)
 
 
 def _frozen(net: nn.Module) -> nn.Module:
@@ -97,6 +99,12 @@ def build_models(cfg: DistillConfig, device: torch.device) -> Models:
     from .teachers import load_teacher
 
     teacher = _frozen(load_teacher(resolve_path(cfg.model.teacher)).to(device))
+    if hasattr(teacher, "encode_prompts"):  # text-to-image (Stable Diffusion): conditional copies, see t2i.py
+        from .t2i import build_t2i_models
+
+        return build_t2i_models(cfg, teacher, device)
+    if cfg.model.prompts:
+        raise ValueError(f"model.prompts is set but teacher {cfg.model.teacher!r} takes no text conditions")
     shape = tuple(teacher.shape)
     analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
     init = pretrain_mlp(teacher, cfg, device) if analytic else teacher

@@ -57,10 +57,14 @@ def resolve_config(args):
         pairs["model.teacher"] = args.teacher
     if args.data:
         pairs["model.real"] = args.data
+    if args.prompts:
+        pairs["model.prompts"] = args.prompts
     if args.kimg:
         pairs["run.total_kimg"] = args.kimg
     if args.batch:
         pairs["optim.batch_size"] = args.batch
+    if getattr(args, "reward", ""):
+        pairs["reward.name"] = args.reward
     pairs.update(_overrides(args.set))
     return validate(override(cfg, pairs))
 
@@ -85,19 +89,42 @@ def cmd_sample(args) -> None:
     from .generators import generate, load_generator
     from .viz import save_image_grid, save_scatter
 
-    gen, meta = load_generator(args.checkpoint)
-    x = generate(gen, args.num, seed=args.seed, batch_size=args.batch)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    gen, meta = load_generator(args.checkpoint, device)
+    prompts = _sample_prompts(args)
+    text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
+    if text_to_image != bool(prompts):
+        raise ValueError("a text-to-image export needs --prompt/--prompts, and only such exports take them")
+    if text_to_image:  # --num images, prompts cycled: a grid column per prompt
+        from .t2i import sample_images
+
+        prompts = [prompts[i % len(prompts)] for i in range(max(args.num, len(prompts)))]
+        x = sample_images(gen, prompts, seed=args.seed, batch_size=min(args.batch, 16), device=device)
+        ncol = min(len(set(prompts)), 16)
+    else:
+        x = generate(gen, args.num, seed=args.seed, batch_size=args.batch, device=device)
+        ncol = min(16, len(x))
     out = args.out
     if out.endswith(".npz"):
         import numpy as np
 
         np.savez_compressed(out, samples=x.numpy())
     elif x.ndim == 4:
-        save_image_grid(x[: min(len(x), 256)], out, ncol=min(16, len(x)))
+        save_image_grid(x[: min(len(x), 256)], out, ncol=ncol)
     else:
         save_scatter(x, out)
     finite = torch.isfinite(x.flatten(1)).all(1)
-    print(f"wrote {args.num} one-step samples to {out} ({int((~finite).sum())} non-finite)")
+    print(f"wrote {len(x)} one-step samples to {out} ({int((~finite).sum())} non-finite)")
+
+
+def _sample_prompts(args) -> list[str]:
+    """--prompt (repeatable) then the lines of --prompts FILE."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from .conditions import read_prompts
+
+        prompts += read_prompts(args.prompts)
+    return prompts
 
 
 def cmd_eval(args) -> None:
@@ -168,12 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TeacherConfig field")
 
     d = sub.add_parser("distill", help="distil a teacher into a one-step generator (Algorithm 1)")
-    d.add_argument("--preset", default="gmm", help="named config: gmm | mnist | cifar10")
+    d.add_argument("--preset", default="gmm", help="named config: gmm | mnist | cifar10 | sd15")
     d.add_argument("--divergence", default="", help="registered divergence (see `dibregman divergences`)")
     d.add_argument("--teacher", default="", help="teacher spec, e.g. edm:teacher.safetensors, diffusers:DIR")
     d.add_argument("--data", default="", help="real side of the discriminator: KIND:PATH or 'teacher'")
+    d.add_argument("--prompts", default="", help="text-to-image: prompts file (.txt/.csv/.jsonl)")
     d.add_argument("--kimg", type=float, default=0, help="training length in thousands of images")
     d.add_argument("--batch", type=int, default=0, help="global batch size")
+    d.add_argument("--reward", default="", help="distil p R / Z (Appendix G): none | constant | gmm_modes | "
+                   "mnist_class | python:MODULE:FUNCTION; parameters via --set reward.KEY=VALUE")
     d.add_argument("--run-dir", default="", help="run folder (auto-resumes); default runs/<preset>-<divergence>")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -184,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--out", default="samples.png", help=".png grid/scatter or .npz array")
+    s.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeatable)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--prompts", default="", help="text-to-image: prompts file (--num images cycle)")
 
     e = sub.add_parser("eval", help="FID/KID/precision-recall of samples against a reference set")
     e.add_argument("--samples", default="", help=".npz or image folder")

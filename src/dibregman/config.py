@@ -22,6 +22,13 @@ class ModelConfig:
     mlp_depth: int = 3  # analytic teachers only: MLP depth
     disc_placement: str = "fake_score"  # discriminator backbone: fake_score | teacher | separate
     disc_head: str = "linear"  # logit from features: linear (zero-initialised) | mean (SiDA: channel mean, no params)
+    # text-to-image teachers (sd:DIR) only, see t2i.py:
+    prompts: str = ""  # condition set D_c: prompts file (.txt lines, .csv/.jsonl with prompt|caption|text)
+    guidance_scale: float = 3.0  # classifier-free guidance w of the teacher phi (copies are never guided)
+    grad_checkpointing: bool = False  # gradient checkpointing in the trainable UNets (G and psi)
+    fake_lora_rank: int = 0  # LoRA rank of the fake score psi's attention projections (0 = full weights)
+    teacher_bf16: bool = False  # keep the frozen teacher UNet, VAE and text encoder in bf16
+    real_cache: str = ""  # file caching the real side's latents (teacher pool / encoded images); "" = off
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,13 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError("loss.gen_t_max and loss.disc_t_max must lie in [0, 1]")
     if cfg.run.total_kimg <= 0:
         raise ValueError(f"run.total_kimg must be > 0, got {cfg.run.total_kimg}")
+    m = cfg.model
+    if m.guidance_scale < 0 or m.fake_lora_rank < 0:
+        raise ValueError(f"model.guidance_scale={m.guidance_scale} and model.fake_lora_rank="
+                         f"{m.fake_lora_rank} must be >= 0")
+    if m.teacher.startswith("sd:") and not m.prompts:
+        raise ValueError("model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file "
+                         "(--prompts FILE)")
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params
@@ -196,6 +210,17 @@ PRESETS: dict[str, DistillConfig] = {
         optim=dict(batch_size=256, gen_lr=1e-5, fake_lr=1e-5, ema_halflife_kimg=500.0, bf16=True),
         loss=dict(gan_weight=0.01, gan_warmup_kimg=200.0, gen_warmup_kimg=100.0),
         run=dict(total_kimg=200_000.0, log_every_kimg=50.0, ckpt_every_kimg=5000.0, sample_every_kimg=1000.0),
+    ),
+    # Stable Diffusion v1.5 at 512x512 (the paper's text-to-image run) on one GPU: give the local diffusers
+    # folder (--teacher sd:DIR) and a prompts file (--prompts FILE). Data-free: the real side is a pool of
+    # guided teacher samples (or --data captions:DIR for image + caption pairs).
+    "sd15": _preset(
+        model=dict(teacher="sd:models/stable-diffusion-v1-5", real="teacher", teacher_pool=1024,
+                   teacher_pool_steps=12, guidance_scale=3.0, grad_checkpointing=True),
+        loss=dict(gan_weight=1e-3, gan_warmup_kimg=10.0),
+        optim=dict(batch_size=16, accum_steps=2, gen_lr=1e-6, fake_lr=1e-6, ema_halflife_kimg=20.0,
+                   bf16=True),
+        run=dict(total_kimg=400.0, log_every_kimg=1.0, ckpt_every_kimg=10.0, sample_every_kimg=10.0),
     ),
 }
 

@@ -39,6 +39,7 @@ class Batch:
     disc_noise_real: torch.Tensor  # [N, *shape]
     disc_noise_fake: torch.Tensor  # [N, *shape]
     cond: object = None  # condition c ~ D_c (labels, text embeddings), or None
+    real_cond: object = None  # condition of the real side (x_gt, c) ~ D_d; None: the same as `cond`
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Exported one-step generators: metadata to rebuild the network, and loading for `dibregman sample`/`eval`.
 
-An export is `generator.safetensors` (EMA weights of `OneStepGenerator`) + `generator.json` (how to rebuild it).
+An export is `generator.safetensors` (EMA weights of `OneStepGenerator`) + `generator.json` (how to rebuild
+it); text-to-image runs write a diffusers folder instead (`t2i.py`).
 Loading never executes code from a file.
 """
 
@@ -29,9 +30,17 @@ def generator_meta(gen: OneStepGenerator, cfg, num_images: int) -> dict:
 
 
 def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
-    """Rebuild an exported generator (a run folder or its `generator.safetensors`); returns (generator, metadata)."""
+    """Rebuild an exported generator (a run folder or its `generator.safetensors`); returns (generator, metadata).
+
+    Text-to-image runs export a diffusers folder (`<run_dir>/diffusers`, see `t2i.export_diffusers`) instead.
+    """
     path = Path(path)
     if path.is_dir():
+        from .t2i import find_export, load_t2i_generator
+
+        folder = find_export(path)
+        if folder is not None:
+            return load_t2i_generator(folder, device)
         path = path / "generator.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no generator export at {path} (a finished run writes <run_dir>/generator.safetensors)")

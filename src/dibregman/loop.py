@@ -73,10 +73,16 @@ def draw_batch(cfg: DistillConfig, m: Models, step: int, rnd: int, n: int, devic
         disc_noise_fake=noise(),
     )
     real = m.real(g, n)
+    if m.conditions is not None:  # c ~ D_c (line 4); the real side brings its own captions, (x_gt, c) line 21
+        real, real_index = real
+        cond_index = m.conditions.draw(g, n)
     sl = local_slice(n)
     for k, v in vars(b).items():
         if isinstance(v, torch.Tensor):
             setattr(b, k, v[sl].to(device))
+    if m.conditions is not None:  # only this rank's slice is embedded
+        b.cond = m.conditions.embed(cond_index[sl], device)
+        b.real_cond = m.real_conditions.embed(real_index[sl], device)
     return b, real[sl].to(device)
 
 
@@ -202,7 +208,7 @@ class Trainer:
                 with torch.no_grad():
                     x_fake = m.generator(b.z, b.cond).float()
                 dsm = fake_score_loss(m.fake, x_fake, b, m.sigma_data, norm=B)
-                bce, st = discriminator_loss(m.disc, real, x_fake, b, norm=B)
+                bce, st = discriminator_loss(m.disc, real, x_fake, b, norm=B, real_cond=b.real_cond)
                 loss = dsm + cfg.loss.disc_weight * bce
             loss.backward()
             mon.add({"loss/fake_dsm": float(dsm.detach()) * B / len(x_fake), "loss/disc_bce": float(bce.detach()) * B / len(x_fake),
@@ -306,6 +312,11 @@ class Trainer:
 
         if dist.rank() != 0:
             return None
+        if self.m.conditions is not None:  # text-to-image: a diffusers folder (t2i.export_diffusers)
+            from .t2i import export_diffusers
+
+            folder = self.run_dir / "diffusers"
+            return str(export_diffusers(self.ema, self.cfg, folder, self.state.num_images))
         meta = generator_meta(self.ema, self.cfg, self.state.num_images)
         return str(ckpt.export_safetensors(self.ema.state_dict(), meta, self.run_dir / "generator"))
 

@@ -1,0 +1,335 @@
+"""Text-to-image distillation (Di-Bregman's Stable Diffusion v1.5 experiment, Zhu et al.) on diffusers parts.
+
+Algorithm 1 with conditions c (text embeddings of prompts):
+- phi: `StableDiffusionTeacher` with classifier-free guidance scale w (`model.guidance_scale`), frozen;
+- G_theta(z, c) = U_theta(sigma_init z, sigma_init, c): a copy of the teacher's UNet (line 1), NOT guided;
+- psi(x, sigma, c): another copy without guidance (optionally LoRA, `model.fake_lora_rank`);
+- eta: a head on psi's bottleneck (mid-block) features, `TextUNetDenoiser.features`.
+Only UNets train. The VAE, text encoder and tokenizer stay in the teacher and are shared by reference (never
+copied, never in a state dict). Conditions c ~ D_c come from `model.prompts`; the real side (x_gt, c) ~ D_d is
+either a captioned image folder encoded by the VAE (`model.real=captions:DIR`) or, data-free, a pool of guided
+teacher samples of prompts from D_c (`model.real=teacher`).
+
+Export: a diffusers folder (`unet/` of the EMA generator + the teacher's other components, hard-linked or
+copied) with `dibregman.json` giving sigma_init, its timestep t and
+input_scale = sigma_init / sqrt(1 + sigma_init^2), so one step in plain diffusers (no guidance) is, for an
+epsilon model (v / sample: `x0_from_model_output`),
+    x_vp = input_scale z,  eps = unet(x_vp, t, text_embedding),  z0 = sigma_init (z - eps),
+    image = vae.decode(z0 / scaling_factor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import dist
+from .build import Models, resolve_path
+from .conditions import ConditionSet, load_image, read_captioned_images, read_prompts
+from .networks.discriminator import DiscriminatorHead
+from .networks.generator import OneStepGenerator
+from .networks.lora import add_lora
+from .teachers.diffusers import DiscreteVPDenoiser
+from .teachers.sd import SUBFOLDERS, StableDiffusionTeacher
+
+META_NAME = "dibregman.json"  # the export's description, beside model_index.json
+META_KIND = "dibregman-one-step-text-to-image"
+
+
+class _Shared:
+    """Holds a frozen module by reference: no submodule (no parameters, no state dict); deepcopy keeps it."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _Stop(Exception):
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+
+class TextUNetDenoiser(DiscreteVPDenoiser):
+    """D(x, sigma, c) of a trainable UNet2DConditionModel in the teacher's latent space, without guidance."""
+
+    def __init__(
+        self, unet: torch.nn.Module, text: StableDiffusionTeacher
+    ):  # text: shared VAE/encoder/schedule
+        abar = (1 + (2 * text.log_sigmas).exp()).reciprocal()
+        super().__init__(abar, text.prediction_type, text.sigma_data, text.snap_tol)
+        self.log_sigmas, self.sigma_min, self.sigma_max = text.log_sigmas, text.sigma_min, text.sigma_max
+        self.unet = unet
+        self.shape = tuple(text.shape)
+        self.feature_channels = int(unet.config.block_out_channels[-1])  # channels of the mid block
+        self._text = _Shared(text)
+
+    @property
+    def text(self) -> StableDiffusionTeacher:
+        return self._text.obj
+
+    def _inputs(self, x, sigma, cond):
+        x_vp, t, s = self.model_input(x, sigma)
+        c, _ = self.text._embeddings(cond, x.shape[0])  # None: the empty prompt (unconditional)
+        dtype = self.unet.dtype
+        return x_vp.to(dtype), t, s, c.to(x.device, dtype)
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        x_vp, t, s, c = self._inputs(x, sigma, cond)
+        return self.to_x0(self.unet(x_vp, t, encoder_hidden_states=c).sample, x, s)
+
+    def features(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """Bottleneck features [N, C, h, w]: the mid block's output; the up-sampling half is never run."""
+        x_vp, t, _, c = self._inputs(x, sigma, cond)
+        block = self.unet.mid_block if self.unet.mid_block is not None else self.unet.down_blocks[-1]
+
+        def stop(module, args, out):
+            raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+        handle = block.register_forward_hook(stop)
+        try:
+            self.unet(x_vp, t, encoder_hidden_states=c)
+        except _Stop as e:
+            return e.features
+        finally:
+            handle.remove()
+        raise AssertionError("the UNet finished without running its bottleneck block")
+
+
+def trainable_unet(teacher: StableDiffusionTeacher, *, lora_rank: int = 0, grad_checkpointing: bool = False):
+    """A float32 copy of the teacher's UNet as a guidance-free denoiser (full weights or LoRA trainable)."""
+    unet = copy.deepcopy(teacher.unet).float().eval()  # eval(): no dropout, runs are functions of their seed
+    if lora_rank > 0:
+        add_lora(unet, lora_rank)
+    else:
+        unet.requires_grad_(True)
+    if grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return TextUNetDenoiser(unet, teacher)
+
+
+def _autocast(cfg, device):
+    if cfg.optim.bf16 and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_t2i_models(cfg, teacher: StableDiffusionTeacher, device) -> Models:
+    """The networks of Algorithm 1 for a text-to-image teacher (called by `build.build_models`)."""
+    m = cfg.model
+    if not m.prompts:
+        raise ValueError("a text-to-image teacher needs conditions: set model.prompts (--prompts FILE)")
+    teacher.guidance_scale = m.guidance_scale  # only phi is guided
+    teacher.uncond_embedding()  # cached once, outside autocast
+    conditions = ConditionSet(read_prompts(m.prompts), teacher.encode_prompts)
+    gen = OneStepGenerator(trainable_unet(teacher, grad_checkpointing=m.grad_checkpointing), m.sigma_init)
+    fake = trainable_unet(teacher, lora_rank=m.fake_lora_rank, grad_checkpointing=m.grad_checkpointing)
+    if m.disc_placement == "fake_score":
+        disc = DiscriminatorHead(fake, m.disc_head)
+    elif m.disc_placement == "teacher":
+        disc = DiscriminatorHead(TextUNetDenoiser(teacher.unet, teacher), m.disc_head)
+    else:
+        raise ValueError(
+            f"model.disc_placement={m.disc_placement!r} is not available for text-to-image teachers;"
+            f" choose 'fake_score' or 'teacher'"
+        )
+    if m.teacher_bf16:
+        teacher.to(torch.bfloat16)  # after copying: the trainable UNets keep the float32 weights
+    latents, captions = real_side(cfg, teacher, conditions, device)
+    real_conditions = ConditionSet(captions, teacher.encode_prompts)
+
+    def real(g: torch.Generator, n: int):
+        idx = torch.randint(len(latents), (n,), generator=g)
+        return latents[idx], idx
+
+    return Models(
+        teacher,
+        gen.to(device),
+        fake.to(device),
+        disc.to(device),
+        tuple(teacher.shape),
+        float(teacher.sigma_data),
+        real,
+        conditions=conditions,
+        real_conditions=real_conditions,
+    )
+
+
+# ---- the real side of Eq. 5 --------------------------------------------------------------------------------
+def real_side(cfg, teacher, conditions: ConditionSet, device) -> tuple[torch.Tensor, list[str]]:
+    """(latents [P, C, h, w] on the CPU, captions): VAE-encoded captioned images or guided teacher samples."""
+    m = cfg.model
+    kind, _, path = m.real.partition(":")
+    if m.real != "teacher" and kind != "captions":
+        raise ValueError(
+            f"model.real={m.real!r}: a text-to-image teacher takes 'teacher' (data-free, guided teacher "
+            f"samples of the prompts) or 'captions:DIR' (images + captions)"
+        )
+    source = {"real": m.real, "teacher": m.teacher, "shape": list(teacher.shape)}
+    if m.real == "teacher":
+        source.update(
+            guidance_scale=m.guidance_scale,
+            pool=m.teacher_pool,
+            steps=m.teacher_pool_steps,
+            seed=cfg.run.seed,
+            num_prompts=len(conditions),
+        )
+    cache = Path(m.real_cache) if m.real_cache else None
+    if cache is not None and cache.with_suffix(".safetensors").is_file():
+        state, meta = ckpt.load_safetensors(cache)
+        if meta.get("source") != source:
+            raise ValueError(
+                f"{cache} holds another real side ({meta.get('source')}); this run needs {source}. "
+                f"Delete it or set model.real_cache to another path"
+            )
+        return state["latents"], meta["captions"]
+    batch = max(1, cfg.optim.batch_size // cfg.optim.accum_steps)
+    with _autocast(cfg, device):
+        if m.real == "teacher":
+            latents, captions = teacher_pool(
+                teacher,
+                conditions,
+                m.teacher_pool,
+                m.teacher_pool_steps,
+                seed=cfg.run.seed + 777,
+                batch_size=batch,
+            )
+        else:
+            latents, captions = encode_captioned_images(teacher, path, batch_size=batch)
+    if cache is not None and dist.rank() == 0:
+        ckpt.export_safetensors({"latents": latents}, {"source": source, "captions": captions}, cache)
+    return latents, captions
+
+
+def teacher_pool(teacher, conditions: ConditionSet, n: int, num_steps: int, *, seed: int, batch_size: int):
+    """n guided teacher samples (Heun, `num_steps` intervals) of prompts from D_c: the data-free real side."""
+    from .sample import sample_teacher
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [conditions.prompts[i] for i in conditions.draw(g, n).tolist()]
+    dist.print0(f"drawing {n} guided teacher samples (w={teacher.guidance_scale}) for the real side ...")
+    x = sample_teacher(teacher, n, num_steps=num_steps, cond=prompts, generator=g, batch_size=batch_size)
+    return x.float().cpu(), prompts
+
+
+def encode_captioned_images(teacher, root, *, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+    """VAE latents (posterior mean) of a captioned image folder, resized to the teacher's resolution."""
+    pairs = read_captioned_images(root)
+    f = teacher.vae_scale_factor
+    height, width = teacher.shape[1] * f, teacher.shape[2] * f
+    device = next(teacher.vae.parameters()).device
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        x = torch.stack([load_image(p, height, width) for p, _ in pairs[i : i + batch_size]])
+        out.append(teacher.encode(x.to(device)).float().cpu())
+    return torch.cat(out), [c for _, c in pairs]
+
+
+# ---- export, loading, sampling ----------------------------------------------------------------------------
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same bytes, no extra disk space, survives moving the teacher
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _pipeline_parts(folder: Path) -> list[str]:
+    """Component folders of a diffusers pipeline: those named in model_index.json, else the SD five."""
+    index = folder / "model_index.json"
+    if index.is_file():
+        names = [
+            k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None
+        ]
+        return [n for n in names if (folder / n).is_dir()]
+    return list(SUBFOLDERS)
+
+
+def export_diffusers(gen: OneStepGenerator, cfg, out_dir: str | Path, num_images: int) -> Path:
+    """Write the generator's UNet + the teacher's other components as a diffusers folder (atomically)."""
+    den = gen.denoiser
+    teacher_dir = Path(resolve_path(cfg.model.teacher).partition(":")[2])
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    den.unet.save_pretrained(tmp / "unet")
+    for name in _pipeline_parts(teacher_dir):
+        if name != "unet":
+            shutil.copytree(teacher_dir / name, tmp / name, copy_function=_link_or_copy)
+    if (teacher_dir / "model_index.json").is_file():
+        shutil.copy2(teacher_dir / "model_index.json", tmp / "model_index.json")
+    sigma = torch.tensor([gen.sigma_init])
+    meta = {
+        "kind": META_KIND,
+        "one_step": True,
+        "sigma_init": gen.sigma_init,
+        "timestep": float(den.sigma_to_t(sigma)[0]),  # the UNet's (fractional) timestep of sigma_init
+        "input_scale": float(sigma[0] * (1 + sigma[0] ** 2).rsqrt()),  # VP scaling of sigma_init * z
+        "prediction_type": den.prediction_type,
+        "teacher": cfg.model.teacher,
+        "teacher_guidance_scale": cfg.model.guidance_scale,
+        "num_images": num_images,
+        "usage": "z = randn; out = unet(input_scale * z, timestep, text_embeddings).sample (no guidance); "
+        "epsilon: z0 = sigma_init * (z - out) (v/sample: dibregman.teachers.diffusers.x0_from_model_output "
+        "with x = sigma_init * z); image = vae.decode(z0 / scaling_factor). "
+        "Or: dibregman sample --checkpoint DIR --prompt TEXT",
+        "distill_config": cfg.to_dict(),
+    }
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def find_export(path: str | Path) -> Path | None:
+    """The export folder of a run folder (or the export folder itself); None if there is none."""
+    path = Path(path)
+    for cand in (path, path / "diffusers"):
+        if (cand / META_NAME).is_file():
+            return cand
+    return None
+
+
+def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
+    """Rebuild a one-step text-to-image generator from its diffusers export; returns (generator, metadata)."""
+    folder = Path(folder)
+    meta = json.loads((folder / META_NAME).read_text())
+    if meta.get("kind") != META_KIND:
+        raise ValueError(
+            f"{folder / META_NAME} is not a dibregman text-to-image export (kind={meta.get('kind')!r})"
+        )
+    parts = StableDiffusionTeacher.from_folder(
+        folder, prediction_type=meta["prediction_type"], guidance_scale=1.0
+    )
+    parts = parts.to(device)  # the student's UNet (inside `parts`) with the shared VAE and text encoder
+    gen = OneStepGenerator(TextUNetDenoiser(parts.unet, parts), meta["sigma_init"])
+    return gen.to(device).eval().requires_grad_(False), meta
+
+
+@torch.no_grad()
+def sample_images(
+    gen: OneStepGenerator, prompts: list[str], *, seed: int = 0, batch_size: int = 8, device="cpu"
+):
+    """One-step images [len(prompts), 3, H, W] in [-1, 1], VAE-decoded, on the CPU; deterministic in seed."""
+    den = gen.denoiser
+    z = torch.randn((len(prompts), *den.shape), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        latents = gen(z[i : i + batch_size].to(device), list(prompts[i : i + batch_size]))
+        out.append(den.text.decode(latents.float()).cpu())
+    return torch.cat(out)
+
+
+def preview_prompts(conditions: ConditionSet, num_prompts: int = 8, per_prompt: int = 2) -> list[str]:
+    """The first distinct prompts of D_c, each repeated `per_prompt` times (a grid column per prompt)."""
+    distinct = list(dict.fromkeys(conditions.prompts))[:num_prompts]
+    return distinct * per_prompt

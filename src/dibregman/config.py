@@ -91,12 +91,31 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """Reward-tilted distillation (Appendix G, `dibregman.reward`): distil p R / Z instead of p."""
+
+    name: str = "none"  # none | constant | gmm_modes | mnist_class | python:MODULE:FUNCTION
+    target: str = "auto"  # noisy-level R_t: auto | sigma (R of (x, sigma)) | denoised R(D_phi) | noisy R(x_t)
+    modes: str = "0"  # gmm_modes: comma-separated components whose weight is multiplied by `boost`
+    boost: float = 4.0  # gmm_modes: factor c_k of the chosen components (others 1)
+    digit: int = 0  # mnist_class: R(x) = p(y = digit | x) under the shipped classifier
+    classifier: str = ""  # mnist_class: classifier weights (empty = assets/mnist_classifier.safetensors)
+    value: float = 1.0  # constant: R = value
+    floor: float = 1e-6  # R clamped below at this value before the log
+    z_estimator: str = "mean"  # normaliser Z = E_p[R] on real samples: mean (cumulative) | ema | fixed
+    z_value: float = 0.0  # fixed: the known Z
+    z_ema_kimg: float = 50.0  # ema: half-life in thousands of real samples
+    z_init_samples: int = 4096  # real samples averaged into Z before step 0
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +164,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params
+    from .reward import check_config
+
+    check_config(cfg)  # the reward section (Appendix G)
     return cfg
 
 
@@ -233,5 +255,5 @@ def get_preset(name: str) -> DistillConfig:
 
 __all__ = [
     "DistillConfig", "ModelConfig", "DivergenceConfig", "LossConfig", "OptimConfig", "RunConfig",
-    "PRESETS", "get_preset", "override", "validate", "divergence_params",
+    "RewardConfig", "PRESETS", "get_preset", "override", "validate", "divergence_params",
 ]

@@ -5,7 +5,8 @@ eta the discriminator with logit l_t(x) = log(p_t / q_t), ratio r_t = e^{-l}, D(
 score s(x) = (D(x, sigma) - x) / sigma^2.
 
 - `generator_loss`   lines 4-15: Theorem 1 (Eq. 4) as a surrogate whose gradient w.r.t. x = G(z) is
-                      -w(t) h''(r) r (s_phi - s_psi), plus the optional GAN term -log sigmoid(l(G(z)_t)).
+                      -w(t) h''(r) r (s_phi - s_psi), plus the optional GAN term -log sigmoid(l(G(z)_t)),
+                      plus, with a reward, Appendix G's target-ratio term of Eq. 14 (`reward.py`).
 - `fake_score_loss`  lines 16-17: EDM-weighted denoising score matching of psi on generator samples.
 - `discriminator_loss` lines 18-22: Eq. 5 as binary cross-entropy, real -> 1, generator -> 0, same sigma.
 """
@@ -98,11 +99,12 @@ def generator_loss(
     norm: float = 1.0,  # divide the (summed) loss by this: the global micro-batch size
     gather=None,
     local_slice=None,
+    reward=None,  # dibregman.reward.TargetRatio: Appendix G's target-ratio term of Eq. 14 (None = off)
 ) -> tuple[torch.Tensor, dict]:
     """Surrogate loss whose gradient is Theorem 1's (Eq. 4) plus the optional GAN term; returns (loss, stats)."""
     s = _bcast(b.gen_sigma, x)
     x_t = x.detach() + s * b.gen_noise  # forward process q_{t|0}(x_t | x_theta), line 6
-    diff, _ = score_difference(teacher, fake, x_t, b.gen_sigma, b.cond, weighting)  # line 7
+    diff, d_p = score_difference(teacher, fake, x_t, b.gen_sigma, b.cond, weighting)  # line 7
     with torch.no_grad():
         logits = disc(x_t, b.gen_sigma, b.cond).float()  # line 8: r_t = e^{-l}
         if not (torch.isfinite(logits).all() and torch.isfinite(diff).all()):
@@ -111,6 +113,12 @@ def generator_loss(
     grad_x = -(_bcast(w, diff) * diff)  # d loss / d x (line 10), in the units of w(t)
     loss = (grad_x * x).flatten(1).mean(1).sum() / norm
     stats = {"weight": w, "logits": logits, "sigma": b.gen_sigma, "gap": _per_sample_mean(diff.square())}
+    if reward is not None:  # Eq. 14: + w(t) h''(r*_t) grad r*_t, with Eq. 4's w(t) and weight normalisation
+        extra, stats["reward"] = reward.loss(
+            x, x_t, b.gen_sigma, b.cond, d_p=d_p, logits=logits, div=div, stab=stab, weighting=weighting,
+            norm=norm, gather=gather, local_slice=local_slice,
+        )
+        loss = loss + extra
     if gan_weight > 0:
         x_gan = x + s * b.gan_noise  # gradient flows through x into G, not into eta's parameters' optimiser
         l_gan = disc(x_gan, b.gen_sigma, b.cond).float().clamp(-gan_logit_clamp, gan_logit_clamp)

@@ -27,6 +27,7 @@ from .config import DistillConfig, divergence_params, validate
 from .distill import Batch, NonFiniteError, discriminator_loss, fake_score_loss, generator_loss, karras_uniform_sigma
 from .monitor import Monitor
 from .noise import edm_training_sigma
+from .reward import build_target
 
 # Keys that may change between a checkpoint and its resumption (length and reporting only).
 RESUMABLE_CHANGES = {"run.total_kimg", "run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg",
@@ -130,6 +131,7 @@ class Trainer:
         self.m = build_models(cfg, self.device)
         self.div = divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))
         self.stab = stabilizer(cfg)
+        self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (reward.py), or None
         self.ema = copy.deepcopy(self.m.generator).requires_grad_(False)
         o = cfg.optim
         self.gen_params = list(self.m.generator.parameters())
@@ -165,14 +167,19 @@ class Trainer:
                 "fake": self.m.fake.state_dict(), "disc": self.m.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(), "config": self.cfg.to_dict(),
                 "step": s.step, "num_images": s.num_images, "bad_steps": s.bad_steps, "bad_in_row": s.bad_in_row,
-                "rng_cpu": torch.get_rng_state()}
+                "rng_cpu": torch.get_rng_state(),
+                **({"reward_z": self.target.state_dict()} if self.target else {})}
 
     def _resume(self) -> None:
         found = ckpt.load_latest(self.run_dir)
         if found is None:
             return
         state, path = found
-        diff = config_diff(state["config"], self.cfg.to_dict()) - RESUMABLE_CHANGES
+        try:  # sections/keys added since the checkpoint was written take their defaults
+            old = DistillConfig.from_dict(state["config"]).to_dict()
+        except ValueError:
+            old = state["config"]
+        diff = config_diff(old, self.cfg.to_dict()) - RESUMABLE_CHANGES
         if diff:
             raise ValueError(f"{path} was written by a different config (differs in {sorted(diff)}); "
                              f"use another --run-dir or the same settings")
@@ -182,6 +189,8 @@ class Trainer:
                 module.load_state_dict(state[name])
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_c.load_state_dict(state["opt_c"])
+            if self.target is not None:
+                self.target.load_state_dict(state["reward_z"])
         except (RuntimeError, KeyError) as e:
             raise ValueError(f"{path} does not match this model: {e}") from e
         s = self.state
@@ -204,6 +213,8 @@ class Trainer:
         n = B // cfg.optim.accum_steps
         for rnd in range(cfg.optim.accum_steps):
             b, real = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range)
+            if self.target is not None:  # Z = E_p[R] on the real side
+                mon.add(self.target.observe(real, dist.all_gather_cat if dist.world_size() > 1 else None))
             with self._autocast():
                 with torch.no_grad():
                     x_fake = m.generator(b.z, b.cond).float()
@@ -229,7 +240,7 @@ class Trainer:
                     loss, st = generator_loss(
                         x, b, teacher=m.teacher, fake=m.fake, disc=m.disc, div=self.div, stab=self.stab,
                         weighting=cfg.loss.weighting, gan_weight=gan_w, gan_logit_clamp=cfg.loss.gan_logit_clamp,
-                        norm=B, gather=gather, local_slice=local_slice(n),
+                        norm=B, gather=gather, local_slice=local_slice(n), reward=self.target,
                     )
                 except NonFiniteError:
                     self.opt_g.zero_grad(set_to_none=True)
@@ -237,6 +248,7 @@ class Trainer:
                     return False
             loss.backward()
             mon.add_weights(st)
+            mon.add(st.get("reward", {}))
         for p in self.critic_params:  # the GAN term back-propagates into eta; that gradient is not eta's
             p.grad = None
         ok = _apply(self.opt_g, self.gen_params, cfg.optim.grad_clip, "generator", mon)

@@ -57,10 +57,13 @@ def karras_uniform_sigma(n: int, t_max: float, sigma_min: float, sigma_max: floa
     return karras_sigma_at(t, sigma_min, sigma_max)
 
 
-def score_difference(teacher, fake, x_t, sigma, cond, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+def score_difference(
+    teacher, fake, x_t, sigma, cond, weighting: str, x0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w(t) * sigma^2 (s_phi - s_psi) = w(t) (D_phi - D_psi) at x_t, for the chosen w(t); no gradient.
 
-    weighting: `dmd` divides by mean|x_t - D_phi| per sample (DMD's normalisation), `unit` keeps D_phi - D_psi,
+    weighting: `dmd` divides by mean|x0 - D_phi| per sample with x0 the clean generator sample (DMD's
+    normalisation; x_t if x0 is not given), `unit` keeps D_phi - D_psi,
     `score` returns the raw score difference (D_phi - D_psi) / sigma^2. Also returns D_phi.
     """
     with torch.no_grad():
@@ -68,7 +71,8 @@ def score_difference(teacher, fake, x_t, sigma, cond, weighting: str) -> tuple[t
         d_q = fake(x_t, sigma, cond).float()
         diff = d_p - d_q
         if weighting == "dmd":
-            diff = diff / _bcast(_per_sample_mean((x_t - d_p).abs()).clamp_min(1e-5), diff)
+            ref = x_t if x0 is None else x0
+            diff = diff / _bcast(_per_sample_mean((ref - d_p).abs()).clamp_min(1e-5), diff)
         elif weighting == "score":
             diff = diff / _bcast(sigma.float().square(), diff)
         elif weighting != "unit":
@@ -104,7 +108,7 @@ def generator_loss(
     """Surrogate loss whose gradient is Theorem 1's (Eq. 4) plus the optional GAN term; returns (loss, stats)."""
     s = _bcast(b.gen_sigma, x)
     x_t = x.detach() + s * b.gen_noise  # forward process q_{t|0}(x_t | x_theta), line 6
-    diff, d_p = score_difference(teacher, fake, x_t, b.gen_sigma, b.cond, weighting)  # line 7
+    diff, d_p = score_difference(teacher, fake, x_t, b.gen_sigma, b.cond, weighting, x0=x.detach())  # line 7
     with torch.no_grad():
         logits = disc(x_t, b.gen_sigma, b.cond).float()  # line 8: r_t = e^{-l}
         if not (torch.isfinite(logits).all() and torch.isfinite(diff).all()):
@@ -115,8 +119,19 @@ def generator_loss(
     stats = {"weight": w, "logits": logits, "sigma": b.gen_sigma, "gap": _per_sample_mean(diff.square())}
     if reward is not None:  # Eq. 14: + w(t) h''(r*_t) grad r*_t, with Eq. 4's w(t) and weight normalisation
         extra, stats["reward"] = reward.loss(
-            x, x_t, b.gen_sigma, b.cond, d_p=d_p, logits=logits, div=div, stab=stab, weighting=weighting,
-            norm=norm, gather=gather, local_slice=local_slice,
+            x,
+            x_t,
+            b.gen_sigma,
+            b.cond,
+            d_p=d_p,
+            logits=logits,
+            div=div,
+            stab=stab,
+            weighting=weighting,
+            norm=norm,
+            gather=gather,
+            local_slice=local_slice,
+            x0=x.detach(),
         )
         loss = loss + extra
     if gan_weight > 0:
@@ -137,10 +152,14 @@ def fake_score_loss(fake, x_fake: torch.Tensor, b: Batch, sigma_data: float, nor
     return (weight * _per_sample_mean(err)).sum() / norm
 
 
-def discriminator_loss(disc, x_real, x_fake, b: Batch, norm: float, real_cond=None) -> tuple[torch.Tensor, dict]:
+def discriminator_loss(
+    disc, x_real, x_fake, b: Batch, norm: float, real_cond=None
+) -> tuple[torch.Tensor, dict]:
     """Eq. 5 as BCE with logits: real/teacher -> 1, generator -> 0, at the same sigma (lines 18-22)."""
     s = _bcast(b.disc_sigma, x_fake)
-    l_real = disc(x_real + s * b.disc_noise_real, b.disc_sigma, b.cond if real_cond is None else real_cond).float()
+    l_real = disc(
+        x_real + s * b.disc_noise_real, b.disc_sigma, b.cond if real_cond is None else real_cond
+    ).float()
     l_fake = disc(x_fake + s * b.disc_noise_fake, b.disc_sigma, b.cond).float()
     loss = (F.softplus(-l_real) + F.softplus(l_fake)).sum() / norm
     with torch.no_grad():

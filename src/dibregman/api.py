@@ -1,0 +1,55 @@
+"""The Python API, mirroring the command line one function per command.
+
+from dibregman import api
+cfg = api.preset("mnist", **{"divergence.name": "sba", "divergence.lam": 5})
+summary = api.distill(cfg, "runs/mnist-sba")          # dibregman distill
+images = api.sample("runs/mnist-sba", 64)              # dibregman sample
+scores = api.evaluate(images, "mnist:data/mnist:test") # dibregman eval
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DistillConfig, get_preset, override, validate
+from .loop import distill as _distill
+
+
+def preset(name: str, **overrides) -> DistillConfig:
+    """A named preset with `section.key=value` overrides applied and validated (ValueError on a typo)."""
+    return validate(override(get_preset(name), overrides))
+
+
+def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: int | None = None) -> dict:
+    """Run (or resume) Di-Bregman distillation (Algorithm 1) in `run_dir`; returns a summary dict.
+
+    hooks: callables `hook(trainer, num_images) -> dict` run at every log interval; what they return is logged.
+    """
+    return _distill(cfg, run_dir, hooks=hooks, max_steps=max_steps)
+
+
+def sample(checkpoint: str | Path, num: int, *, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """`num` one-step samples [num, *shape] from a run folder or a `generator.safetensors`."""
+    from .generators import generate, load_generator
+
+    gen, _ = load_generator(checkpoint, device=device)
+    return generate(gen, num, seed=seed, device=device)
+
+
+def evaluate(samples: torch.Tensor, reference="mnist:data/mnist:test", **kwargs) -> dict:
+    """FID / KID / precision-recall (see `dibregman.evaluate.evaluate_samples` for the options)."""
+    from .evaluate import evaluate_samples
+
+    return evaluate_samples(samples, reference, **kwargs)
+
+
+def train_teacher(run_dir: str | Path, **options) -> Path:
+    """Train a native EDM teacher (options: fields of `TeacherConfig`); returns the EMA safetensors path."""
+    from .train_teacher import TeacherConfig, train_teacher as _train
+
+    return _train(TeacherConfig(**options), run_dir)
+
+
+__all__ = ["preset", "distill", "sample", "evaluate", "train_teacher"]

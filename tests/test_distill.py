@@ -126,9 +126,7 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 
 
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
-    cfg = gmm_cfg(
-        **{"run.total_kimg": steps_kimg(4), "run.ckpt_every_kimg": steps_kimg(2), "run.keep_ckpts": 5}
-    )
+    cfg = gmm_cfg(**{"run.total_kimg": steps_kimg(4), "run.ckpt_every_kimg": steps_kimg(2), "run.keep_ckpts": 5})
     Trainer(cfg, tmp_path).train()
     paths = ckpt.list_checkpoints(tmp_path)
     assert len(paths) == 2

@@ -181,9 +181,7 @@ def test_load_samples_npz_npy_and_image_folder(tmp_path):
         load_samples(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError):
         load_samples(tmp_path / "missing.npz")
-    out = evaluate_path(
-        folder, x.repeat(4, 1, 1, 1), feature_net=RandomFeatures(), cache_dir=False, kid_subsets=2
-    )
+    out = evaluate_path(folder, x.repeat(4, 1, 1, 1), feature_net=RandomFeatures(), cache_dir=False, kid_subsets=2)
     assert out["samples_path"] == str(folder) and out["n_samples"] == 5 and out["n_reference"] == 20
     assert parse_reference("mnist:data/mnist:train") == ("mnist:data/mnist", "train")
     assert parse_reference("mnist:data/mnist") == ("mnist:data/mnist", "test")
@@ -218,9 +216,7 @@ def test_gmm_log_prob_matches_scipy_and_mode_proportions_match_weights():
         w.item() * multivariate_normal(m.numpy(), c.numpy()).pdf(x[:50].numpy())
         for m, c, w in zip(means, covs, weights, strict=True)
     )
-    assert torch.allclose(
-        gmm_log_prob(x[:50], means, covs, weights), torch.from_numpy(np.log(dens)), atol=1e-9
-    )
+    assert torch.allclose(gmm_log_prob(x[:50], means, covs, weights), torch.from_numpy(np.log(dens)), atol=1e-9)
     stats = mode_statistics(x, means, covs, weights)
     assert np.allclose(stats["mode_proportions"], weights.numpy(), atol=0.015)
     assert stats["modes_covered"] == 3 and stats["mode_tv"] < 0.015
@@ -240,9 +236,7 @@ def test_exact_metrics_of_exact_samples_sit_at_the_noise_floor():
     good = exact_metrics(x, teacher, num_floor_trials=16)
     for name in ("mmd2", "energy"):  # exact vs exact: within the spread of the exact-vs-exact floor
         assert abs(good[name] - good[f"{name}_floor"]) < 4 * good[f"{name}_floor_std"], name
-    assert good["modes_covered"] == 3 and good["within_3sigma"] == pytest.approx(
-        good["within_3sigma_chi2"], abs=0.03
-    )
+    assert good["modes_covered"] == 3 and good["within_3sigma"] == pytest.approx(good["within_3sigma_chi2"], abs=0.03)
     assert good["log_density"] == pytest.approx(good["log_density_exact"], abs=0.15)
     a, b = x[:100], x[100:200] * 1.1
     assert mmd_rbf(a, b, (0.5, 2.0)) == pytest.approx(mmd_rbf(a, b, 0.5) + mmd_rbf(a, b, [2.0]), rel=1e-12)

@@ -52,18 +52,14 @@ def test_log_prob_matches_scipy_and_integrates_to_one():
     x = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     ref = sum(
         float(w)
-        * multivariate_normal(m.numpy(), (c + sigma**2 * torch.eye(2, dtype=torch.float64)).numpy()).pdf(
-            x.numpy()
-        )
+        * multivariate_normal(m.numpy(), (c + sigma**2 * torch.eye(2, dtype=torch.float64)).numpy()).pdf(x.numpy())
         for w, m, c in zip(gmm.weights, gmm.means, gmm.covs, strict=True)
     )
     np.testing.assert_allclose(gmm.log_prob(x, sigma).numpy(), np.log(ref), rtol=1e-10)
     lo = gmm.means.min(0).values - 8
     hi = gmm.means.max(0).values + 8
     n = 300
-    gx, gy = torch.meshgrid(
-        *[torch.linspace(lo[i], hi[i], n, dtype=torch.float64) for i in range(2)], indexing="ij"
-    )
+    gx, gy = torch.meshgrid(*[torch.linspace(lo[i], hi[i], n, dtype=torch.float64) for i in range(2)], indexing="ij")
     cell = ((hi - lo) / (n - 1)).prod()
     mass = gmm.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1), sigma).exp().sum() * cell
     assert abs(float(mass) - 1) < 1e-3

@@ -74,9 +74,7 @@ CASES = [("kl", {}), ("ls", {}), ("be", {}), ("lr", {})] + [("sba", {"lam": v}) 
 def test_eq14_matches_finite_difference_of_bregman_to_target(name, params, sigma):
     div = dv.get(name, **params)
     for theta in (0.7, -1.3):
-        fd = (bregman_to_target(div, theta + DELTA, sigma) - bregman_to_target(div, theta - DELTA, sigma)) / (
-            2 * DELTA
-        )
+        fd = (bregman_to_target(div, theta + DELTA, sigma) - bregman_to_target(div, theta - DELTA, sigma)) / (2 * DELTA)
         assert math.isfinite(fd) and abs(fd) > 1e-3
         assert eq14_gradient(div, theta, sigma) == pytest.approx(fd, rel=1e-4), (name, theta, sigma)
 
@@ -145,9 +143,7 @@ def test_weighting_factor_matches_score_difference(ring, weighting):
     sigma = torch.rand(32, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3 + 0.1
     diff, d_p = score_difference(ring, fake, x, sigma, None, weighting)
     s_diff = ring.score(x, sigma) - fake.score(x, sigma)
-    assert torch.allclose(
-        rw.weighting_factor(sigma, x, d_p, weighting)[:, None] * s_diff, diff.double(), rtol=1e-5
-    )
+    assert torch.allclose(rw.weighting_factor(sigma, x, d_p, weighting)[:, None] * s_diff, diff.double(), rtol=1e-5)
 
 
 class _ExactLogit(torch.nn.Module):

@@ -102,9 +102,7 @@ def test_ddim_matches_diffusers_ddim_scheduler():
 def test_sample_teacher_shapes_cond_and_errors():
     ring = ring_mixture()
     cond = torch.full((10,), 3, dtype=torch.long)
-    x = sample_teacher(
-        ring, 10, num_steps=8, cond=cond, batch_size=4, generator=torch.Generator().manual_seed(2)
-    )
+    x = sample_teacher(ring, 10, num_steps=8, cond=cond, batch_size=4, generator=torch.Generator().manual_seed(2))
     assert x.shape == (10, 2)
     assert (ring.mode_assignment(x, max_distance=5.0) == 3).all()
     net = build_unet("tiny").eval()

@@ -129,9 +129,7 @@ def test_config_errors(sd_dir, prompts_file, tmp_path):
     with pytest.raises(ValueError, match="captions:DIR"):
         build_models(t2i_cfg(sd_dir, prompts_file, **{"model.real": "mnist:data"}), torch.device("cpu"))
     with pytest.raises(ValueError, match="no captioned images"):  # the SD folder holds no images
-        build_models(
-            t2i_cfg(sd_dir, prompts_file, **{"model.real": f"captions:{sd_dir}"}), torch.device("cpu")
-        )
+        build_models(t2i_cfg(sd_dir, prompts_file, **{"model.real": f"captions:{sd_dir}"}), torch.device("cpu"))
 
 
 # ---- networks ----------------------------------------------------------------------------------------------
@@ -160,9 +158,7 @@ def test_features_are_the_mid_block_output(sd_dir):
     parts = tiny_sd_components(seed=1)
     from dibregman.teachers.sd import StableDiffusionTeacher
 
-    teacher = StableDiffusionTeacher(
-        *(parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
-    )
+    teacher = StableDiffusionTeacher(*(parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")))
     fake = trainable_unet(teacher)
     x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 0.5])
     seen = []
@@ -199,9 +195,7 @@ def test_data_free_run_exports_a_diffusers_folder_that_reloads_identically(data_
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
         tok = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         text = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-        ids = tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
-        ).input_ids
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         t = torch.full((2,), meta["timestep"])
         eps = unet(meta["input_scale"] * z, t, encoder_hidden_states=text(ids)[0]).sample
         theirs = meta["sigma_init"] * (z - eps)
@@ -261,9 +255,7 @@ def test_captioned_images_with_lora_checkpointing_and_cache(sd_dir, prompts_file
 def test_resume_is_bitwise_exact(sd_dir, prompts_file, tmp_path):
     pairs = {"run.sample_every_kimg": 0.0, "run.ckpt_every_kimg": 0.004, "model.teacher_bf16": True}
     full = Trainer(t2i_cfg(sd_dir, prompts_file, steps=4, **pairs), tmp_path / "full")
-    assert (
-        full.m.teacher.unet.dtype == torch.bfloat16 and full.m.generator.denoiser.unet.dtype == torch.float32
-    )
+    assert full.m.teacher.unet.dtype == torch.bfloat16 and full.m.generator.denoiser.unet.dtype == torch.float32
     full.train()
     Trainer(t2i_cfg(sd_dir, prompts_file, steps=2, **pairs), tmp_path / "split").train()
     resumed = Trainer(t2i_cfg(sd_dir, prompts_file, steps=4, **pairs), tmp_path / "split")

@@ -85,9 +85,7 @@ def eq4_gradient(div, theta, sigma):
 
 
 def fd_gradient(div, theta, sigma):
-    return (divergence_value(div, theta + DELTA, sigma) - divergence_value(div, theta - DELTA, sigma)) / (
-        2 * DELTA
-    )
+    return (divergence_value(div, theta + DELTA, sigma) - divergence_value(div, theta - DELTA, sigma)) / (2 * DELTA)
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=[f"{n}{list(p.values())}" for n, p in CASES])

@@ -104,9 +104,7 @@ def test_import_edm_roundtrip(tmp_path):
     state["model.map_augment.weight"] = torch.randn(8, 9)  # EDM's augmentation-label layer: dropped
     torch.save(state, tmp_path / "edm_sd.pt")
     (tmp_path / "edm_kwargs.json").write_text(json.dumps(TINY_EDM_KWARGS))
-    out = import_edm_state_dict(
-        tmp_path / "edm_sd.pt", tmp_path / "edm_kwargs.json", tmp_path / "teacher.safetensors"
-    )
+    out = import_edm_state_dict(tmp_path / "edm_sd.pt", tmp_path / "edm_kwargs.json", tmp_path / "teacher.safetensors")
     assert out.name == "teacher.safetensors" and out.with_suffix(".json").is_file()
     for teacher in (load_edm_teacher(out), load_teacher(f"edm:{out}")):
         assert teacher.cfg.model_channels == 8 and teacher.sigma_min == 0.002 and teacher.sigma_max == 80.0

@@ -47,7 +47,8 @@ def evaluate(samples: torch.Tensor, reference="mnist:data/mnist:test", **kwargs)
 
 def train_teacher(run_dir: str | Path, **options) -> Path:
     """Train a native EDM teacher (options: fields of `TeacherConfig`); returns the EMA safetensors path."""
-    from .train_teacher import TeacherConfig, train_teacher as _train
+    from .train_teacher import TeacherConfig
+    from .train_teacher import train_teacher as _train
 
     return _train(TeacherConfig(**options), run_dir)
 

@@ -7,9 +7,9 @@ samples and copied instead.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -49,8 +49,16 @@ def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
     m = cfg.model
     dim = int(teacher.shape[0])
     torch.manual_seed(cfg.run.seed)
-    net = MLPDenoiser(MLPConfig(dim=dim, hidden=m.mlp_hidden, depth=m.mlp_depth, sigma_data=teacher.sigma_data,
-                                sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max)).to(device)
+    net = MLPDenoiser(
+        MLPConfig(
+            dim=dim,
+            hidden=m.mlp_hidden,
+            depth=m.mlp_depth,
+            sigma_data=teacher.sigma_data,
+            sigma_min=teacher.sigma_min,
+            sigma_max=teacher.sigma_max,
+        )
+    ).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(cfg.run.seed + 12345)
     for _ in range(m.init_steps):

@@ -1,6 +1,6 @@
 """Command-line interface: thin wrappers that turn flags into configs and call the library.
 
-    dibregman train-teacher | distill | sample | eval | bench | divergences | import-edm | demo
+dibregman train-teacher | distill | sample | eval | bench | divergences | import-edm | demo
 """
 
 from __future__ import annotations
@@ -180,8 +180,14 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {
-    "train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample, "eval": cmd_eval,
-    "divergences": cmd_divergences, "import-edm": cmd_import_edm, "demo": cmd_demo, "bench": cmd_bench,
+    "train-teacher": cmd_train_teacher,
+    "distill": cmd_distill,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "divergences": cmd_divergences,
+    "import-edm": cmd_import_edm,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 
@@ -202,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompts", default="", help="text-to-image: prompts file (.txt/.csv/.jsonl)")
     d.add_argument("--kimg", type=float, default=0, help="training length in thousands of images")
     d.add_argument("--batch", type=int, default=0, help="global batch size")
-    d.add_argument("--reward", default="", help="distil p R / Z (Appendix G): none | constant | gmm_modes | "
-                   "mnist_class | python:MODULE:FUNCTION; parameters via --set reward.KEY=VALUE")
+    d.add_argument(
+        "--reward",
+        default="",
+        help="distil p R / Z (Appendix G): none | constant | gmm_modes | "
+        "mnist_class | python:MODULE:FUNCTION; parameters via --set reward.KEY=VALUE",
+    )
     d.add_argument("--run-dir", default="", help="run folder (auto-resumes); default runs/<preset>-<divergence>")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -97,9 +97,7 @@ def read_captioned_images(root: str | Path) -> list[tuple[Path, str]]:
         images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
         if missing:
-            raise ValueError(
-                f"{root}: {len(missing)} image(s) lack a caption file NAME.txt, e.g. {missing[:3]}"
-            )
+            raise ValueError(f"{root}: {len(missing)} image(s) lack a caption file NAME.txt, e.g. {missing[:3]}")
         pairs = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
     absent = [str(p) for p, _ in pairs if not p.is_file()]
     if absent:

@@ -156,11 +156,13 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"run.total_kimg must be > 0, got {cfg.run.total_kimg}")
     m = cfg.model
     if m.guidance_scale < 0 or m.fake_lora_rank < 0:
-        raise ValueError(f"model.guidance_scale={m.guidance_scale} and model.fake_lora_rank="
-                         f"{m.fake_lora_rank} must be >= 0")
+        raise ValueError(
+            f"model.guidance_scale={m.guidance_scale} and model.fake_lora_rank={m.fake_lora_rank} must be >= 0"
+        )
     if m.teacher.startswith("sd:") and not m.prompts:
-        raise ValueError("model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file "
-                         "(--prompts FILE)")
+        raise ValueError(
+            "model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file (--prompts FILE)"
+        )
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params
@@ -237,11 +239,16 @@ PRESETS: dict[str, DistillConfig] = {
     # folder (--teacher sd:DIR) and a prompts file (--prompts FILE). Data-free: the real side is a pool of
     # guided teacher samples (or --data captions:DIR for image + caption pairs).
     "sd15": _preset(
-        model=dict(teacher="sd:models/stable-diffusion-v1-5", real="teacher", teacher_pool=1024,
-                   teacher_pool_steps=12, guidance_scale=3.0, grad_checkpointing=True),
+        model=dict(
+            teacher="sd:models/stable-diffusion-v1-5",
+            real="teacher",
+            teacher_pool=1024,
+            teacher_pool_steps=12,
+            guidance_scale=3.0,
+            grad_checkpointing=True,
+        ),
         loss=dict(gan_weight=1e-3, gan_warmup_kimg=10.0),
-        optim=dict(batch_size=16, accum_steps=2, gen_lr=1e-6, fake_lr=1e-6, ema_halflife_kimg=20.0,
-                   bf16=True),
+        optim=dict(batch_size=16, accum_steps=2, gen_lr=1e-6, fake_lr=1e-6, ema_halflife_kimg=20.0, bf16=True),
         run=dict(total_kimg=400.0, log_every_kimg=1.0, ckpt_every_kimg=10.0, sample_every_kimg=10.0),
     ),
 }
@@ -254,6 +261,16 @@ def get_preset(name: str) -> DistillConfig:
 
 
 __all__ = [
-    "DistillConfig", "ModelConfig", "DivergenceConfig", "LossConfig", "OptimConfig", "RunConfig",
-    "RewardConfig", "PRESETS", "get_preset", "override", "validate", "divergence_params",
+    "DistillConfig",
+    "ModelConfig",
+    "DivergenceConfig",
+    "LossConfig",
+    "OptimConfig",
+    "RunConfig",
+    "RewardConfig",
+    "PRESETS",
+    "get_preset",
+    "override",
+    "validate",
+    "divergence_params",
 ]

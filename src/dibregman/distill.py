@@ -152,14 +152,10 @@ def fake_score_loss(fake, x_fake: torch.Tensor, b: Batch, sigma_data: float, nor
     return (weight * _per_sample_mean(err)).sum() / norm
 
 
-def discriminator_loss(
-    disc, x_real, x_fake, b: Batch, norm: float, real_cond=None
-) -> tuple[torch.Tensor, dict]:
+def discriminator_loss(disc, x_real, x_fake, b: Batch, norm: float, real_cond=None) -> tuple[torch.Tensor, dict]:
     """Eq. 5 as BCE with logits: real/teacher -> 1, generator -> 0, at the same sigma (lines 18-22)."""
     s = _bcast(b.disc_sigma, x_fake)
-    l_real = disc(
-        x_real + s * b.disc_noise_real, b.disc_sigma, b.cond if real_cond is None else real_cond
-    ).float()
+    l_real = disc(x_real + s * b.disc_noise_real, b.disc_sigma, b.cond if real_cond is None else real_cond).float()
     l_fake = disc(x_fake + s * b.disc_noise_fake, b.disc_sigma, b.cond).float()
     loss = (F.softplus(-l_real) + F.softplus(l_fake)).sum() / norm
     with torch.no_grad():

@@ -136,9 +136,7 @@ def _alpha(alpha: float) -> Divergence:
             return (u**alpha - alpha * u - (1 - alpha)) / (alpha * (alpha - 1))
 
         f = "(u^alpha - alpha u - (1 - alpha)) / (alpha (alpha - 1))"
-    return Divergence(
-        "alpha", "f", {"alpha": alpha}, f"exp(alpha*l), alpha={alpha:g}", f, fn, lambda l: alpha * l
-    )
+    return Divergence("alpha", "f", {"alpha": alpha}, f"exp(alpha*l), alpha={alpha:g}", f, fn, lambda l: alpha * l)
 
 
 def _zero(l: Tensor) -> Tensor:
@@ -181,9 +179,7 @@ def get(name: str, **params) -> Divergence:
     defaults, factory = _REGISTRY[name]
     unknown = sorted(set(params) - set(defaults))
     if unknown:
-        raise ValueError(
-            f"divergence {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(defaults)}"
-        )
+        raise ValueError(f"divergence {name!r} got unknown parameter(s) {unknown}; it accepts {sorted(defaults)}")
     values = {**defaults, **params}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -230,19 +226,13 @@ class Stabilizer:
         if self.logit_clamp is not None and not self.logit_clamp > 0:
             raise ValueError(f"logit_clamp must be > 0 or None, got {self.logit_clamp}")
         if self.ratio_clip is not None and not 0 <= self.ratio_clip[0] < self.ratio_clip[1] < math.inf:
-            raise ValueError(
-                f"ratio_clip must be (r_min, r_max) with 0 <= r_min < r_max < inf, got {self.ratio_clip}"
-            )
+            raise ValueError(f"ratio_clip must be (r_min, r_max) with 0 <= r_min < r_max < inf, got {self.ratio_clip}")
         if self.normalize not in NORMALIZE_MODES:
-            raise ValueError(
-                f"normalize={self.normalize!r} is not valid; choose one of {list(NORMALIZE_MODES)}"
-            )
+            raise ValueError(f"normalize={self.normalize!r} is not valid; choose one of {list(NORMALIZE_MODES)}")
         if self.num_sigma_bins < 1:
             raise ValueError(f"num_sigma_bins must be >= 1, got {self.num_sigma_bins}")
         if self.sigma_range is not None and not 0 < self.sigma_range[0] < self.sigma_range[1] < math.inf:
-            raise ValueError(
-                f"sigma_range must be (min, max) with 0 < min < max < inf, got {self.sigma_range}"
-            )
+            raise ValueError(f"sigma_range must be (min, max) with 0 < min < max < inf, got {self.sigma_range}")
         if self.weight_clip is not None and not self.weight_clip > 0:
             raise ValueError(f"weight_clip must be > 0 or None, got {self.weight_clip}")
         if self.nan not in ("raise", "zero"):
@@ -306,9 +296,7 @@ def stabilized_weight(
             raise ValueError("normalize='sigma_bins' needs sigma (one noise level per logit)")
         sigma = torch.as_tensor(sigma, device=l.device).detach()
         if sigma.numel() != l.numel() or not bool((sigma > 0).all()) or not bool(torch.isfinite(sigma).all()):
-            raise ValueError(
-                f"sigma must hold {l.numel()} finite positive values, got shape {tuple(sigma.shape)}"
-            )
+            raise ValueError(f"sigma must hold {l.numel()} finite positive values, got shape {tuple(sigma.shape)}")
         log_w = _normalize_log(
             log_w, sigma_bin_index(sigma, stab.num_sigma_bins, stab.sigma_range), stab.num_sigma_bins
         )

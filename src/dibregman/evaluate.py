@@ -94,9 +94,7 @@ def _metrics(feats: torch.Tensor, logits: torch.Tensor | None, ref: ReferenceSta
         out["precision"], out["recall"] = precision_recall(ref_sub, feats, k=opt["pr_k"])
     if logits is not None:
         name = opt["score_name"]
-        out[name], out[f"{name}_split_std"] = inception_score(
-            logits, num_splits=min(opt["score_splits"], len(logits))
-        )
+        out[name], out[f"{name}_split_std"] = inception_score(logits, num_splits=min(opt["score_splits"], len(logits)))
         counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double()
         out["class_proportions"] = (counts / counts.sum()).tolist()
     return out
@@ -128,8 +126,7 @@ def _trials(feats, logits, ref, opt, gen) -> dict:
 def _finite_samples(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
         raise ValueError(
-            f"samples must be a tensor [N, C, H, W] in [-1, 1], "
-            f"got {getattr(samples, 'shape', type(samples))}"
+            f"samples must be a tensor [N, C, H, W] in [-1, 1], got {getattr(samples, 'shape', type(samples))}"
         )
     finite = torch.isfinite(samples.reshape(len(samples), -1)).all(1)
     n_bad = int((~finite).sum())
@@ -175,9 +172,7 @@ def evaluate_samples(
         ref_images, net, identity=identity, cache_dir=cache_dir, batch_size=batch_size, progress=progress
     )
     with_logits = net.has_logits and "score" in metrics
-    feats, logits = extract_features(
-        net, x, batch_size=batch_size, with_logits=with_logits, progress=progress
-    )
+    feats, logits = extract_features(net, x, batch_size=batch_size, with_logits=with_logits, progress=progress)
     if list(x.shape[1:]) != list(ref_images.shape[1:]):
         warnings.warn(
             f"samples {tuple(x.shape[1:])} and reference {tuple(ref_images.shape[1:])} differ in shape; the "
@@ -216,9 +211,7 @@ def _array_to_images(a: np.ndarray, source: str) -> torch.Tensor:
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W], got {tuple(a.shape)}"
-        )
+        raise ValueError(f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W], got {tuple(a.shape)}")
     if a.dtype == np.uint8:
         return (x.float() / 127.5 - 1).contiguous()
     if not np.issubdtype(a.dtype, np.floating):
@@ -226,9 +219,7 @@ def _array_to_images(a: np.ndarray, source: str) -> torch.Tensor:
     x = x.float().contiguous()
     finite = x[torch.isfinite(x)]
     if finite.numel() and finite.min() >= 0 and finite.max() <= 1:
-        warnings.warn(
-            f"{source}: float images lie in [0, 1]; dibregman expects [-1, 1] (x * 2 - 1)", stacklevel=3
-        )
+        warnings.warn(f"{source}: float images lie in [0, 1]; dibregman expects [-1, 1] (x * 2 - 1)", stacklevel=3)
     return x
 
 

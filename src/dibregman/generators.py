@@ -25,8 +25,14 @@ def generator_meta(gen: OneStepGenerator, cfg, num_images: int) -> dict:
         network = {"type": "mlp", "config": net.cfg.to_dict()}
     else:  # foreign teachers (diffusers ...): rebuilt from the teacher spec, then the weights are loaded
         network = {"type": "teacher-copy", "teacher": cfg.model.teacher}
-    return {"kind": "dibregman-one-step-generator", "sigma_init": gen.sigma_init, "network": network,
-            "shape": list(getattr(net, "shape", ())), "num_images": num_images, "distill_config": cfg.to_dict()}
+    return {
+        "kind": "dibregman-one-step-generator",
+        "sigma_init": gen.sigma_init,
+        "network": network,
+        "shape": list(getattr(net, "shape", ())),
+        "num_images": num_images,
+        "distill_config": cfg.to_dict(),
+    }
 
 
 def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
@@ -43,7 +49,9 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
             return load_t2i_generator(folder, device)
         path = path / "generator.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"no generator export at {path} (a finished run writes <run_dir>/generator.safetensors)")
+        raise FileNotFoundError(
+            f"no generator export at {path} (a finished run writes <run_dir>/generator.safetensors)"
+        )
     state, meta = ckpt.load_safetensors(path)
     if meta.get("kind") != "dibregman-one-step-generator":
         raise ValueError(f"{path} is not a dibregman generator export (kind={meta.get('kind')!r})")

@@ -14,9 +14,9 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,14 +24,30 @@ from . import checkpoint as ckpt
 from . import dist, divergences
 from .build import Models, build_models
 from .config import DistillConfig, divergence_params, validate
-from .distill import Batch, NonFiniteError, discriminator_loss, fake_score_loss, generator_loss, karras_uniform_sigma
+from .distill import (
+    Batch,
+    NonFiniteError,
+    discriminator_loss,
+    fake_score_loss,
+    generator_loss,
+    karras_uniform_sigma,
+)
 from .monitor import Monitor
 from .noise import edm_training_sigma
 from .reward import build_target
 
 # Keys that may change between a checkpoint and its resumption (length and reporting only).
-RESUMABLE_CHANGES = {"run.total_kimg", "run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg",
-                     "run.keep_ckpts", "run.threads", "run.device", "run.tensorboard", "run.max_bad_steps"}
+RESUMABLE_CHANGES = {
+    "run.total_kimg",
+    "run.log_every_kimg",
+    "run.ckpt_every_kimg",
+    "run.sample_every_kimg",
+    "run.keep_ckpts",
+    "run.threads",
+    "run.device",
+    "run.tensorboard",
+    "run.max_bad_steps",
+}
 
 
 @dataclass
@@ -47,8 +63,11 @@ def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
     d = cfg.divergence
     clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max > 0 else None
     return divergences.Stabilizer(
-        logit_clamp=d.logit_clamp or None, ratio_clip=clip, normalize=d.normalize,
-        num_sigma_bins=d.num_sigma_bins, weight_clip=d.weight_clip or None,
+        logit_clamp=d.logit_clamp or None,
+        ratio_clip=clip,
+        normalize=d.normalize,
+        num_sigma_bins=d.num_sigma_bins,
+        weight_clip=d.weight_clip or None,
     )
 
 
@@ -163,12 +182,21 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _state_dict(self) -> dict:
         s = self.state
-        return {"generator": self.m.generator.state_dict(), "ema": self.ema.state_dict(),
-                "fake": self.m.fake.state_dict(), "disc": self.m.disc.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(), "config": self.cfg.to_dict(),
-                "step": s.step, "num_images": s.num_images, "bad_steps": s.bad_steps, "bad_in_row": s.bad_in_row,
-                "rng_cpu": torch.get_rng_state(),
-                **({"reward_z": self.target.state_dict()} if self.target else {})}
+        return {
+            "generator": self.m.generator.state_dict(),
+            "ema": self.ema.state_dict(),
+            "fake": self.m.fake.state_dict(),
+            "disc": self.m.disc.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_c": self.opt_c.state_dict(),
+            "config": self.cfg.to_dict(),
+            "step": s.step,
+            "num_images": s.num_images,
+            "bad_steps": s.bad_steps,
+            "bad_in_row": s.bad_in_row,
+            "rng_cpu": torch.get_rng_state(),
+            **({"reward_z": self.target.state_dict()} if self.target else {}),
+        }
 
     def _resume(self) -> None:
         found = ckpt.load_latest(self.run_dir)
@@ -181,11 +209,17 @@ class Trainer:
             old = state["config"]
         diff = config_diff(old, self.cfg.to_dict()) - RESUMABLE_CHANGES
         if diff:
-            raise ValueError(f"{path} was written by a different config (differs in {sorted(diff)}); "
-                             f"use another --run-dir or the same settings")
+            raise ValueError(
+                f"{path} was written by a different config (differs in {sorted(diff)}); "
+                f"use another --run-dir or the same settings"
+            )
         try:
-            for name, module in (("generator", self.m.generator), ("ema", self.ema), ("fake", self.m.fake),
-                                 ("disc", self.m.disc)):
+            for name, module in (
+                ("generator", self.m.generator),
+                ("ema", self.ema),
+                ("fake", self.m.fake),
+                ("disc", self.m.disc),
+            ):
                 module.load_state_dict(state[name])
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_c.load_state_dict(state["opt_c"])
@@ -194,8 +228,12 @@ class Trainer:
         except (RuntimeError, KeyError) as e:
             raise ValueError(f"{path} does not match this model: {e}") from e
         s = self.state
-        s.step, s.num_images, s.bad_steps, s.bad_in_row = (state["step"], state["num_images"], state["bad_steps"],
-                                                          state["bad_in_row"])
+        s.step, s.num_images, s.bad_steps, s.bad_in_row = (
+            state["step"],
+            state["num_images"],
+            state["bad_steps"],
+            state["bad_in_row"],
+        )
         torch.set_rng_state(state["rng_cpu"])
         dist.print0(f"resumed from {path} at {s.num_images / 1000:.1f} kimg (step {s.step})")
 
@@ -222,8 +260,13 @@ class Trainer:
                 bce, st = discriminator_loss(m.disc, real, x_fake, b, norm=B, real_cond=b.real_cond)
                 loss = dsm + cfg.loss.disc_weight * bce
             loss.backward()
-            mon.add({"loss/fake_dsm": float(dsm.detach()) * B / len(x_fake), "loss/disc_bce": float(bce.detach()) * B / len(x_fake),
-                     **{f"disc/{k}": float(v) for k, v in st.items()}})
+            mon.add(
+                {
+                    "loss/fake_dsm": float(dsm.detach()) * B / len(x_fake),
+                    "loss/disc_bce": float(bce.detach()) * B / len(x_fake),
+                    **{f"disc/{k}": float(v) for k, v in st.items()},
+                }
+            )
         return _apply(self.opt_c, self.critic_params, cfg.optim.grad_clip, "critic", mon)
 
     def _generator_step(self, mon: Monitor) -> bool:
@@ -238,9 +281,20 @@ class Trainer:
                 x = m.generator(b.z, b.cond).float()
                 try:
                     loss, st = generator_loss(
-                        x, b, teacher=m.teacher, fake=m.fake, disc=m.disc, div=self.div, stab=self.stab,
-                        weighting=cfg.loss.weighting, gan_weight=gan_w, gan_logit_clamp=cfg.loss.gan_logit_clamp,
-                        norm=B, gather=gather, local_slice=local_slice(n), reward=self.target,
+                        x,
+                        b,
+                        teacher=m.teacher,
+                        fake=m.fake,
+                        disc=m.disc,
+                        div=self.div,
+                        stab=self.stab,
+                        weighting=cfg.loss.weighting,
+                        gan_weight=gan_w,
+                        gan_logit_clamp=cfg.loss.gan_logit_clamp,
+                        norm=B,
+                        gather=gather,
+                        local_slice=local_slice(n),
+                        reward=self.target,
                     )
                 except NonFiniteError:
                     self.opt_g.zero_grad(set_to_none=True)
@@ -260,7 +314,7 @@ class Trainer:
         hl = self.cfg.optim.ema_halflife_kimg * 1000
         beta = 0.5 ** (self.cfg.optim.batch_size / hl) if hl > 0 else 0.0
         with torch.no_grad():
-            for pe, pg in zip(self.ema.parameters(), self.m.generator.parameters()):
+            for pe, pg in zip(self.ema.parameters(), self.m.generator.parameters(), strict=False):
                 pe.lerp_(pg, 1 - beta)
 
     def step(self, mon: Monitor) -> None:
@@ -277,11 +331,15 @@ class Trainer:
         else:  # a NaN/Inf step is skipped, counted and logged, never absorbed
             s.bad_steps += 1
             s.bad_in_row += 1
-            dist.print0(f"warning: non-finite loss/gradient at step {s.step}: update skipped "
-                        f"({s.bad_in_row} in a row, {s.bad_steps} in total)")
+            dist.print0(
+                f"warning: non-finite loss/gradient at step {s.step}: update skipped "
+                f"({s.bad_in_row} in a row, {s.bad_steps} in total)"
+            )
             if s.bad_in_row >= cfg.run.max_bad_steps:
-                raise RuntimeError(f"aborting: {s.bad_in_row} consecutive non-finite steps (run.max_bad_steps="
-                                   f"{cfg.run.max_bad_steps}); lower the learning rates or check the teacher")
+                raise RuntimeError(
+                    f"aborting: {s.bad_in_row} consecutive non-finite steps (run.max_bad_steps="
+                    f"{cfg.run.max_bad_steps}); lower the learning rates or check the teacher"
+                )
         s.step += 1
         s.num_images += cfg.optim.batch_size
 
@@ -315,8 +373,14 @@ class Trainer:
                 self.save()
         mon.close()
         export = self.export() if s.num_images >= total else None
-        return {"run_dir": str(self.run_dir), "num_images": s.num_images, "steps": s.step,
-                "bad_steps": s.bad_steps, "wall_sec": time.time() - t_start, "export": export}
+        return {
+            "run_dir": str(self.run_dir),
+            "num_images": s.num_images,
+            "steps": s.step,
+            "bad_steps": s.bad_steps,
+            "wall_sec": time.time() - t_start,
+            "export": export,
+        }
 
     def export(self) -> str | None:
         """Write the EMA generator as `generator.safetensors` + `generator.json` (rank 0)."""
@@ -346,8 +410,13 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> set:
     return out
 
 
-def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks: list[Callable] | None = None,
-            max_steps: int | None = None) -> dict:
+def distill(
+    cfg: DistillConfig,
+    run_dir: str | Path,
+    *,
+    hooks: list[Callable] | None = None,
+    max_steps: int | None = None,
+) -> dict:
     """Run (or resume) Di-Bregman distillation in `run_dir`; returns a summary dict. Mirrors `dibregman distill`."""
     trainer = Trainer(cfg, run_dir, hooks)
     return trainer.train(max_steps=max_steps)

@@ -46,12 +46,19 @@ class Monitor:
 
     def add_weights(self, st: dict) -> None:
         w, logits, sigma = st["weight"].detach().float(), st["logits"].detach().float(), st["sigma"].float()
-        self.add({"weight/mean": w.mean(), "weight/max": w.max(), "weight/ess_frac": divergences.ess(w) / len(w),
-                  "logit/mean": logits.mean(), "logit/std": logits.std() if len(logits) > 1 else 0.0,
-                  "gen/score_gap": st["gap"].mean()})
+        self.add(
+            {
+                "weight/mean": w.mean(),
+                "weight/max": w.max(),
+                "weight/ess_frac": divergences.ess(w) / len(w),
+                "logit/mean": logits.mean(),
+                "logit/std": logits.std() if len(logits) > 1 else 0.0,
+                "gen/score_gap": st["gap"].mean(),
+            }
+        )
         if "gan" in st:
             self.add({"loss/gen_gan": st["gan"].mean()})
-        for lo, hi in zip(SIGMA_BIN_EDGES[:-1], SIGMA_BIN_EDGES[1:]):
+        for lo, hi in zip(SIGMA_BIN_EDGES[:-1], SIGMA_BIN_EDGES[1:], strict=False):
             sel = (sigma >= lo) & (sigma < hi)
             if sel.any():
                 self.bins[f"logit_by_sigma/{lo:g}-{hi:g}"].extend(logits[sel].cpu().tolist())
@@ -62,8 +69,11 @@ class Monitor:
 
     def flush(self, num_images: int, step: int, extra: dict) -> dict:
         now = time.time()
-        rec = {"kimg": num_images / 1000, "step": step,
-               "img_per_sec": (num_images - self.n_last) / max(now - self.t_last, 1e-9)}
+        rec = {
+            "kimg": num_images / 1000,
+            "step": step,
+            "img_per_sec": (num_images - self.n_last) / max(now - self.t_last, 1e-9),
+        }
         rec.update({k: sum(v) / len(v) for k, v in self.values.items() if v})
         rec.update({k: sum(v) / len(v) for k, v in self.bins.items() if v})
         rec.update(extra)

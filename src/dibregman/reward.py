@@ -73,9 +73,7 @@ class Reward:
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         out = _checked(self.name, self.log_fn(x, s, cond), x.shape[0])
         if torch.isposinf(out).any():
-            raise ValueError(
-                f"reward {self.name!r} returned {int(torch.isposinf(out).sum())} infinite values"
-            )
+            raise ValueError(f"reward {self.name!r} returned {int(torch.isposinf(out).sum())} infinite values")
         return out.clamp_min(math.log(self.floor))
 
     def __call__(self, x: Tensor, sigma: Tensor | float = 0.0, cond=None) -> Tensor:
@@ -366,9 +364,7 @@ def target_ratio_loss(
     log_c = log_w_star.double() + (0 if log_scale is None else log_scale.double())
     coef = log_c.exp() * (1 if time_weight is None else time_weight.double())
     if not bool(torch.isfinite(coef).all()):
-        raise ValueError(
-            "non-finite target-ratio weight w(r*); set divergence.logit_clamp or a smaller lambda"
-        )
+        raise ValueError("non-finite target-ratio weight w(r*); set divergence.logit_clamp or a smaller lambda")
     shape = (-1, *([1] * (x.ndim - 1)))
     grad_x = -(coef.reshape(shape) * grad_log_r.double()).to(x.dtype)
     return (grad_x * x).flatten(1).mean(1).sum() / norm, coef.float()

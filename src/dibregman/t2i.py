@@ -62,9 +62,7 @@ class _Stop(Exception):
 class TextUNetDenoiser(DiscreteVPDenoiser):
     """D(x, sigma, c) of a trainable UNet2DConditionModel in the teacher's latent space, without guidance."""
 
-    def __init__(
-        self, unet: torch.nn.Module, text: StableDiffusionTeacher
-    ):  # text: shared VAE/encoder/schedule
+    def __init__(self, unet: torch.nn.Module, text: StableDiffusionTeacher):  # text: shared VAE/encoder/schedule
         abar = (1 + (2 * text.log_sigmas).exp()).reciprocal()
         super().__init__(abar, text.prediction_type, text.sigma_data, text.snap_tol)
         self.log_sigmas, self.sigma_min, self.sigma_max = text.log_sigmas, text.sigma_min, text.sigma_max
@@ -246,9 +244,7 @@ def _pipeline_parts(folder: Path) -> list[str]:
     """Component folders of a diffusers pipeline: those named in model_index.json, else the SD five."""
     index = folder / "model_index.json"
     if index.is_file():
-        names = [
-            k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None
-        ]
+        names = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None]
         return [n for n in names if (folder / n).is_dir()]
     return list(SUBFOLDERS)
 
@@ -304,21 +300,15 @@ def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerat
     folder = Path(folder)
     meta = json.loads((folder / META_NAME).read_text())
     if meta.get("kind") != META_KIND:
-        raise ValueError(
-            f"{folder / META_NAME} is not a dibregman text-to-image export (kind={meta.get('kind')!r})"
-        )
-    parts = StableDiffusionTeacher.from_folder(
-        folder, prediction_type=meta["prediction_type"], guidance_scale=1.0
-    )
+        raise ValueError(f"{folder / META_NAME} is not a dibregman text-to-image export (kind={meta.get('kind')!r})")
+    parts = StableDiffusionTeacher.from_folder(folder, prediction_type=meta["prediction_type"], guidance_scale=1.0)
     parts = parts.to(device)  # the student's UNet (inside `parts`) with the shared VAE and text encoder
     gen = OneStepGenerator(TextUNetDenoiser(parts.unet, parts), meta["sigma_init"])
     return gen.to(device).eval().requires_grad_(False), meta
 
 
 @torch.no_grad()
-def sample_images(
-    gen: OneStepGenerator, prompts: list[str], *, seed: int = 0, batch_size: int = 8, device="cpu"
-):
+def sample_images(gen: OneStepGenerator, prompts: list[str], *, seed: int = 0, batch_size: int = 8, device="cpu"):
     """One-step images [len(prompts), 3, H, W] in [-1, 1], VAE-decoded, on the CPU; deterministic in seed."""
     den = gen.denoiser
     z = torch.randn((len(prompts), *den.shape), generator=torch.Generator().manual_seed(seed))

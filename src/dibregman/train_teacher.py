@@ -119,14 +119,18 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
         halflife = min(cfg.ema_halflife_kimg * 1000, num_images * cfg.ema_rampup_ratio)
         beta = 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
         with torch.no_grad():
-            for pe, pn in zip(ema.parameters(), net.parameters()):
+            for pe, pn in zip(ema.parameters(), net.parameters(), strict=False):
                 pe.lerp_(pn.detach(), 1 - beta)
         loss_acc, n_acc = loss_acc + float(loss.detach()), n_acc + 1
         bar.update(cfg.batch_size)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
-            rec = {"kimg": num_images / 1000, "loss": loss_acc / n_acc, "lr": lr_at(cfg, num_images / 1000),
-                   "sec": time.time() - t0}
+            rec = {
+                "kimg": num_images / 1000,
+                "loss": loss_acc / n_acc,
+                "lr": lr_at(cfg, num_images / 1000),
+                "sec": time.time() - t0,
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
             loss_acc, n_acc = 0.0, 0
@@ -139,7 +143,12 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
 
 
 def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: int) -> Path:
-    meta = {"kind": "edm-unet", "unet": ema.cfg.to_dict(), "num_images": num_images, "teacher_config": resolved}
+    meta = {
+        "kind": "edm-unet",
+        "unet": ema.cfg.to_dict(),
+        "num_images": num_images,
+        "teacher_config": resolved,
+    }
     out = ckpt.export_safetensors(ema.state_dict(), meta, run_dir / "teacher-ema")
     if cfg.export:
         ckpt.export_safetensors(ema.state_dict(), meta, cfg.export)
@@ -147,8 +156,15 @@ def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: 
 
 
 def _save(run_dir, cfg, resolved, net, ema, opt, num_images, step) -> None:
-    state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "config": resolved,
-             "num_images": num_images, "step": step, "rng_cpu": torch.get_rng_state()}
+    state = {
+        "net": net.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict(),
+        "config": resolved,
+        "num_images": num_images,
+        "step": step,
+        "rng_cpu": torch.get_rng_state(),
+    }
     ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, num_images))
     ckpt.prune(run_dir, cfg.keep_ckpts)
     _export(run_dir, cfg, resolved, ema, num_images)

@@ -33,7 +33,13 @@ def save_image_grid(x: torch.Tensor, path: str | Path, ncol: int | None = None, 
     g = image_grid(x, ncol)
     if scale > 1:
         g = g.repeat(scale, axis=0).repeat(scale, axis=1)
-    plt.imsave(path, g[..., 0] if g.shape[-1] == 1 else g, cmap="gray" if g.shape[-1] == 1 else None, vmin=0, vmax=255)
+    plt.imsave(
+        path,
+        g[..., 0] if g.shape[-1] == 1 else g,
+        cmap="gray" if g.shape[-1] == 1 else None,
+        vmin=0,
+        vmax=255,
+    )
     return path
 
 

@@ -41,9 +41,7 @@ def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); accepts tensors or numpy arrays."""
-    mu1, mu2, s1, s2 = (
-        torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2)
-    )
+    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(
             f"inconsistent shapes: mu {tuple(mu1.shape)}, {tuple(mu2.shape)}; "
@@ -100,19 +98,13 @@ def _kth_neighbour_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tens
     if len(x) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(x)}")
     return torch.cat(
-        [
-            torch.cdist(x[i : i + batch_size], x).kthvalue(k + 1, dim=1).values
-            for i in range(0, len(x), batch_size)
-        ]
+        [torch.cdist(x[i : i + batch_size], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), batch_size)]
     )
 
 
-def _inside_fraction(
-    points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int
-) -> float:
+def _inside_fraction(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> float:
     inside = [
-        (torch.cdist(points[i : i + batch_size], centres) <= radii).any(1)
-        for i in range(0, len(points), batch_size)
+        (torch.cdist(points[i : i + batch_size], centres) <= radii).any(1) for i in range(0, len(points), batch_size)
     ]
     return float(torch.cat(inside).double().mean())
 

@@ -169,9 +169,7 @@ def to_digit_input(images: torch.Tensor, resolution: int = 28) -> torch.Tensor:
     if (h, w) == (resolution + 4, resolution + 4):
         x = x[..., 2:-2, 2:-2]
     elif (h, w) != (resolution, resolution):
-        x = F.interpolate(
-            x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
-        )
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
     return x
 
 

@@ -86,9 +86,7 @@ def gmm_log_prob(x: torch.Tensor, means, covs, weights) -> torch.Tensor:
     return torch.logsumexp(log_comp + weights.log(), dim=1)
 
 
-def mode_statistics(
-    x: torch.Tensor, means, covs, weights, *, radius: float = 3.0, coverage: float = 0.25
-) -> dict:
+def mode_statistics(x: torch.Tensor, means, covs, weights, *, radius: float = 3.0, coverage: float = 0.25) -> dict:
     """within_3sigma, mode_proportions, mode_tv, modes_covered (see module docstring) for samples x [N, d]."""
     means, covs, weights = gmm_params(means=means, covs=covs, weights=weights)
     m2, nearest = mahalanobis_sq(x, means, covs).min(dim=1)
@@ -125,9 +123,7 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float | Sequence[float]
 
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     n_k = len(hs)  # each kernel's diagonal is 1
-    return float(
-        (kxx.sum() - n_k * n) / (n * (n - 1)) + (kyy.sum() - n_k * m) / (m * (m - 1)) - 2 * kxy.mean()
-    )
+    return float((kxx.sum() - n_k * n) / (n * (n - 1)) + (kyy.sum() - n_k * m) / (m * (m - 1)) - 2 * kxy.mean())
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -135,9 +131,7 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double(), y.double()
     n, m = len(x), len(y)
     return float(
-        2 * torch.cdist(x, y).mean()
-        - torch.cdist(x, x).sum() / (n * (n - 1))
-        - torch.cdist(y, y).sum() / (m * (m - 1))
+        2 * torch.cdist(x, y).mean() - torch.cdist(x, x).sum() / (n * (n - 1)) - torch.cdist(y, y).sum() / (m * (m - 1))
     )
 
 

@@ -68,9 +68,7 @@ def _load(path: Path, key: dict) -> ReferenceStats | None:
                 return None
             mu, sigma, feats = (torch.from_numpy(z[k].copy()) for k in ("mu", "sigma", "features"))
     except Exception as e:  # truncated or foreign file: recompute and overwrite
-        warnings.warn(
-            f"ignoring unreadable reference-stat cache {path}: {type(e).__name__}: {e}", stacklevel=3
-        )
+        warnings.warn(f"ignoring unreadable reference-stat cache {path}: {type(e).__name__}: {e}", stacklevel=3)
         return None
     return ReferenceStats(mu, sigma, feats, key, path, from_cache=True)
 

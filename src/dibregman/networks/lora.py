@@ -13,9 +13,7 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers Attention 
 
 
 class LoRALinear(nn.Module):
-    def __init__(
-        self, base: nn.Linear, rank: int, alpha: float | None = None
-    ):  # alpha: None = rank (scale 1)
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):  # alpha: None = rank (scale 1)
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")

@@ -45,8 +45,12 @@ class MLPDenoiser(nn.Module):
 
     def _coefficients(self, sigma: torch.Tensor):
         sd = self.sigma_data
-        return (sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sd**2 + sigma**2).sqrt(),
-                sigma.log() / 4)
+        return (
+            sd**2 / (sigma**2 + sd**2),
+            sigma * sd / (sigma**2 + sd**2).sqrt(),
+            1 / (sd**2 + sigma**2).sqrt(),
+            sigma.log() / 4,
+        )
 
     def _hidden(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         _, _, c_in, c_noise = self._coefficients(sigma)

@@ -55,12 +55,22 @@ class UNetConfig:
 # throughput: 280 train img/s on 2 cores), cifar10 = EDM's DDPM++ (55.7 M parameters).
 UNET_PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(
-        img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-        attn_resolutions=(4,), dropout=0.0,
+        img_resolution=8,
+        img_channels=1,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
     ),
     "mnist": UNetConfig(
-        img_resolution=28, img_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
-        attn_resolutions=(7,), dropout=0.0,
+        img_resolution=28,
+        img_channels=1,
+        model_channels=16,
+        channel_mult=(1, 2, 2),
+        num_blocks=1,
+        attn_resolutions=(7,),
+        dropout=0.0,
     ),
     "cifar10": UNetConfig(),
 }

@@ -18,9 +18,7 @@ def load_teacher(spec: str, **kwargs):
     """Build a teacher from `KIND:ARG` (KIND in TEACHER_KINDS); kwargs go to that kind's loader."""
     kind, sep, arg = spec.partition(":")
     if not sep or kind not in TEACHER_KINDS:
-        raise ValueError(
-            f"unknown teacher spec {spec!r}; expected KIND:ARG with KIND in {list(TEACHER_KINDS)}"
-        )
+        raise ValueError(f"unknown teacher spec {spec!r}; expected KIND:ARG with KIND in {list(TEACHER_KINDS)}")
     if not arg:
         raise ValueError(f"teacher spec {spec!r} lacks its argument after '{kind}:'")
     if kind == "edm":

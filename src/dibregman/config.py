@@ -216,16 +216,18 @@ def _preset(**sections) -> DistillConfig:
 
 PRESETS: dict[str, DistillConfig] = {
     # The 8-mode 2-D ring with its exact teacher; MLP generator/fake score; exact metrics available.
+    # Chosen by short measured runs (rkl, 400 kimg): batch 128 with gen_lr 5e-3 / fake_lr 2e-3 and generator sigmas
+    # up to 2 formed 3 modes (0.31 of samples within 3 std) where batch 512 / lr 1e-3 / sigma up to 10 formed none.
     "gmm": _preset(
         model=dict(teacher="gmm:ring8", real="teacher", sigma_init=2.5, init_steps=2000),
-        loss=dict(gen_sigma_max=10.0, gen_t_max=1.0),
-        optim=dict(batch_size=512, gen_lr=1e-3, fake_lr=1e-3, ema_halflife_kimg=20.0),
+        loss=dict(gen_sigma_max=2.0, gen_t_max=1.0),
+        optim=dict(batch_size=128, gen_lr=5e-3, fake_lr=2e-3, ema_halflife_kimg=20.0),
         run=dict(total_kimg=2000.0, log_every_kimg=50.0, ckpt_every_kimg=500.0, sample_every_kimg=500.0),
     ),
     # The shipped MNIST teacher (EDM U-Net, 28x28) against full MNIST (make data).
     "mnist": _preset(
         model=dict(teacher="edm:assets/mnist_teacher.safetensors", real="mnist:data/mnist"),
-        optim=dict(batch_size=64, gen_lr=1e-4, fake_lr=1e-4, ema_halflife_kimg=2.0),
+        optim=dict(batch_size=64, gen_lr=2e-4, fake_lr=2e-4, ema_halflife_kimg=2.0),
         run=dict(total_kimg=40.0, log_every_kimg=1.0, ckpt_every_kimg=10.0, sample_every_kimg=5.0),
     ),
     # A CIFAR-10-sized EDM teacher (DDPM++ 55.7 M, e.g. imported with `dibregman import-edm`); SiDA's recipe.

@@ -1,0 +1,24 @@
+"""A reduced `make demo` runs end to end and writes every report artefact."""
+
+import json
+
+from dibregman.demo import run_demo
+
+
+def test_quick_demo_writes_every_artefact(tmp_path, capsys):
+    summary = run_demo(tmp_path, quick=True)
+    for name in ("report.md", "student.png", "teacher.png", "curves.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "run" / "generator.safetensors").exists()
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for who in ("student", "teacher"):
+        for net in ("mnist_features", "inception"):
+            r = saved[who][net]
+            assert r["n_samples"] > 0 and r["fid"] >= 0
+    assert saved["speed"]["teacher_evaluations"] == 3 and saved["speed"]["student_evaluations"] == 1
+    assert saved["speed"]["speedup"] > 0 and saved["fid_curve"]
+    report = (tmp_path / "report.md").read_text()
+    assert f"{saved['student']['mnist_features']['fid']:.2f}" in report
+    assert "![student](student.png)" in report and "speed-up" in report
+    assert "report.md" in capsys.readouterr().out
+    assert summary["distill"]["images_seen"] == saved["distill"]["images_seen"] > 0

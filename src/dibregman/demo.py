@@ -130,7 +130,8 @@ def measure(trainer, size: DemoSize, reference, out: Path) -> dict:
     teacher_ips = size.n_fid / (time.perf_counter() - t)
     save_image_grid(student[:64], out / "student.png", ncol=8, scale=3)
     save_image_grid(teach[:64], out / "teacher.png", ncol=8, scale=3)
-    ref = reference if reference else teach
+    # Without MNIST (quick mode only) the reference is the teacher pool drawn for the real side: another seed.
+    ref = reference if reference else trainer.m.real(torch.Generator().manual_seed(4), size.n_fid).cpu()
     res = {"student": {}, "teacher": {}}
     for name, x in (("student", student), ("teacher", teach)):
         res[name]["mnist_features"] = _fid(x, ref, "mnist", None)

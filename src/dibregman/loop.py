@@ -158,7 +158,12 @@ class Trainer:
         self.critic_params = list({id(p): p for p in critic}.values())
         adam = dict(betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         self.opt_g = torch.optim.AdamW(self.gen_params, lr=o.gen_lr, **adam)
-        self.opt_c = torch.optim.AdamW(self.critic_params, lr=o.fake_lr, **adam)
+        head = {id(p) for p in self.m.disc.linear.parameters()} if self.m.disc.linear is not None else set()
+        groups = [
+            {"params": [p for p in self.critic_params if id(p) not in head], "lr": o.fake_lr},
+            {"params": [p for p in self.critic_params if id(p) in head], "lr": o.fake_lr * o.head_lr_mult},
+        ]
+        self.opt_c = torch.optim.AdamW([g for g in groups if g["params"]], **adam)
         t = self.m.teacher
         lo = cfg.loss.gen_sigma_min or t.sigma_min
         self.sigma_range = (lo, cfg.loss.gen_sigma_max or t.sigma_max)

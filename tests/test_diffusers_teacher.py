@@ -18,15 +18,6 @@ from tiny_hf import tiny_ddim_scheduler, tiny_unet2d
 NUM_STEPS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the shared 2-core machine is oversubscribed."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def edm_ddim(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond=None) -> torch.Tensor:
     """Deterministic DDIM in EDM form: x_{i+1} = x0_hat + (sigma_{i+1} / sigma_i)(x_i - x0_hat)."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):

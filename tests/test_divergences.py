@@ -20,15 +20,6 @@ def _ids(cases):
     return [f"{n}{list(p.values())}" for n, p in cases]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: with 2 threads on a loaded machine, thread hand-off costs 100x the arithmetic."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def _second_derivative(fn, x):
     """fn''(x) by double autograd, elementwise, float64."""
     x = x.clone().requires_grad_(True)

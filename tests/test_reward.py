@@ -20,6 +20,7 @@ from dibregman.config import RewardConfig, get_preset, override, validate
 from dibregman.distill import score_difference
 from dibregman.loop import Trainer
 from dibregman.teachers.gmm import ring_mixture
+from test_distill import GMM_SMALL
 
 S2, ALPHA = 1.5, 0.6  # teacher variance s^2, tilt exponent alpha
 X = torch.linspace(-40.0, 40.0, 4001, dtype=torch.float64)  # quadrature grid (trapezoid)
@@ -272,17 +273,7 @@ def test_cli_reward_flag():
 
 
 # ---- engine -----------------------------------------------------------------------------------------
-SMALL = {
-    "model.init_steps": 30,
-    "model.mlp_hidden": 32,
-    "model.mlp_depth": 2,
-    "optim.batch_size": 32,
-    "run.log_every_kimg": 0.064,
-    "run.ckpt_every_kimg": 1000.0,
-    "run.sample_every_kimg": 0.0,
-    "run.tensorboard": False,
-    "reward.z_init_samples": 256,
-}
+SMALL = {**GMM_SMALL, "reward.z_init_samples": 256}
 
 
 def _cfg(steps: int, **pairs):

@@ -16,15 +16,6 @@ NUM_STEPS = 8
 PROMPTS = ["a cat", "dog on a mat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the shared 2-core machine is oversubscribed."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def make_teacher(parts: dict, **kw) -> StableDiffusionTeacher:
     names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     return StableDiffusionTeacher(*(parts[k] for k in names), **kw)

@@ -24,15 +24,6 @@ from tiny_hf import tiny_sd_components
 PROMPTS = ["a cat", "dog on a mat", "a red house", "two birds"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the shared 2-core machine is oversubscribed."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")

@@ -35,15 +35,6 @@ DELTA = 1e-4  # central finite-difference step in theta
 RTOL = 1e-4  # far tighter than 2 %; observed <= 1e-6 (finite-difference error at SBA(10))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: with 2 threads on a loaded machine, thread hand-off costs 100x the arithmetic."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 CASES = (
     [("lr", {}), ("kl", {}), ("be", {}), ("ls", {})]
     + [("sba", {"lam": lam}) for lam in (-2, -1, -0.5, 0, 0.5, 1, 3, 5, 10)]

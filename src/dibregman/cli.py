@@ -45,26 +45,24 @@ def cmd_train_teacher(args) -> None:
     print(f"teacher EMA weights: {out}")
 
 
+# The common `distill` flags and the config keys they set (everything else: --set section.key=value).
+FLAG_KEYS = {
+    "divergence": "divergence.name",
+    "teacher": "model.teacher",
+    "data": "model.real",
+    "prompts": "model.prompts",
+    "kimg": "run.total_kimg",
+    "batch": "optim.batch_size",
+    "reward": "reward.name",
+}
+
+
 def resolve_config(args):
     """--preset + common flags + --set section.key=value -> a validated DistillConfig."""
     from .config import get_preset, override, validate
 
     cfg = get_preset(args.preset)
-    pairs = {}
-    if args.divergence:
-        pairs["divergence.name"] = args.divergence
-    if args.teacher:
-        pairs["model.teacher"] = args.teacher
-    if args.data:
-        pairs["model.real"] = args.data
-    if args.prompts:
-        pairs["model.prompts"] = args.prompts
-    if args.kimg:
-        pairs["run.total_kimg"] = args.kimg
-    if args.batch:
-        pairs["optim.batch_size"] = args.batch
-    if getattr(args, "reward", ""):
-        pairs["reward.name"] = args.reward
+    pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
     pairs.update(_overrides(args.set))
     return validate(override(cfg, pairs))
 

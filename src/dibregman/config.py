@@ -217,8 +217,10 @@ def _preset(**sections) -> DistillConfig:
 
 PRESETS: dict[str, DistillConfig] = {
     # The 8-mode 2-D ring with its exact teacher; MLP generator/fake score; exact metrics available.
-    # Chosen by short measured runs (rkl, 400 kimg): batch 128 with gen_lr 5e-3 / fake_lr 2e-3 and generator sigmas
-    # up to 2 formed 3 modes (0.31 of samples within 3 std) where batch 512 / lr 1e-3 / sigma up to 10 formed none.
+    # Chosen by short runs of bench/tuning/gmm_probe.py (rkl, 400 kimg): batch 128, gen_lr 5e-3 / fake_lr 2e-3 and
+    # generator sigmas up to 2 formed 3 modes (0.31 of samples within 3 std) where batch 512 / lr 1e-3 / sigma up
+    # to 10 formed none. Not converged at the preset's 2000 kimg (measured): rkl 5/8 modes, 0.51 within 3 std;
+    # the default SBA(5) collapses onto 1 mode (0.996 within 3 std). See BENCHMARKS.md for the full sweep.
     "gmm": _preset(
         model=dict(teacher="gmm:ring8", real="teacher", sigma_init=2.5, init_steps=2000),
         loss=dict(gen_sigma_max=2.0, gen_t_max=1.0),

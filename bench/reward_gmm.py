@@ -60,9 +60,7 @@ def run_one(spec: str, args, out_dir: Path, plain: bool) -> dict:
     def hook(trainer, num_images):
         x = generate(trainer.ema, args.num_eval, seed=args.seed + 1)
         err = (mode_shares(teacher, x) - target.weights).abs()
-        history.append(
-            {"kimg": num_images / 1000, "max_abs_err": float(err.max()), "tv": float(err.sum() / 2)}
-        )
+        history.append({"kimg": num_images / 1000, "max_abs_err": float(err.max()), "tv": float(err.sum() / 2)})
         return {"bench/mode_tv": history[-1]["tv"]}
 
     t0 = time.time()
@@ -132,8 +130,7 @@ def markdown(results: list[dict], args, cmd: str) -> str:
             f"{r['floor_max_abs_err']:.4f}, TV {r['floor_tv']:.4f}); within 3 sigma {r['within_3sigma']:.3f} "
             f"(exact {r['within_3sigma_exact']:.3f}); MMD^2 {r['mmd2']:.2e} (floor {r['mmd2_floor']:.2e}).",
             "",
-            f"Share of the up-weighted modes: {r['boosted_share']:.4f} "
-            f"(target {r['boosted_share_target']:.4f}).",
+            f"Share of the up-weighted modes: {r['boosted_share']:.4f} (target {r['boosted_share_target']:.4f}).",
             "",
             "TV by kimg: " + ", ".join(f"{h['kimg']:g}: {h['tv']:.3f}" for h in r["history"]),
             "",
@@ -147,18 +144,14 @@ def main() -> None:
     p.add_argument("--modes", default="0,4", help="components up-weighted by the reward")
     p.add_argument("--boost", type=float, default=3.0, help="c_k of those components")
     p.add_argument("--target", default="auto", help="reward.target: auto | sigma | denoised | noisy")
-    p.add_argument(
-        "--baseline", action="store_true", help="also run each divergence without reward (target p)"
-    )
+    p.add_argument("--baseline", action="store_true", help="also run each divergence without reward (target p)")
     p.add_argument("--kimg", type=float, default=2000.0)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--eval-every-kimg", type=float, default=50.0)
     p.add_argument("--num-eval", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--runs", default="runs/bench-reward-gmm", help="run folders (fresh runs: delete it first)"
-    )
+    p.add_argument("--runs", default="runs/bench-reward-gmm", help="run folders (fresh runs: delete it first)")
     p.add_argument("--out", default="bench/results/reward_gmm", help="output stem (.json and .md)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,9 +162,7 @@ def main() -> None:
     results = [run_one(spec, args, Path(args.runs), plain) for spec in args.divergences for plain in plains]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"command": cmd, "args": vars(args), "results": results}, indent=2)
-    )
+    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "args": vars(args), "results": results}, indent=2))
     out.with_suffix(".md").write_text(markdown(results, args, cmd))
     for r in results:
         print(

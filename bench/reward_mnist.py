@@ -145,8 +145,7 @@ def markdown(res: dict, args) -> str:
         pr = fd or fa
         prec, rec = pr.get("precision", float("nan")), pr.get("recall", float("nan"))
         lines.append(
-            f"| {name} | {r['n']} | {r['share']:.3f} | {r['mean_p']:.3f} | {f_d} | {f_a} | {prec:.3f} "
-            f"| {rec:.3f} |"
+            f"| {name} | {r['n']} | {r['share']:.3f} | {r['mean_p']:.3f} | {f_d} | {f_a} | {prec:.3f} | {rec:.3f} |"
         )
     lines += ["", "Class histograms: " + "; ".join(f"{n}: {r['histogram']}" for n, r in rows), ""]
     return "\n".join(lines)

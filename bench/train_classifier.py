@@ -48,17 +48,13 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--data", default="mnist:data/mnist", help="dataset spec KIND:PATH with train and test splits"
-    )
+    p.add_argument("--data", default="mnist:data/mnist", help="dataset spec KIND:PATH with train and test splits")
     p.add_argument("--epochs", type=int, default=2, help="passes over the 60k training digits")
     p.add_argument("--batch-size", type=int, default=128, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (one-cycle schedule)")
     p.add_argument("--max-shift", type=int, default=2, help="augmentation: max random shift in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and augmentation")
-    p.add_argument(
-        "--out", default="src/dibregman/assets/mnist_classifier", help="output path without suffix"
-    )
+    p.add_argument("--out", default="src/dibregman/assets/mnist_classifier", help="output path without suffix")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -69,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     net = build_classifier(config)
     steps_per_epoch = len(x_train) // args.batch_size
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
 
     t0 = time.time()
     for epoch in range(args.epochs):
@@ -86,10 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             opt.step()
             sched.step()
             if step % 100 == 0:
-                print(
-                    f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
-                    f"({time.time() - t0:.0f} s)"
-                )
+                print(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
         print(f"epoch {epoch}: test accuracy {accuracy(net, x_test, y_test):.4f}")
     train_s = time.time() - t0
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dibregman.networks.unet import build_unet
+from dibregman.noise import edm_preconditioning
 from dibregman.teachers import load_teacher
 from dibregman.teachers.edm import edm_kwargs_to_config, import_edm_state_dict, load_edm_teacher
 from dibregman.train_teacher import TeacherConfig, edm_loss
@@ -31,7 +32,7 @@ def _perturbed(net):
 def test_preconditioning_identities():
     net = build_unet("tiny")
     sd = net.sigma_data
-    c_skip, c_out, c_in, _ = net._coefficients(SIGMAS)
+    c_skip, c_out, c_in, _ = edm_preconditioning(SIGMAS, sd)
     # unit-variance network input: Var[c_in (x0 + sigma n)] = c_in^2 (sd^2 + sigma^2) = 1
     torch.testing.assert_close(c_in.square() * (sd**2 + SIGMAS.square()), torch.ones(5))
     # unit-variance effective target F* = (x0 - c_skip (x0 + sigma n)) / c_out for Var[x0] = sd^2:

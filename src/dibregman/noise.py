@@ -50,3 +50,12 @@ def edm_training_sigma(
     sigma = (z * p_std + p_mean).exp()
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     return sigma, weight
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
+    """EDM Table 1: (c_skip, c_out, c_in, c_noise) so that D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..noise import edm_preconditioning
+
 
 @dataclass(frozen=True)
 class MLPConfig:
@@ -43,17 +45,8 @@ class MLPDenoiser(nn.Module):
         self.out = nn.Linear(cfg.hidden, cfg.dim)
         self.feature_channels = cfg.hidden
 
-    def _coefficients(self, sigma: torch.Tensor):
-        sd = self.sigma_data
-        return (
-            sd**2 / (sigma**2 + sd**2),
-            sigma * sd / (sigma**2 + sd**2).sqrt(),
-            1 / (sd**2 + sigma**2).sqrt(),
-            sigma.log() / 4,
-        )
-
     def _hidden(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        _, _, c_in, c_noise = self._coefficients(sigma)
+        _, _, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
         ang = 2 * math.pi * c_noise * self.freqs[None]  # [N, emb/2]
         h = torch.cat([c_in * x, ang.sin(), ang.cos()], dim=1)
         for layer in self.layers:
@@ -66,7 +59,7 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         sigma = self._sigma(sigma, x)
-        c_skip, c_out, _, _ = self._coefficients(sigma)
+        c_skip, c_out, _, _ = edm_preconditioning(sigma, self.sigma_data)
         return c_skip * x + c_out * self.out(self._hidden(x, sigma))
 
     def features(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..noise import edm_preconditioning
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -256,13 +258,10 @@ class EDMDenoiser(nn.Module):
     def shape(self) -> tuple[int, int, int]:
         return (self.cfg.img_channels, self.cfg.img_resolution, self.cfg.img_resolution)
 
-    def _coefficients(self, sigma: torch.Tensor):
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sd**2 + sigma**2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+    def _sigma(self, sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        """A float or [N] sigma as [N, 1, 1, 1] float32 on x's device."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        return sigma.expand(x.shape[0], 1, 1, 1)
 
     def _labels(self, cond: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
         if not self.label_dim:
@@ -275,17 +274,13 @@ class EDMDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(self._sigma(sigma, x), self.sigma_data)
         f = self.model(c_in * x, c_noise.flatten(), self._labels(cond, x.shape[0], x.device))
         return c_skip * x + c_out * f.float()
 
     def features(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Bottleneck feature map of the encoder, [N, C_feat, H_min, W_min] (for a discriminator head)."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        _, _, c_in, c_noise = self._coefficients(sigma)
+        _, _, c_in, c_noise = edm_preconditioning(self._sigma(sigma, x), self.sigma_data)
         emb = self.model.embed(c_noise.flatten(), self._labels(cond, x.shape[0], x.device))
         return self.model.encode(c_in * x.float(), emb)[0]
 

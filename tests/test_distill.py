@@ -108,6 +108,23 @@ def test_resume_is_bitwise_exact(tmp_path, placement):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_cosine_lr_schedule_decays_and_resumes_exactly(tmp_path):
+    pairs = {"optim.lr_schedule": "cosine", "optim.lr_final": 0.1, "run.total_kimg": steps_kimg(6)}
+    pairs["run.ckpt_every_kimg"] = steps_kimg(3)
+    full = Trainer(gmm_cfg(**pairs), tmp_path / "full")
+    assert full.lr_factor() == 1.0
+    full.train()
+    assert full.lr_factor() == pytest.approx(0.1)
+    assert full.opt_g.param_groups[0]["lr"] < full.cfg.optim.gen_lr  # the last step ran at a decayed lr
+    Trainer(gmm_cfg(**pairs), tmp_path / "split").train(max_steps=3)  # stopped halfway, e.g. killed
+    resumed = Trainer(gmm_cfg(**pairs), tmp_path / "split")
+    assert resumed.state.step == 3 and resumed.lr_factor() == pytest.approx(0.1 + 0.9 * 0.5)
+    resumed.train()
+    a, b = _params(full), _params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_config_typo_lists_valid_keys():
     with pytest.raises(ValueError, match="valid keys in 'divergence'.*'lam'"):
         override(get_preset("gmm"), {"divergence.lamda": 3})

@@ -1,12 +1,13 @@
 """Build the four networks of Algorithm 1 from a config: teacher phi (frozen), generator G_theta and fake score
 psi (both copies of the teacher's network, line 1), discriminator eta (a head on a backbone), plus the sampler of
-the real side of Eq. 5. Analytic teachers have no network to copy: an MLP denoiser is pretrained on their exact
-samples and copied instead.
+the real side of Eq. 5. Analytic teachers have no network to copy: an MLP denoiser is fitted to their exact
+denoiser and copied instead.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from .networks.discriminator import DiscriminatorHead
 from .networks.generator import OneStepGenerator
 from .networks.mlp import MLPConfig, MLPDenoiser
 from .networks.unet import EDMDenoiser, build_unet
-from .noise import edm_training_sigma
+from .noise import edm_preconditioning
 
 
 @dataclass
@@ -45,7 +46,13 @@ def _trainable_copy(net: nn.Module) -> nn.Module:
 
 
 def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
-    """DSM-pretrain an MLP denoiser on exact teacher samples (the stand-in for 'copy the teacher's weights')."""
+    """Fit an MLP denoiser to an analytic teacher's exact denoiser (the stand-in for 'copy the teacher's weights').
+
+    Regression on the exact posterior mean D_phi(x, sigma) (no noisy DSM targets), with EDM's loss weight
+    1 / c_out^2, at two kinds of points: noisy data x0 + sigma n with log-uniform sigma over the teacher's range,
+    and the generator's own inputs sigma_init * z at sigma_init, where G = D(sigma_init z, sigma_init) evaluates
+    the copy far from the data. Cosine-decayed Adam; `model.init_steps` steps of 512 points.
+    """
     m = cfg.model
     dim = int(teacher.shape[0])
     torch.manual_seed(cfg.run.seed)
@@ -60,16 +67,25 @@ def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
         )
     ).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(m.init_steps, 1))
     g = torch.Generator().manual_seed(cfg.run.seed + 12345)
+    lo, hi = math.log(teacher.sigma_min), math.log(teacher.sigma_max)
+    n_data, n_gen = 256, 256
     for _ in range(m.init_steps):
-        x0 = teacher.sample(512, generator=g).to(device)
-        sigma, weight = edm_training_sigma(512, -0.4, 1.4, teacher.sigma_data, generator=g)
-        sigma, weight = sigma.to(device), weight.to(device)
-        x_t = x0 + sigma[:, None] * torch.randn(x0.shape, generator=g).to(device)
-        loss = (weight[:, None] * (net(x_t, sigma) - x0).square()).mean()
+        x0 = teacher.sample(n_data, generator=g).cpu()
+        s_data = (lo + (hi - lo) * torch.rand(n_data, generator=g, dtype=x0.dtype)).exp()
+        x_data = x0 + s_data[:, None] * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+        s_gen = torch.full((n_gen,), m.sigma_init, dtype=x0.dtype)
+        x_gen = m.sigma_init * torch.randn(n_gen, dim, generator=g, dtype=x0.dtype)
+        x, sigma = torch.cat([x_data, x_gen]), torch.cat([s_data, s_gen])
+        x, sigma = x.to(device), sigma.to(device)
+        target = teacher(x, sigma)
+        c_out = edm_preconditioning(sigma[:, None], teacher.sigma_data)[1]
+        loss = ((net(x, sigma) - target) / c_out).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        decay.step()
     return net
 
 

@@ -17,7 +17,7 @@ class ModelConfig:
     teacher_pool: int = 2048  # teacher samples drawn once for real="teacher" when no exact sampler exists
     teacher_pool_steps: int = 18  # Heun steps for that pool (2n-1 evaluations)
     sigma_init: float = 2.5  # G(z) = D_init(sigma_init * z, sigma_init) (SiD)
-    init_steps: int = 2000  # analytic teachers only: DSM steps that pretrain the MLP initialising G and psi
+    init_steps: int = 2000  # analytic teachers only: steps fitting the MLP copy (G, psi) to the exact denoiser
     mlp_hidden: int = 128  # analytic teachers only: MLP width
     mlp_depth: int = 3  # analytic teachers only: MLP depth
     disc_placement: str = "fake_score"  # discriminator backbone: fake_score | teacher | separate
@@ -67,6 +67,8 @@ class OptimConfig:
     gen_lr: float = 1e-4  # generator learning rate
     fake_lr: float = 1e-4  # fake score + discriminator learning rate
     head_lr_mult: float = 1.0  # learning-rate multiplier of the discriminator head's own parameters
+    lr_schedule: str = "constant"  # constant | cosine: both lrs follow cos from 1 down to lr_final at total_kimg
+    lr_final: float = 0.05  # cosine only: final lr as a fraction of the initial one
     beta1: float = 0.0  # AdamW beta1 (SiD/DMD use 0)
     beta2: float = 0.999  # AdamW beta2
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -135,6 +137,7 @@ CHOICES = {
     "divergence.normalize": ("none", "batch_mean", "sigma_bins", "softmax"),
     "loss.weighting": ("dmd", "unit", "score"),
     "optim.order": ("critic_first", "generator_first"),
+    "optim.lr_schedule": ("constant", "cosine"),
     "run.device": ("auto", "cpu", "cuda"),
 }
 
@@ -151,6 +154,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"optim.batch_size={o.batch_size} must be a positive multiple of accum_steps={o.accum_steps}")
     if o.gen_every < 1:
         raise ValueError(f"optim.gen_every must be >= 1, got {o.gen_every}")
+    if not 0 <= o.lr_final <= 1:
+        raise ValueError(f"optim.lr_final must lie in [0, 1], got {o.lr_final}")
     if not 0 <= cfg.loss.gen_t_max <= 1 or not 0 <= cfg.loss.disc_t_max <= 1:
         raise ValueError("loss.gen_t_max and loss.disc_t_max must lie in [0, 1]")
     if cfg.run.total_kimg <= 0:

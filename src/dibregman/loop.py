@@ -164,6 +164,7 @@ class Trainer:
             {"params": [p for p in self.critic_params if id(p) in head], "lr": o.fake_lr * o.head_lr_mult},
         ]
         self.opt_c = torch.optim.AdamW([g for g in groups if g["params"]], **adam)
+        self.critic_base_lrs = [g["lr"] for g in self.opt_c.param_groups]
         t = self.m.teacher
         lo = cfg.loss.gen_sigma_min or t.sigma_min
         self.sigma_range = (lo, cfg.loss.gen_sigma_max or t.sigma_max)
@@ -322,8 +323,26 @@ class Trainer:
             for pe, pg in zip(self.ema.parameters(), self.m.generator.parameters(), strict=False):
                 pe.lerp_(pg, 1 - beta)
 
+    def lr_factor(self) -> float:
+        """Learning-rate multiplier at the current images seen (a pure function of the state: resume is exact)."""
+        o = self.cfg.optim
+        if o.lr_schedule == "constant":
+            return 1.0
+        progress = min(self.state.num_images / (self.cfg.run.total_kimg * 1000), 1.0)
+        return o.lr_final + (1 - o.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _set_lrs(self) -> None:
+        f, o = self.lr_factor(), self.cfg.optim
+        for group in self.opt_g.param_groups:
+            group["lr"] = o.gen_lr * f
+        for group, base in zip(self.opt_c.param_groups, self.critic_base_lrs, strict=True):
+            group["lr"] = base * f
+
     def step(self, mon: Monitor) -> None:
         cfg, s = self.cfg, self.state
+        self._set_lrs()
+        if cfg.optim.lr_schedule != "constant":
+            mon.add({"optim/lr_mult": self.lr_factor()})
         gen_now = s.step % cfg.optim.gen_every == 0 and s.num_images / 1000 >= cfg.loss.gen_warmup_kimg
         ok = True
         if cfg.optim.order == "generator_first" and gen_now:

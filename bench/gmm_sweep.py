@@ -2,7 +2,7 @@
 distilled under the same budget (kimg, batch, seed) from the exact 8-mode ring teacher of the `gmm` preset;
 exact metrics.
 
-    python bench/gmm_sweep.py [--kimg 500] [--batch 512] [--n-eval 4000] [--set loss.gen_sigma_max=10 ...]
+    python bench/gmm_sweep.py [--kimg 1000] [--batch 512] [--n-eval 4000] [--set loss.gen_sigma_max=10 ...]
 
 Every hyper-parameter other than --kimg / --batch (and --set) is read from `config.PRESETS["gmm"]` at run
 time.
@@ -37,7 +37,7 @@ SBA_LAMBDAS = (-1.0, 0.5, 1.0, 3.0, 5.0, 10.0)  # the paper's SBA family; lambda
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kimg", type=float, default=None, help="training length per objective (500 x scale)")
+    p.add_argument("--kimg", type=float, default=None, help="kimg per objective (default: preset's total_kimg x scale)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help="student samples for the exact metrics (4000 x scale)")
     p.add_argument("--num-seeds", type=int, default=1, help="seeds per objective (--seed, --seed + 1, ...)")
@@ -172,7 +172,8 @@ def run(args) -> dict:
     if args.quick:
         args.batch = args.batch or 64
     sizes = {
-        "kimg": common.size(args, "kimg", 500, 2 * (args.batch or 0) / 1000, integer=False),  # quick: 2 steps
+        # default: the preset's own length (the "default settings"); quick: 2 steps
+        "kimg": common.size(args, "kimg", get_preset("gmm").run.total_kimg, 2 * (args.batch or 0) / 1000, False),
         "n_eval": common.size(args, "n_eval", 4000, 64),
         "n_curve": 32 if args.quick else 2000,
         "n_plot": 64 if args.quick else 2000,

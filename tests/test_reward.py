@@ -270,6 +270,10 @@ def test_cli_reward_flag():
     args = build_parser().parse_args(["distill", "--reward", "gmm_modes", "--set", "reward.modes=2,5"])
     cfg = resolve_config(args)
     assert cfg.reward.name == "gmm_modes" and cfg.reward.modes == "2,5"
+    assert get_preset("gmm").loss.gan_weight > 0 and cfg.loss.gan_weight == 0  # the preset's GAN term is dropped
+    explicit = build_parser().parse_args(["distill", "--reward", "gmm_modes", "--set", "loss.gan_weight=0.5"])
+    with pytest.raises(ValueError, match="gan_weight must be 0 with a reward"):  # an explicit one is refused
+        resolve_config(explicit)
 
 
 # ---- engine -----------------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def resolve_config(args):
     cfg = get_preset(args.preset)
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
     pairs.update(_overrides(args.set))
+    if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
+        # the GAN term pulls q to p, a reward tilts it to p r*: a preset's GAN term is dropped, said out loud
+        print(f"note: --reward turns off the {args.preset!r} preset's GAN term (loss.gan_weight -> 0)")
+        pairs["loss.gan_weight"] = 0.0
     return validate(override(cfg, pairs))
 
 

@@ -222,15 +222,22 @@ def _preset(**sections) -> DistillConfig:
 
 PRESETS: dict[str, DistillConfig] = {
     # The 8-mode 2-D ring with its exact teacher; MLP generator/fake score; exact metrics available.
-    # Chosen by short runs of bench/tuning/gmm_probe.py (rkl, 400 kimg): batch 128, gen_lr 5e-3 / fake_lr 2e-3 and
-    # generator sigmas up to 2 formed 3 modes (0.31 of samples within 3 std) where batch 512 / lr 1e-3 / sigma up
-    # to 10 formed none. Not converged at the preset's 2000 kimg (measured): rkl 5/8 modes, 0.51 within 3 std;
-    # the default SBA(5) collapses onto 1 mode (0.996 within 3 std). See BENCHMARKS.md for the full sweep.
+    # Chosen by measurement (bench/tuning/gmm_probe.py, 1-2 M images per try, one core each):
+    # - sigma_init 1.0: G starts as the (fitted) exact denoiser at sigma 1, already a soft 8-sector map; at 2.5 it is
+    #   a blob that first unfolds into a 1-D curve (0.51 within 3 std after 2 M images), at 0.3 the MLP's small
+    #   input/output scales (c_in, c_out) slow the sharpening down.
+    # - lr 1e-3 with cosine decay and a 50 kimg generator warm-up (the fake score first fits G, as in SiDA): at a
+    #   constant 5e-3 the whole sample cloud jumped between modes every few kimg.
+    # - GAN term from 500 kimg (weight 1): the chords left between modes shrink faster (0.86 vs 0.82 within 3 std
+    #   at 1 M images); switched on from the start it dropped modes (5/8).
+    # - divergence kl (= reverse KL, weight 1): SBA(5), the library default, collapsed onto 1-2 modes in every
+    #   setting tried (large lambda is strongly mode-seeking); kl keeps 8/8. See BENCHMARKS.md (gmm_sweep).
     "gmm": _preset(
-        model=dict(teacher="gmm:ring8", real="teacher", sigma_init=2.5, init_steps=2000),
-        loss=dict(gen_sigma_max=2.0, gen_t_max=1.0),
-        optim=dict(batch_size=128, gen_lr=5e-3, fake_lr=2e-3, ema_halflife_kimg=20.0),
-        run=dict(total_kimg=2000.0, log_every_kimg=50.0, ckpt_every_kimg=500.0, sample_every_kimg=500.0),
+        model=dict(teacher="gmm:ring8", real="teacher", sigma_init=1.0, init_steps=2000),
+        divergence=dict(name="kl"),
+        loss=dict(gen_sigma_max=2.0, gen_t_max=1.0, gen_warmup_kimg=50.0, gan_weight=1.0, gan_warmup_kimg=500.0),
+        optim=dict(batch_size=128, gen_lr=1e-3, fake_lr=1e-3, lr_schedule="cosine", ema_halflife_kimg=20.0),
+        run=dict(total_kimg=1000.0, log_every_kimg=10.0, ckpt_every_kimg=250.0, sample_every_kimg=250.0),
     ),
     # The shipped MNIST teacher (EDM U-Net, 28x28) against full MNIST (make data).
     "mnist": _preset(

@@ -331,18 +331,19 @@ class Trainer:
         progress = min(self.state.num_images / (self.cfg.run.total_kimg * 1000), 1.0)
         return o.lr_final + (1 - o.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _set_lrs(self) -> None:
+    def _set_lrs(self) -> float:
         f, o = self.lr_factor(), self.cfg.optim
         for group in self.opt_g.param_groups:
             group["lr"] = o.gen_lr * f
         for group, base in zip(self.opt_c.param_groups, self.critic_base_lrs, strict=True):
             group["lr"] = base * f
+        return f
 
     def step(self, mon: Monitor) -> None:
         cfg, s = self.cfg, self.state
-        self._set_lrs()
+        lr_mult = self._set_lrs()
         if cfg.optim.lr_schedule != "constant":
-            mon.add({"optim/lr_mult": self.lr_factor()})
+            mon.add({"optim/lr_mult": lr_mult})
         gen_now = s.step % cfg.optim.gen_every == 0 and s.num_images / 1000 >= cfg.loss.gen_warmup_kimg
         ok = True
         if cfg.optim.order == "generator_first" and gen_now:

@@ -79,12 +79,20 @@ def run_scripts(args: argparse.Namespace) -> list[str]:
 
 
 def load_results(out: Path) -> dict:
+    """{result name: JSON} in REPORT_ORDER; a script's variants (`speed_cifar10_fp32.json`) follow its own."""
     data = {}
     for name in REPORT_ORDER:
-        path = out / f"{name}.json"
-        if path.is_file():
-            data[name] = json.loads(path.read_text())
+        for path in [out / f"{name}.json", *sorted(out.glob(f"{name}_*.json"))]:
+            if path.is_file() and path.stem not in data:
+                d = json.loads(path.read_text())
+                if d.get("benchmark") == path.stem:  # a result JSON (each is named after its "benchmark")
+                    data[path.stem] = d
     return data
+
+
+def module_of(result: str) -> str:
+    """The script that wrote (and renders) a result: its longest REPORT_ORDER prefix."""
+    return max((n for n in REPORT_ORDER if result == n or result.startswith(n + "_")), key=len)
 
 
 def write_report(out: Path) -> Path:
@@ -102,10 +110,11 @@ def write_report(out: Path) -> Path:
     ]
     if not data:
         lines += ["No results yet: run `make bench`.", ""]
-    lines += [f"- [{name}](#{anchor(name)})" + (" (smoke run)" if d.get("quick") else "") for name, d in data.items()]
+    for name, d in data.items():
+        lines.append(f"- [{name}](#{anchor(name, d)})" + (" (smoke run)" if d.get("quick") else ""))
     lines.append("")
     for name, d in data.items():
-        lines += [importlib.import_module(name).render(d, data), ""]
+        lines += [importlib.import_module(module_of(name)).render(d, data), ""]
     others = sorted(p for p in out.glob("*.json") if p.stem not in data)
     if others:
         lines += ["## Other results in this folder", ""]
@@ -118,9 +127,10 @@ def write_report(out: Path) -> Path:
     return path
 
 
-def anchor(name: str) -> str:
-    """GitHub's anchor of a section's heading `## TITLE`."""
-    title = importlib.import_module(name).TITLE.lower()
+def anchor(name: str, d: dict) -> str:
+    """GitHub's anchor of a section's heading `## TITLE` (a script's `title(data)` where it has one)."""
+    mod = importlib.import_module(module_of(name))
+    title = (mod.title(d) if hasattr(mod, "title") else mod.TITLE).lower()
     return re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
 
 

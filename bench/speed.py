@@ -3,6 +3,12 @@ teacher's Heun sampler (35 evaluations) in images/s, and the Di-Bregman training
 stabiliser) versus the reverse-KL step, interleaved (A B B A ...) so that both see the same machine load.
 
     python bench/speed.py [--n-student 2048] [--n-teacher 256] [--repeats 3] [--steps 20] [--batch 64]
+    python bench/speed.py --preset cifar10 --device cuda [--set optim.bf16=false --tag fp32]
+
+`--preset cifar10` measures the CIFAR-10-sized DDPM++ teacher (55.7 M parameters, 32x32x3) of that preset; where
+its file is missing, a randomly initialised network of the same architecture stands in (speed and memory do not
+depend on the weights; the JSON says which it was), and the real side is a small pool of that teacher's samples
+when the CIFAR-10 folder is missing. Results go to `speed.json` (mnist) or `speed_<preset>[_<tag>].json`.
 
 Goals (issue 5): student >= 30x the teacher's images/s; Di-Bregman step <= 1.05x the reverse-KL step.
 Memory: CUDA `max_memory_allocated` per phase on a GPU. On a CPU, the peak resident set size of the whole
@@ -26,11 +32,14 @@ from pathlib import Path
 import torch
 
 import common
+from dibregman import checkpoint as ckpt
+from dibregman.cli import _overrides
 from dibregman.config import get_preset, override
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.monitor import Monitor
 from dibregman.networks.generator import OneStepGenerator
+from dibregman.networks.unet import build_unet
 from dibregman.sample import count_evaluations, sample_teacher
 
 NAME = "speed"
@@ -48,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of each sampler (median; 3)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per objective (20 x scale)")
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps per objective first (2)")
-    p.add_argument("--batch", type=int, default=None, help="training batch (default: the mnist preset's)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default: the preset's)")
+    p.add_argument("--preset", default="mnist", choices=("mnist", "cifar10"), help="whose teacher and settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (both runs)")
+    p.add_argument("--tag", default="", help="suffix of the result's name: speed_<preset>_<tag>.json")
     return common.add_common_args(p)
 
 
@@ -129,13 +141,31 @@ def sampling(args, sizes, trainer, device) -> dict:
 
 
 # ---- training-step speed -----------------------------------------------------------------------------------
-def trainers(args, sizes, device, work: Path) -> dict:
-    pairs = {}
-    if not common.mnist_available():
+def base_config(args, work: Path) -> tuple[dict, str]:
+    """The preset with the overrides this machine needs; returns (config, what the teacher's weights are)."""
+    cfg = get_preset(args.preset)
+    pairs, weights = {}, "trained (the preset's file)"
+    if args.preset == "mnist" and not common.mnist_available():
         if not args.quick:
             raise FileNotFoundError("data/mnist is missing: run `make data`")
         pairs = {"model.real": "teacher", "model.teacher_pool": 64, "model.teacher_pool_steps": 2}
-    base = override(get_preset("mnist"), pairs)
+    if args.preset == "cifar10":
+        teacher = Path(cfg.model.teacher.partition(":")[2])
+        if not teacher.is_file():  # same architecture, random weights: speed and memory do not depend on them
+            torch.manual_seed(args.seed)
+            net = build_unet("tiny" if args.quick else "cifar10")
+            path = work / "random_cifar10_teacher.safetensors"
+            ckpt.export_safetensors(net.state_dict(), {"kind": "edm-unet", "unet": net.cfg.to_dict()}, path)
+            pairs["model.teacher"] = f"edm:{path}"
+            size = sum(p.numel() for p in net.parameters())
+            weights = f"random initialisation ({teacher} is not present), {size} parameters"
+        if not Path(cfg.model.real.partition(":")[2]).is_dir():
+            pairs.update({"model.real": "teacher", "model.teacher_pool": 256, "model.teacher_pool_steps": 2})
+    return override(cfg, {**pairs, **_overrides(args.set)}), weights
+
+
+def trainers(args, sizes, device, work: Path) -> tuple[dict, str]:
+    base, weights = base_config(args, work)
     out = {}
     for label, name in (("di-bregman sba(lam=5)", "sba"), ("reverse kl", "rkl")):
         cfg = override(
@@ -151,11 +181,11 @@ def trainers(args, sizes, device, work: Path) -> dict:
             },
         )
         out[label] = Trainer(cfg, work / name)
-    return out
+    return out, weights
 
 
 def step_times(args, sizes, device, work: Path) -> tuple[dict, Trainer]:
-    ts = trainers(args, sizes, device, work)
+    ts, weights = trainers(args, sizes, device, work)
     mons = {k: Monitor(t.run_dir, t.cfg, enabled=False, initial=0, total=1) for k, t in ts.items()}
     a, b = list(ts)
     for _ in range(sizes["warmup"]):
@@ -181,6 +211,8 @@ def step_times(args, sizes, device, work: Path) -> tuple[dict, Trainer]:
         for k, v in times.items()
     }
     res["objectives"] = [a, b]
+    res["teacher_weights"] = weights
+    res["bf16"] = ts[a].cfg.optim.bf16 and device.type == "cuda"
     res["ratio_median"] = res[a]["median_sec"] / res[b]["median_sec"]
     res["ratio_mean"] = res[a]["mean_sec"] / res[b]["mean_sec"]
     res["goal_ratio"] = GOAL_STEP_RATIO
@@ -204,7 +236,8 @@ def run(args) -> dict:
         "steps": common.size(args, "steps", 20, 2),
         "warmup": args.warmup if args.warmup is not None else (1 if args.quick else 2),
     }
-    data = common.record(NAME, args, device, sizes)
+    name = NAME if args.preset == "mnist" and not args.tag else "_".join(filter(None, (NAME, args.preset, args.tag)))
+    data = common.record(name, args, device, sizes)
     with tempfile.TemporaryDirectory(dir=args.work if args.work.exists() else None) as tmp:
         print(f"[{NAME}] training steps: {sizes['steps']} interleaved per objective", flush=True)
         data["train_step"], trainer = step_times(args, sizes, device, Path(tmp))
@@ -214,6 +247,8 @@ def run(args) -> dict:
         )
         data["sampling"] = sampling(args, sizes, trainer, device)
         data["teacher"] = common.teacher_info(trainer.cfg.model.teacher)
+        data["teacher"]["weights"] = data["train_step"]["teacher_weights"]
+        data["preset"] = args.preset
         data["sizes"]["train_batch"] = trainer.cfg.optim.batch_size
     s, t = data["sampling"], data["train_step"]
     print(
@@ -230,6 +265,14 @@ def _mem(m: dict) -> str:
     if m["kind"] == "cuda_max_memory_allocated":
         return f"{common.fmt(m['mib'], 4)} MiB (CUDA max allocated)"
     return f"{common.fmt(m['mib'], 4)} MiB (CPU: peak RSS of the whole process, {m['scope']})"
+
+
+def title(d: dict) -> str:
+    preset = d.get("preset", "mnist")
+    if preset == "mnist" and d["benchmark"] == NAME:
+        return TITLE
+    extra = ", bf16 autocast" if d["train_step"].get("bf16") else ""
+    return f"{TITLE}: {preset} ({d['machine'].get('gpu', d['machine']['device'])}{extra})"
 
 
 def render(d: dict, all_data: dict) -> str:
@@ -256,17 +299,19 @@ def render(d: dict, all_data: dict) -> str:
             t[k]["batch"],
             f(t[k]["median_sec"], 4),
             f(t[k]["mean_sec"], 4),
+            f(t[k]["batch"] / t[k]["median_sec"], 4),
             len(t[k]["times_sec"]),
             _mem(t["memory"][k]),
         ]
         for k in (a, b)
     ]
     lines = [
-        f"## {TITLE}",
+        f"## {title(d)}",
         "",
         common.header_line(d),
         "",
-        f"Teacher `{d['teacher']['path']}` (sha256 {d['teacher'].get('sha256')}). Sampling batch "
+        f"Teacher `{d['teacher']['path']}` (sha256 {d['teacher'].get('sha256')}; weights: "
+        f"{d['teacher'].get('weights', 'trained')}). Sampling batch "
         f"{d['sizes']['sample_batch']}; each rate is the median of {d['sizes']['repeats']} timed repeats "
         "after "
         f"one warm-up. Training steps: {d['sizes']['warmup']} untimed warm-up steps per objective, then "
@@ -283,6 +328,7 @@ def render(d: dict, all_data: dict) -> str:
                 "batch",
                 "median s",
                 "mean s",
+                "images/s (median)",
                 "steps",
                 "peak memory",
             ],

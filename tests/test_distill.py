@@ -14,7 +14,6 @@ from dibregman import divergences
 from dibregman.config import get_preset, override
 from dibregman.generators import load_generator
 from dibregman.loop import Trainer, distill
-from dibregman.networks.unet import build_unet
 
 GMM_SMALL = {  # the gmm preset cut down to seconds; its schedule pinned to the library defaults so that a few
     # steps train every network (no warm-ups) with non-trivial Bregman weights (SBA(5), not the preset's kl)
@@ -40,16 +39,6 @@ def gmm_cfg(**pairs):
 
 def steps_kimg(steps: int, batch: int = 32) -> float:
     return steps * batch / 1000
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> str:
-    """A randomly initialised tiny EDM U-Net exported like a trained teacher (8x8, one channel)."""
-    torch.manual_seed(0)
-    net = build_unet("tiny")
-    path = tmp_path_factory.mktemp("teacher") / "tiny.safetensors"
-    ckpt.export_safetensors(net.state_dict(), {"kind": "edm-unet", "unet": net.cfg.to_dict()}, path)
-    return str(path)
 
 
 @pytest.mark.parametrize("name", divergences.names())
@@ -203,6 +192,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
             "run.total_kimg": steps_kimg(3),
             "loss.gan_weight": 0.1,
             "divergence.normalize": "softmax",
+            "run.device": "cpu",
         }.items()
     ]
     base = ["distill", "--preset", "gmm", *sets]

@@ -10,13 +10,24 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> torch.device:
-    """Initialise the process group when launched by torchrun; returns this rank's device."""
+def init(device: str = "auto") -> torch.device:
+    """Initialise the process group when launched by torchrun; returns this rank's device.
+
+    `device` is run.device (auto | cpu | cuda): NCCL and one GPU per rank (LOCAL_RANK) on CUDA, gloo on CPU,
+    also on a machine that has GPUs when run.device=cpu.
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda but CUDA is not available")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda and local >= torch.cuda.device_count():
+        raise ValueError(
+            f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are visible: start at most "
+            "that many processes per node (torchrun --nproc_per_node), or train on CPU with --set run.device=cpu"
+        )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")

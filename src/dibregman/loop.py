@@ -172,13 +172,7 @@ class Trainer:
         self._resume()
 
     def _device(self) -> torch.device:
-        dev = dist.init()
-        want = self.cfg.run.device
-        if want == "cpu" or (want == "auto" and dev.type != "cuda"):
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise ValueError("run.device=cuda but CUDA is not available")
-        return dev
+        return dist.init(self.cfg.run.device)
 
     def _autocast(self):
         if self.cfg.optim.bf16 and self.device.type == "cuda":

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help="student samples for the exact metrics (4000 x scale)")
     p.add_argument("--num-seeds", type=int, default=1, help="seeds per objective (--seed, --seed + 1, ...)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel, one CPU thread each (CPU only)")
     p.add_argument("--only", default="", help="comma-separated labels / divergence names (rkl,sba(lam=5))")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     return common.add_common_args(p)
@@ -76,6 +77,9 @@ def equivalent_groups(specs: list[tuple[str, str, dict]]) -> list[list[str]]:
     return [members for _, members in groups if len(members) > 1]
 
 
+_INIT_CACHE: dict = {}  # (model config, seed, device) -> (pretrained MLP, RNG state after it), per process
+
+
 @contextlib.contextmanager
 def shared_init():
     """Pretrain the MLP that initialises G and psi once, not once per objective.
@@ -83,14 +87,14 @@ def shared_init():
     `build.pretrain_mlp` seeds torch with run.seed first, so its result and the RNG state it leaves behind
     are functions of (teacher, model config, seed, device) only; replaying both equals recomputing them.
     """
-    original, cache = build.pretrain_mlp, {}
+    original = build.pretrain_mlp
 
     def cached(teacher, cfg, device):
         key = (json.dumps(cfg.model.__dict__, sort_keys=True), cfg.run.seed, str(device))
-        if key not in cache:
+        if key not in _INIT_CACHE:
             net = original(teacher, cfg, device)
-            cache[key] = (net, torch.get_rng_state())
-        net, rng = cache[key]
+            _INIT_CACHE[key] = (net, torch.get_rng_state())
+        net, rng = _INIT_CACHE[key]
         torch.set_rng_state(rng)
         return copy.deepcopy(net)
 
@@ -99,6 +103,14 @@ def shared_init():
         yield
     finally:
         build.pretrain_mlp = original
+
+
+def _worker_run(job: tuple) -> tuple[dict, torch.Tensor]:
+    """One run in a worker process (--workers > 1): one CPU thread, the same code path as in-process runs."""
+    args, spec, seed, sizes = job
+    torch.set_num_threads(1)
+    with shared_init():
+        return one_run(args, spec, seed, sizes, torch.device("cpu"))
 
 
 def make_config(args, name: str, params: dict, kimg: float, seed: int, device):
@@ -188,23 +200,36 @@ def run(args) -> dict:
     keep = set(filter(None, args.only.split(",")))
     specs = [r for r in runs() if not keep or r[0] in keep or r[1] in keep]
     data["proportional_weights"] = equivalent_groups(specs)
-    with shared_init():
-        for seed, spec in ((seed, spec) for seed in sizes["seeds"] for spec in specs):
-            print(f"[{NAME}] {spec[0]} seed {seed}: {sizes['kimg']} kimg, batch {sizes['batch']}", flush=True)
-            r, x = one_run(args, spec, seed, sizes, device)
-            samples.setdefault(spec[0], x)  # the plots show the first seed
-            m = r["metrics"]
-            print(
-                f"[{NAME}] {spec[0]}: modes {m['modes_covered']}/8, within 3 sigma {m['within_3sigma']:.3f}, "
-                f"MMD2 {m['mmd2']:.2e} (floor {m['mmd2_floor']:.2e}), {r['wall_sec']} s",
-                flush=True,
-            )
-            data["runs"].append(r)
+    jobs = [(seed, spec) for seed in sizes["seeds"] for spec in specs]
+    for seed, spec in jobs:
+        print(f"[{NAME}] {spec[0]} seed {seed}: {sizes['kimg']} kimg, batch {sizes['batch']}", flush=True)
+    if args.workers > 1 and device.type == "cpu":
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
+            results = pool.imap(_worker_run, [(args, spec, seed, sizes) for seed, spec in jobs])
+            for r, x in results:  # in job order, as they finish
+                _report(data, samples, r, x)
+    else:
+        with shared_init():
+            for seed, spec in jobs:
+                _report(data, samples, *one_run(args, spec, seed, sizes, device))
     plot_scatter(data, samples, args.out / f"{NAME}.png", args.seed)  # first seed
     plot_curves(data, args.out / f"{NAME}_curves.png")
     data["plots"] = [f"{NAME}.png", f"{NAME}_curves.png"]
     common.finish(data, args.out)
     return data
+
+
+def _report(data: dict, samples: dict, r: dict, x: torch.Tensor) -> None:
+    samples.setdefault(r["label"], x)  # the plots show the first seed
+    m = r["metrics"]
+    print(
+        f"[{NAME}] {r['label']} seed {r['seed']}: modes {m['modes_covered']}/8, within 3 sigma "
+        f"{m['within_3sigma']:.3f}, MMD2 {m['mmd2']:.2e} (floor {m['mmd2_floor']:.2e}), {r['wall_sec']} s",
+        flush=True,
+    )
+    data["runs"].append(r)
 
 
 def plot_scatter(data: dict, samples: dict, path, seed: int) -> None:

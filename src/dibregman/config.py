@@ -222,21 +222,25 @@ def _preset(**sections) -> DistillConfig:
 
 PRESETS: dict[str, DistillConfig] = {
     # The 8-mode 2-D ring with its exact teacher; MLP generator/fake score; exact metrics available.
-    # Chosen by measurement (bench/tuning/gmm_probe.py, 1-2 M images per try, one core each):
+    # Chosen by measurement (bench/tuning/gmm_grid.py: 86 runs of 1-1.5 M images, one core each; the grids and their
+    # results are in bench/tuning/grids and bench/tuning/results):
     # - sigma_init 1.0: G starts as the (fitted) exact denoiser at sigma 1, already a soft 8-sector map; at 2.5 it is
-    #   a blob that first unfolds into a 1-D curve (0.51 within 3 std after 2 M images), at 0.3 the MLP's small
-    #   input/output scales (c_in, c_out) slow the sharpening down.
-    # - lr 1e-3 with cosine decay and a 50 kimg generator warm-up (the fake score first fits G, as in SiDA): at a
-    #   constant 5e-3 the whole sample cloud jumped between modes every few kimg.
-    # - GAN term from 500 kimg (weight 1): the chords left between modes shrink faster (0.86 vs 0.82 within 3 std
-    #   at 1 M images); switched on from the start it dropped modes (5/8).
+    #   a blob that first unfolds into a 1-D curve, at 0.3-0.7 the MLP's small input/output scales slow it down.
+    # - what limits "within 3 std" is the straight chords between neighbouring modes (where G maps the z-sector
+    #   boundaries) and the modes' tangential width: G needs a steep map, i.e. capacity. Width 128 x depth 3 stalls
+    #   near 0.86 (0.82-0.86 over 3 seeds), 256 x 4 near 0.92, 256 x 5 with the generator at lr 2e-3 reaches 0.95.
+    #   Deeper (256 x 6) or a stronger GAN term gets sharper still but drops modes.
+    # - lr 1e-3 (critic) / 2e-3 (generator), cosine decay, 50 kimg generator warm-up (the fake score first fits G,
+    #   as in SiDA): at a constant 5e-3 the whole sample cloud jumped between modes every few kimg.
+    # - GAN term 0.3 from 400 kimg: without it 0.91-0.92; at weight 1 or 3 the sharper runs lost modes (a GAN
+    #   generator gradient only acts where G already puts mass: it never restores a dropped mode).
     # - divergence kl (= reverse KL, weight 1): SBA(5), the library default, collapsed onto 1-2 modes in every
     #   setting tried (large lambda is strongly mode-seeking); kl keeps 8/8. See BENCHMARKS.md (gmm_sweep).
     "gmm": _preset(
-        model=dict(teacher="gmm:ring8", real="teacher", sigma_init=1.0, init_steps=2000),
+        model=dict(teacher="gmm:ring8", real="teacher", sigma_init=1.0, init_steps=2000, mlp_hidden=256, mlp_depth=5),
         divergence=dict(name="kl"),
-        loss=dict(gen_sigma_max=2.0, gen_t_max=1.0, gen_warmup_kimg=50.0, gan_weight=1.0, gan_warmup_kimg=500.0),
-        optim=dict(batch_size=128, gen_lr=1e-3, fake_lr=1e-3, lr_schedule="cosine", ema_halflife_kimg=20.0),
+        loss=dict(gen_sigma_max=2.0, gen_t_max=1.0, gen_warmup_kimg=50.0, gan_weight=0.3, gan_warmup_kimg=400.0),
+        optim=dict(batch_size=128, gen_lr=2e-3, fake_lr=1e-3, lr_schedule="cosine", ema_halflife_kimg=20.0),
         run=dict(total_kimg=1000.0, log_every_kimg=10.0, ckpt_every_kimg=250.0, sample_every_kimg=250.0),
     ),
     # The shipped MNIST teacher (EDM U-Net, 28x28) against full MNIST (make data).

@@ -229,3 +229,18 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     b = ckpt.load_safetensors(tmp_path / "two" / "generator.safetensors")[0]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_process_group_device_follows_run_device(monkeypatch):
+    from dibregman import dist
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # no RANK/WORLD_SIZE: no process group is started
+    assert dist.init("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist.init("cpu") == torch.device("cpu"), "run.device=cpu stays on the CPU (gloo) beside a GPU"
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but only 1 CUDA device\(s\) are visible"):
+        dist.init("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="run.device=cuda but CUDA is not available"):
+        dist.init("cuda")

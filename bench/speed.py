@@ -34,7 +34,7 @@ import torch
 import common
 from dibregman import checkpoint as ckpt
 from dibregman.cli import _overrides
-from dibregman.config import get_preset, override
+from dibregman.config import DistillConfig, get_preset, override
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.monitor import Monitor
@@ -141,7 +141,7 @@ def sampling(args, sizes, trainer, device) -> dict:
 
 
 # ---- training-step speed -----------------------------------------------------------------------------------
-def base_config(args, work: Path) -> tuple[dict, str]:
+def base_config(args, work: Path) -> tuple[DistillConfig, str]:
     """The preset with the overrides this machine needs; returns (config, what the teacher's weights are)."""
     cfg = get_preset(args.preset)
     pairs, weights = {}, "trained (the preset's file)"

@@ -64,3 +64,41 @@ def test_run_all_quick(tmp_path, monkeypatch):
     (out / "BENCHMARKS.md").unlink()  # the report is a function of the JSON files only
     assert run_all.main(["--report-only", "--out", str(out)]) == 0
     assert (out / "BENCHMARKS.md").read_text() == md
+
+
+@pytest.mark.slow
+def test_speed_cifar10_variant_is_reported_beside_speed(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(ROOT)
+    import common
+    import run_all
+    import speed
+
+    out = tmp_path / "results"
+    common_args = ["--quick", "--threads", "1", "--out", str(out), "--work", str(tmp_path / "work")]
+    d = speed.main([*common_args, "--preset", "cifar10", "--tag", "fp32", "--set", "optim.bf16=false"])
+    assert (out / "speed_cifar10_fp32.json").is_file() and d["preset"] == "cifar10"
+    assert d["teacher"]["weights"].startswith("random initialisation")  # no CIFAR-10 teacher file in the repo
+    assert d["train_step"]["bf16"] is False
+    assert run_all.main(["--report-only", "--out", str(out)]) == 0
+    md = (out / "BENCHMARKS.md").read_text()
+    title = speed.title(d)
+    assert f"## {title}" in md and title.startswith("Speed and memory: cifar10")
+    assert f"(#{run_all.anchor('speed_cifar10_fp32', d)})" in md
+    assert f"**{common.fmt(d['train_step']['ratio_median'], 4)}**" in md
+
+
+@pytest.mark.slow
+def test_gmm_sweep_workers_give_the_same_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(ROOT)
+    import gmm_sweep
+
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        argv = ["--quick", "--threads", "1", "--only", "rkl,sba(lam=5)", "--workers", str(workers)]
+        d = gmm_sweep.main([*argv, "--out", str(out), "--work", str(tmp_path / f"work{workers}")])
+        runs[workers] = [(r["label"], r["metrics"]) for r in d["runs"]]
+    assert [label for label, _ in runs[2]] == ["rkl", "sba(lam=5)"]  # job order, not finishing order
+    assert runs[1] == runs[2]

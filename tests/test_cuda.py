@@ -15,24 +15,11 @@ from dibregman.config import get_preset, override
 from dibregman.loop import Trainer, distill
 from dibregman.monitor import Monitor
 from dibregman.networks.unet import Conv2d
+from test_distill import GMM_SMALL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GMM = {  # as tests/test_distill.py's GMM_SMALL: a few steps train every network with non-trivial weights
-    "divergence.name": "sba",
-    "loss.gen_warmup_kimg": 0.0,
-    "loss.gan_weight": 0.1,
-    "loss.gan_warmup_kimg": 0.0,
-    "optim.lr_schedule": "constant",
-    "model.init_steps": 30,
-    "model.mlp_hidden": 32,
-    "model.mlp_depth": 2,
-    "optim.batch_size": 32,
-    "run.log_every_kimg": 0.064,
-    "run.ckpt_every_kimg": 1000.0,
-    "run.sample_every_kimg": 0.0,
-    "run.tensorboard": False,
-}
+GMM = {**GMM_SMALL, "loss.gan_weight": 0.1}  # a few steps train every network, the GAN term included
 SRC = str(Path(__file__).parents[1] / "src")
 
 

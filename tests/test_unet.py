@@ -141,3 +141,22 @@ def test_import_edm_rejects_mismatched_or_pickled_files(tmp_path):
         import_edm_state_dict(tmp_path / "module.pt", TINY_EDM_KWARGS, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match=r"absent\.pt"):
         import_edm_state_dict(tmp_path / "absent.pt", TINY_EDM_KWARGS, tmp_path / "out")
+
+
+def test_train_teacher_resume_is_exact(tmp_path):
+    """2 steps + resume + 2 steps equals 4 steps bitwise: the data sampler's state travels in the checkpoint."""
+    import numpy as np
+
+    from dibregman.train_teacher import train_teacher
+
+    data = tmp_path / "data.npz"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 255, (64, 1, 8, 8), dtype=np.uint8))
+    base = dict(data=f"npz:{data}", unet="tiny", batch_size=8, lr_warmup_kimg=0.0, lr_final_ratio=1.0)  # constant lr
+    base.update(ckpt_every_kimg=0.016, keep_ckpts=4)
+    full = train_teacher(TeacherConfig(**base, total_kimg=0.032), tmp_path / "full")
+    train_teacher(TeacherConfig(**base, total_kimg=0.016), tmp_path / "split")
+    split = train_teacher(TeacherConfig(**base, total_kimg=0.032), tmp_path / "split")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full)), load_file(str(split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -77,7 +77,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    num_images, step = 0, 0
+    num_images, step, data_rng = 0, 0, None
     resolved = {"teacher": asdict(cfg), "unet": net.cfg.to_dict()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
 
@@ -91,9 +91,12 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
         opt.load_state_dict(state["opt"])
         num_images, step = state["num_images"], state["step"]
         torch.set_rng_state(state["rng_cpu"])
+        data_rng = state.get("rng_data")  # absent in checkpoints written before exact resume
         print(f"resumed from {path} at {num_images / 1000:.1f} kimg")
 
     g = torch.Generator().manual_seed(cfg.seed + step)
+    if found is not None and data_rng is not None:
+        g.set_state(data_rng)
     total = int(cfg.total_kimg * 1000)
     next_ckpt = (num_images // int(cfg.ckpt_every_kimg * 1000) + 1) * int(cfg.ckpt_every_kimg * 1000)
     log = open(run_dir / "log.jsonl", "a")
@@ -135,7 +138,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
             log.flush()
             loss_acc, n_acc = 0.0, 0
         if num_images >= next_ckpt or num_images >= total:
-            _save(run_dir, cfg, resolved, net, ema, opt, num_images, step)
+            _save(run_dir, cfg, resolved, net, ema, opt, num_images, step, g)
             next_ckpt += int(cfg.ckpt_every_kimg * 1000)
     bar.close()
     log.close()
@@ -155,7 +158,7 @@ def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: 
     return out
 
 
-def _save(run_dir, cfg, resolved, net, ema, opt, num_images, step) -> None:
+def _save(run_dir, cfg, resolved, net, ema, opt, num_images, step, data_rng) -> None:
     state = {
         "net": net.state_dict(),
         "ema": ema.state_dict(),
@@ -164,6 +167,7 @@ def _save(run_dir, cfg, resolved, net, ema, opt, num_images, step) -> None:
         "num_images": num_images,
         "step": step,
         "rng_cpu": torch.get_rng_state(),
+        "rng_data": data_rng.get_state(),
     }
     ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, num_images))
     ckpt.prune(run_dir, cfg.keep_ckpts)

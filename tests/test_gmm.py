@@ -133,3 +133,19 @@ def test_heun_on_uneven_full_covariance_mixture_reproduces_weights():
     frac, near = _mode_fractions(gmm, x)
     assert (frac - gmm.weights).abs().max() < 0.03, frac
     assert near > 0.98
+
+
+def test_named_uneven_and_grid_mixtures():
+    from dibregman.teachers.gmm import geometric_weights, gmm_from_spec
+
+    w = geometric_weights(12, 0.02)
+    assert abs(float(w.sum()) - 1) < 1e-12 and abs(float(w.min()) - 0.02) < 1e-9
+    assert int(w.argmax()) == 0 and int(w.argmin()) == 1  # heavy and light modes are neighbours
+    ring = gmm_from_spec("ring12-uneven")
+    assert ring.num_modes == 12 and torch.allclose(ring.weights, w)
+    grid = gmm_from_spec("grid25")
+    assert grid.num_modes == 25 and torch.allclose(grid.weights, torch.full((25,), 0.04, dtype=torch.float64))
+    assert torch.allclose(grid.means.mean(0), torch.zeros(2, dtype=torch.float64))
+    for bad in ("grid24", "ring8-skewed", "ring2-uneven", "blob"):
+        with pytest.raises(ValueError, match="mixture"):
+            gmm_from_spec(bad)

@@ -170,13 +170,58 @@ def ring_mixture(
     return GaussianMixture(means, stds=std, weights=weights)
 
 
+def grid_mixture(
+    side: int = 5,  # modes per row: side x side modes on a square grid
+    spacing: float = 1.0,  # distance between neighbouring modes
+    std: float = 0.05,  # isotropic standard deviation of each mode
+    weights: torch.Tensor | None = None,  # [side^2] mixture weights; None = uniform
+) -> GaussianMixture:
+    """A centred 2-D grid of side^2 modes (the 25-mode grid of the GAN mode-collapse literature)."""
+    c = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * spacing
+    means = torch.cartesian_prod(c, c)
+    return GaussianMixture(means, stds=std, weights=weights)
+
+
+def geometric_weights(num_modes: int, smallest: float) -> torch.Tensor:
+    """Weights falling geometrically from the first mode to the last, the last carrying `smallest` of the mass,
+    interleaved (0, K-1, 1, K-2, ...) so that heavy and light modes are neighbours."""
+    assert num_modes >= 2 and 0 < smallest < 1 / num_modes
+    lo, hi = 1e-6, 1.0  # ratio q of consecutive weights, found by bisection: q^(K-1) / sum q^k = smallest
+    for _ in range(100):
+        q = 0.5 * (lo + hi)
+        w = q ** torch.arange(num_modes, dtype=torch.float64)
+        lo, hi = (q, hi) if w[-1] / w.sum() < smallest else (lo, q)
+    w = w / w.sum()
+    order = [i // 2 if i % 2 == 0 else num_modes - 1 - i // 2 for i in range(num_modes)]
+    return w[torch.tensor(order)]
+
+
+# Named mixtures for `gmm:NAME`. `uneven` ones put 2 % of the mass on their lightest mode: a default recipe must not
+# drop it (issue: mode coverage on data nobody tuned for).
+MIXTURES = {
+    "ringN": "N modes on a circle of radius 2, equal weights (ring8 is the tuned default)",
+    "ringN-uneven": "N modes on the circle, weights geometric from heaviest to 2 % (neighbours alternate)",
+    "gridN": "N = k*k modes on a square grid (spacing 1), equal weights",
+    "gridN-uneven": "the grid with geometric weights down to 2 %",
+}
+
+
 def gmm_from_spec(name: str, **kwargs) -> GaussianMixture:
-    """Named mixtures: `ring8` (or `ringN` for N modes); kwargs go to `ring_mixture`."""
-    if name.startswith("ring"):
-        num = name[4:] or "8"
-        if num.isdigit() and int(num) >= 1:
-            return ring_mixture(int(num), **kwargs)
-    raise ValueError(f"unknown mixture {name!r}; valid: 'ring8' or 'ringN' (N modes on a circle)")
+    """Named mixtures (`MIXTURES`): `ring8`, `ringN`, `ringN-uneven`, `gridN`, `gridN-uneven`; kwargs go to the
+    builder (`ring_mixture` / `grid_mixture`)."""
+    base, _, variant = name.partition("-")
+    kind = "ring" if base.startswith("ring") else "grid" if base.startswith("grid") else ""
+    num = base[4:] or ("8" if kind == "ring" else "25")
+    if kind and num.isdigit() and variant in ("", "uneven"):
+        k = int(num)
+        side = math.isqrt(k)
+        if kind == "ring" and k >= 1 or kind == "grid" and side * side == k and k >= 1:
+            if variant == "uneven":
+                if k < 3:
+                    raise ValueError(f"mixture {name!r}: 'uneven' needs at least 3 modes")
+                kwargs.setdefault("weights", geometric_weights(k, 0.02))
+            return ring_mixture(k, **kwargs) if kind == "ring" else grid_mixture(side, **kwargs)
+    raise ValueError(f"unknown mixture {name!r}; valid: " + "; ".join(f"{k} ({v})" for k, v in MIXTURES.items()))
 
 
-__all__ = ["GaussianMixture", "ring_mixture", "gmm_from_spec"]
+__all__ = ["GaussianMixture", "ring_mixture", "grid_mixture", "geometric_weights", "gmm_from_spec", "MIXTURES"]

@@ -50,9 +50,11 @@ class LossConfig:
     gen_sigma_max: float = 0.0  # largest generator-step sigma (0 = teacher's sigma_max)
     gen_sigma_min: float = 0.0  # smallest generator-step sigma (0 = teacher's sigma_min)
     gen_t_max: float = 0.8  # generator sigma: Karras schedule at t ~ U[0, gen_t_max] (0 = sigma_max)
+    gen_t_origin: str = "sigma_max"  # which end t = 0 is: sigma_max (sigma in [Karras(gen_t_max), max]) | sigma_min (SiD)
     disc_t_max: float = 0.95  # discriminator sigma: Karras schedule at t'' ~ U[0, disc_t_max] (Algorithm 1)
     fake_p_mean: float = -1.2  # fake-score DSM: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
     fake_p_std: float = 1.2
+    fake_sigma: str = "lognormal"  # fake-score DSM sigma: lognormal (EDM, fake_p_*) | generator (the generator step's)
     disc_weight: float = 1.0  # weight of the discriminator BCE in the critic loss
     gan_weight: float = 0.0  # weight of the generator's GAN term (0 = off)
     gan_warmup_kimg: float = 0.0  # GAN term switched on after this many thousand images
@@ -136,6 +138,8 @@ CHOICES = {
     "model.disc_head": ("linear", "mean"),
     "divergence.normalize": ("none", "batch_mean", "sigma_bins", "softmax"),
     "loss.weighting": ("dmd", "unit", "score"),
+    "loss.gen_t_origin": ("sigma_max", "sigma_min"),
+    "loss.fake_sigma": ("lognormal", "generator"),
     "optim.order": ("critic_first", "generator_first"),
     "optim.lr_schedule": ("constant", "cosine"),
     "run.device": ("auto", "cpu", "cuda"),

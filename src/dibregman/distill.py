@@ -51,9 +51,17 @@ def _per_sample_mean(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).mean(1)
 
 
-def karras_uniform_sigma(n: int, t_max: float, sigma_min: float, sigma_max: float, *, generator=None):
-    """sigma = Karras(t), t ~ U[0, t_max] (t = 0 is sigma_max): the generator/discriminator sampler of SiD/SiDA."""
+def karras_uniform_sigma(
+    n: int, t_max: float, sigma_min: float, sigma_max: float, *, generator=None, origin: str = "sigma_max"
+):
+    """sigma = Karras(t), t ~ U[0, t_max]: the generator/discriminator sampler of SiD/SiDA.
+
+    origin says which end t = 0 is: `sigma_max` (sigma in [Karras(t_max), sigma_max], the paper's Algorithm 1
+    as we read it) or `sigma_min` (SiD/SiDA's code: sigma in [sigma_min, Karras(1 - t_max)], e.g. [0.002, 24.4]
+    for t_max = 0.8)."""
     t = torch.rand(n, generator=generator) * t_max
+    if origin == "sigma_min":
+        t = 1 - t
     return karras_sigma_at(t, sigma_min, sigma_max)
 
 

@@ -83,7 +83,7 @@ def draw_batch(cfg: DistillConfig, m: Models, step: int, rnd: int, n: int, devic
 
     b = Batch(
         z=noise(),
-        gen_sigma=karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g),
+        gen_sigma=karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin),
         gen_noise=noise(),
         gan_noise=noise(),
         fake_sigma=edm_training_sigma(n, L.fake_p_mean, L.fake_p_std, m.sigma_data, generator=g)[0],
@@ -93,6 +93,8 @@ def draw_batch(cfg: DistillConfig, m: Models, step: int, rnd: int, n: int, devic
         disc_noise_fake=noise(),
     )
     real = m.real(g, n)
+    if L.fake_sigma == "generator":  # drawn last, so that the default's random stream is unchanged
+        b.fake_sigma = karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin)
     if m.conditions is not None:  # c ~ D_c (line 4); the real side brings its own captions, (x_gt, c) line 21
         real, real_index = real
         cond_index = m.conditions.draw(g, n)

@@ -188,6 +188,7 @@ def evaluate(
                 "rmse_q": rmse_q,  # generator side: where the weights are evaluated
                 "rmse_q_centred": rmse_q_c,
                 "exact_std": float(ref.std(unbiased=False)),  # the scale of what is to be learned
+                "exact_rms": float(ref.square().mean().sqrt()),  # = the rmse of the constant logit 0
                 "exact_clamped_frac": float((exact.abs() > clamp).double().mean()),
                 "acc": float(((raw > 0).double() == label).double().mean()),
                 "acc_bayes": float(((exact > 0).double() == label).double().mean()),

@@ -2,6 +2,7 @@
 exactly as the engine builds it, and a trained discriminator logit that tracks the exact log p_t/q_t where an
 untrained one does not (so the bar can fail)."""
 
+import json
 import math
 
 import pytest
@@ -79,3 +80,25 @@ def test_trained_logit_tracks_the_exact_log_ratio_and_untrained_does_not():
     assert not any(b["corr"] > 0.9 for b in calibrate(mean_head, P, Q, 0, num_bins=4, n_eval=500, init=init)["bins"])
     with pytest.raises(ValueError, match="no trainable parameters"):
         calibrate(override(cfg, {"model.disc_placement": "teacher", "model.disc_head": "mean"}), P, Q, 1, init=init)
+
+
+def test_bench_script_writes_json_md_png_and_rerenders_identically(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    monkeypatch.chdir(root)  # the script chdirs to the repository root; restore the cwd afterwards
+    import ratio_calibration as rc
+
+    small = ["model.mlp_hidden=32", "model.mlp_depth=2", "optim.batch_size=64", "model.init_steps=5"]
+    argv = ["--quick", "--threads", "1", "--out", str(tmp_path), "--steps", "3", "--n-eval", "50", "--bins", "2"]
+    assert rc.main(argv + [f"--set={kv}" for kv in small]) == 0
+    data = json.loads((tmp_path / "ratio_calibration.json").read_text())
+    runs = [r for r in data["runs"] if "skipped" not in r]
+    assert len(runs) == 2 * 5 and all(len(r["bins"]) == 2 for r in runs)  # 2 students x 5 trainable combinations
+    assert [r for r in data["runs"] if "skipped" in r][0]["placement"] == "teacher"
+    assert (tmp_path / "ratio_calibration.png").stat().st_size > 1000
+    md = (tmp_path / "ratio_calibration.md").read_text()
+    assert "SMOKE RUN" in md and "e^{1.5} ≈ 4.5 at λ = 5" in md
+    assert rc.main(["--render-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ratio_calibration.md").read_text() == md

@@ -162,6 +162,21 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"optim.lr_final must lie in [0, 1], got {o.lr_final}")
     if not 0 <= cfg.loss.gen_t_max <= 1 or not 0 <= cfg.loss.disc_t_max <= 1:
         raise ValueError("loss.gen_t_max and loss.disc_t_max must lie in [0, 1]")
+    L = cfg.loss  # loop.draw_batch: both sigma = Karras(t) on [gen_sigma_min, gen_sigma_max], t ~ U[0, t_max], 0 = top
+    if L.disc_t_max < L.gen_t_max:
+        from .noise import karras_sigma_at
+
+        lo = L.gen_sigma_min or (1e-3 if cfg.model.teacher.startswith("gmm:") else 0.002)  # 0: the teacher's
+        hi = L.gen_sigma_max or 80.0
+
+        def span(t):
+            return f"[{karras_sigma_at(t, lo, hi):.3g}, {hi:g}]"
+
+        raise ValueError(
+            f"loss.disc_t_max={L.disc_t_max} < loss.gen_t_max={L.gen_t_max}: the discriminator's sigma range "
+            f"{span(L.disc_t_max)} does not cover the generator step's {span(L.gen_t_max)} (no ratio is learnt below "
+            f"{karras_sigma_at(L.disc_t_max, lo, hi):.3g}); set loss.disc_t_max >= loss.gen_t_max"
+        )
     if cfg.run.total_kimg <= 0:
         raise ValueError(f"run.total_kimg must be > 0, got {cfg.run.total_kimg}")
     m = cfg.model
@@ -247,7 +262,14 @@ PRESETS: dict[str, DistillConfig] = {
     "gmm": _preset(
         model=dict(teacher="gmm:ring8", real="teacher", sigma_init=1.0, init_steps=2000, mlp_hidden=256, mlp_depth=5),
         divergence=dict(name="kl"),
-        loss=dict(gen_sigma_max=2.0, gen_t_max=1.0, gen_warmup_kimg=50.0, gan_weight=0.3, gan_warmup_kimg=400.0),
+        loss=dict(
+            gen_sigma_max=2.0,
+            gen_t_max=1.0,
+            disc_t_max=1.0,  # the discriminator covers every generator sigma (at 0.95, 5 % fell below its range)
+            gen_warmup_kimg=50.0,
+            gan_weight=0.3,
+            gan_warmup_kimg=400.0,
+        ),
         optim=dict(batch_size=512, gen_lr=2e-3, fake_lr=1e-3, lr_schedule="cosine", ema_halflife_kimg=20.0),
         run=dict(total_kimg=2000.0, log_every_kimg=20.0, ckpt_every_kimg=500.0, sample_every_kimg=500.0),
     ),

@@ -20,3 +20,10 @@ def test_uncovered_generator_sigma_is_refused():
     assert "loss.disc_t_max=0.95" in msg and "loss.gen_t_max=1.0" in msg
     assert "[0.00193, 2]" in msg and "[0.001, 2]" in msg  # both ranges, in sigma
     validate(override(get_preset("gmm"), {"loss.gen_t_max": 0.9, "loss.disc_t_max": 0.9}))  # equal ranges are fine
+
+
+def test_sid_origin_needs_the_full_discriminator_range():
+    sid = {"loss.gen_t_origin": "sigma_min", "loss.gen_t_max": 0.8}
+    with pytest.raises(ValueError, match="gen_t_origin=sigma_min"):
+        validate(override(get_preset("mnist"), {**sid, "loss.disc_t_max": 0.95}))
+    validate(override(get_preset("mnist"), {**sid, "loss.disc_t_max": 1.0}))

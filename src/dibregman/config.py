@@ -50,7 +50,7 @@ class LossConfig:
     gen_sigma_max: float = 0.0  # largest generator-step sigma (0 = teacher's sigma_max)
     gen_sigma_min: float = 0.0  # smallest generator-step sigma (0 = teacher's sigma_min)
     gen_t_max: float = 0.8  # generator sigma: Karras schedule at t ~ U[0, gen_t_max] (0 = sigma_max)
-    gen_t_origin: str = "sigma_max"  # which end t = 0 is: sigma_max (sigma in [Karras(gen_t_max), max]) | sigma_min (SiD)
+    gen_t_origin: str = "sigma_max"  # where t = 0 is: sigma_max (sigma in [Karras(gen_t_max), max]) | sigma_min (SiD)
     disc_t_max: float = 0.95  # discriminator sigma: Karras schedule at t'' ~ U[0, disc_t_max] (Algorithm 1)
     fake_p_mean: float = -1.2  # fake-score DSM: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
     fake_p_std: float = 1.2
@@ -162,21 +162,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(f"optim.lr_final must lie in [0, 1], got {o.lr_final}")
     if not 0 <= cfg.loss.gen_t_max <= 1 or not 0 <= cfg.loss.disc_t_max <= 1:
         raise ValueError("loss.gen_t_max and loss.disc_t_max must lie in [0, 1]")
-    L = cfg.loss  # loop.draw_batch: both sigma = Karras(t) on [gen_sigma_min, gen_sigma_max], t ~ U[0, t_max], 0 = top
-    if L.disc_t_max < L.gen_t_max:
-        from .noise import karras_sigma_at
-
-        lo = L.gen_sigma_min or (1e-3 if cfg.model.teacher.startswith("gmm:") else 0.002)  # 0: the teacher's
-        hi = L.gen_sigma_max or 80.0
-
-        def span(t):
-            return f"[{karras_sigma_at(t, lo, hi):.3g}, {hi:g}]"
-
-        raise ValueError(
-            f"loss.disc_t_max={L.disc_t_max} < loss.gen_t_max={L.gen_t_max}: the discriminator's sigma range "
-            f"{span(L.disc_t_max)} does not cover the generator step's {span(L.gen_t_max)} (no ratio is learnt below "
-            f"{karras_sigma_at(L.disc_t_max, lo, hi):.3g}); set loss.disc_t_max >= loss.gen_t_max"
-        )
+    _check_sigma_cover(cfg)
     if cfg.run.total_kimg <= 0:
         raise ValueError(f"run.total_kimg must be > 0, got {cfg.run.total_kimg}")
     m = cfg.model
@@ -195,6 +181,30 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 
     check_config(cfg)  # the reward section (Appendix G)
     return cfg
+
+
+def _check_sigma_cover(cfg: DistillConfig) -> None:
+    """The discriminator's sigma range must cover the generator step's (no ratio is learnt outside it).
+
+    loop.draw_batch: both sigma = Karras(t) on [gen_sigma_min, gen_sigma_max] with t ~ U[0, t_max]; t = 0 is the top
+    for the discriminator, and for the generator unless loss.gen_t_origin = sigma_min (then t in [1 - t_max, 1])."""
+    L = cfg.loss
+    gen_t = (0.0, L.gen_t_max) if L.gen_t_origin == "sigma_max" else (1.0 - L.gen_t_max, 1.0)
+    if L.disc_t_max >= gen_t[1]:
+        return
+    from .noise import karras_sigma_at
+
+    lo = L.gen_sigma_min or (1e-3 if cfg.model.teacher.startswith("gmm:") else 0.002)  # 0: the teacher's
+    hi = L.gen_sigma_max or 80.0
+
+    def span(t0, t1):
+        return f"[{karras_sigma_at(t1, lo, hi):.3g}, {karras_sigma_at(t0, lo, hi):.3g}]"
+
+    raise ValueError(
+        f"loss.disc_t_max={L.disc_t_max} does not reach loss.gen_t_max={L.gen_t_max} (gen_t_origin={L.gen_t_origin}): "
+        f"the discriminator's sigma range {span(0.0, L.disc_t_max)} does not cover the generator step's "
+        f"{span(*gen_t)}; set loss.disc_t_max to {gen_t[1]:g}"
+    )
 
 
 def divergence_params(d: DivergenceConfig) -> dict:

@@ -181,6 +181,14 @@ def cmd_bench(args) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+def cmd_compare(args) -> None:
+    from .compare import compare
+
+    r = compare(args.runs, args.out)
+    print(open(r["md"]).read(), end="")
+    print(f"curves: {r['png']}  table: {r['md']}")
+
+
 COMMANDS = {
     "train-teacher": cmd_train_teacher,
     "distill": cmd_distill,
@@ -190,6 +198,7 @@ COMMANDS = {
     "import-edm": cmd_import_edm,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "compare": cmd_compare,
 }
 
 
@@ -251,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="distil the shipped MNIST teacher and write a report")
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
+
+    c = sub.add_parser("compare", help="curves of several runs in one PNG + Markdown table (seeds as a band)")
+    c.add_argument("runs", nargs="+", help="run folders (with log.jsonl); same config but the seed = one band")
+    c.add_argument("--out", default="compare", help="output path without suffix: writes OUT.png and OUT.md")
 
     b = sub.add_parser("bench", help="run the benchmark scripts under bench/ (source checkout)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,0 +1,48 @@
+"""`dibregman compare`: runs of one setting (differing only in the seed) are one band; the table's numbers are
+read from the logs."""
+
+import json
+
+import pytest
+
+from dibregman.cli import main
+from dibregman.compare import band, compare
+
+
+def _run(path, seed, lr, fids):
+    path.mkdir(parents=True)
+    cfg = {"optim": {"gen_lr": lr}, "run": {"seed": seed}}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with open(path / "log.jsonl", "w") as f:
+        for i, fid in enumerate(fids):
+            rec = {"kimg": float(i + 1), "fid_mnist": fid, "weight/ess_frac": 0.9, "disc/disc_acc": 0.5 + i / 10}
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"kimg": 9, "fid_mn')  # a line cut by a kill is ignored
+    return path
+
+
+def test_seeds_form_one_setting_with_a_band(tmp_path):
+    a = _run(tmp_path / "a", 0, 1e-4, [50.0, 30.0, 20.0])
+    b = _run(tmp_path / "b", 1, 1e-4, [60.0, 20.0, 24.0])
+    c = _run(tmp_path / "c", 0, 5e-4, [40.0, 45.0, 70.0])
+    r = compare([a, b, c], tmp_path / "out" / "cmp")
+    rows = {row["setting"]: row for row in r["rows"]}
+    assert set(rows) == {"gen_lr=0.0001", "gen_lr=0.0005"}
+    two = rows["gen_lr=0.0001"]
+    assert two["seeds"] == 2 and two["fid_final"] == {"mean": 22.0, "min": 20.0, "max": 24.0, "n": 2}
+    assert two["fid_best"]["mean"] == 20.0 and rows["gen_lr=0.0005"]["fid_best"]["mean"] == 40.0
+    md = (tmp_path / "out" / "cmp.md").read_text()
+    assert "22 [20, 24]" in md and (tmp_path / "out" / "cmp.png").stat().st_size > 1000
+    x, mean, lo, hi = band([[(1.0, 1.0), (2.0, 4.0)], [(1.0, 3.0), (2.0, 2.0), (3.0, 9.0)]])
+    assert x == [1.0, 2.0] and mean == [2.0, 3.0] and lo == [1.0, 2.0] and hi == [3.0, 4.0]
+
+
+def test_cli_compare_and_bad_folder(tmp_path, capsys):
+    a = _run(tmp_path / "a", 0, 1e-4, [50.0, 30.0])
+    assert main(["compare", str(a), "--out", str(tmp_path / "c")]) == 0
+    assert "| a | 1 |" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "not a run folder" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError):
+        compare([], tmp_path / "e")

@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
+from dibregman import distill
 from dibregman import divergences as dv
 from dibregman import reward as rw
 from dibregman.config import RewardConfig, get_preset, override, validate
-from dibregman.distill import score_difference
 from dibregman.loop import Trainer
 from dibregman.teachers.gmm import ring_mixture
 from test_distill import GMM_SMALL
@@ -138,13 +138,15 @@ def test_normalization_log_scale_matches_stabilized_weight(normalize):
 
 
 @pytest.mark.parametrize("weighting", ["dmd", "unit", "score"])
-def test_weighting_factor_matches_score_difference(ring, weighting):
+def test_time_weight_matches_its_divisor(ring, weighting):
+    """w(t) (s_phi - s_psi) = (D_phi - D_psi) / divisor: Eq. 14's w(t) is Eq. 4's."""
     fake = ring_mixture(radius=1.5, std=0.2)
     x = ring.sample(32, sigma=1.0, generator=torch.Generator().manual_seed(2)).double()
     sigma = torch.rand(32, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3 + 0.1
-    diff, d_p = score_difference(ring, fake, x, sigma, None, weighting)
+    d_p, d_q = ring(x, sigma), fake(x, sigma)
+    diff = (d_p - d_q) / distill.time_weight_divisor(weighting, sigma, x, d_p)[:, None]
     s_diff = ring.score(x, sigma) - fake.score(x, sigma)
-    assert torch.allclose(rw.weighting_factor(sigma, x, d_p, weighting)[:, None] * s_diff, diff.double(), rtol=1e-5)
+    assert torch.allclose(rw.weighting_factor(sigma, x, d_p, weighting)[:, None] * s_diff, diff, rtol=1e-5)
 
 
 class _ExactLogit(torch.nn.Module):
@@ -161,25 +163,25 @@ class _ExactLogit(torch.nn.Module):
 @pytest.mark.parametrize("weighting", ["dmd", "unit", "score"])
 @pytest.mark.parametrize("name,params,normalize", [("kl", {}, "none"), ("sba", {"lam": 2.0}, "sigma_bins")])
 def test_generator_gradient_vanishes_at_the_target_ratio(ring, weighting, name, params, normalize):
-    """Fixed point of Eq. 14 in the engine's own generator_loss: with the exact ratio r_t = q_psi / p and
-    the target r*_t = r_t (R_t = q_psi / p, Z = 1), the two terms cancel for every w(t) and normalisation."""
-    from dibregman.distill import Batch, generator_loss
-
+    """Fixed point of Eq. 14 with the library's losses: with the exact ratio r_t = q_psi / p and the target
+    r*_t = r_t (R_t = q_psi / p, Z = 1), the two terms cancel for every w(t) and normalisation."""
     fake = ring_mixture(radius=1.5, std=0.3)
     n, g = 64, torch.Generator().manual_seed(4)
     x = fake.sample(n, generator=g).requires_grad_(True)
     sigma = 0.5 + 2.5 * torch.rand(n, generator=g)
-    noise = torch.randn(n, 2, generator=g)
-    b = Batch(z=noise, gen_sigma=sigma, gen_noise=noise, gan_noise=noise, fake_sigma=sigma, fake_noise=noise,
-              disc_sigma=sigma, disc_noise_real=noise, disc_noise_fake=noise)  # fmt: skip
+    x_t = x.detach() + sigma[:, None] * torch.randn(n, 2, generator=g)
     reward = rw.Reward("q/p", lambda x, s, c: fake.log_prob(x, s) - ring.log_prob(x, s), sigma_aware=True,
                        floor=1e-300)  # fmt: skip
     target = rw.TargetRatio(reward, rw.NormalizerEstimator("fixed", value=1.0), target="sigma")
-    stab = dv.Stabilizer(normalize=normalize, num_sigma_bins=4)
-    kw = dict(teacher=ring, fake=fake, disc=_ExactLogit(ring, fake), div=dv.get(name, **params), stab=stab,
-              weighting=weighting, norm=n)  # fmt: skip
-    (main,) = torch.autograd.grad(generator_loss(x, b, **kw)[0], x)
-    (total,) = torch.autograd.grad(generator_loss(x, b, reward=target, **kw)[0], x)
+    stab, div = dv.Stabilizer(normalize=normalize, num_sigma_bins=4), dv.get(name, **params)
+    d_phi, d_psi = ring(x_t, sigma).float(), fake(x_t, sigma).float()
+    logits = _ExactLogit(ring, fake)(x_t, sigma)
+    w = dv.stabilized_weight(div, logits, sigma=sigma, stab=stab)
+    divisor = distill.time_weight_divisor(weighting, sigma, x.detach(), d_phi)
+    main_loss = distill.dibregman_loss(x, d_phi, d_psi, w, divisor, norm=n)
+    kw = dict(d_p=d_phi, logits=logits, div=div, stab=stab, weighting=weighting, norm=n, x0=x.detach())
+    (main,) = torch.autograd.grad(main_loss, x, retain_graph=True)
+    (total,) = torch.autograd.grad(main_loss + target.loss(x, x_t, sigma, None, **kw)[0], x)
     assert main.norm() > 1e-3
     assert total.norm() < 1e-4 * main.norm()
 

@@ -22,18 +22,12 @@ import torch
 
 from . import checkpoint as ckpt
 from . import dist, divergences
-from .build import Models, build_models
+from . import distill as losses
+from .build import build_models
 from .config import DistillConfig, divergence_params, validate
-from .distill import (
-    Batch,
-    NonFiniteError,
-    discriminator_loss,
-    fake_score_loss,
-    generator_loss,
-    karras_uniform_sigma,
-)
+from .distill import bcast, per_sample_mean
+from .draws import Batch, draw_batch, local_slice
 from .monitor import Monitor
-from .noise import edm_training_sigma
 from .reward import build_target
 
 # Keys that may change between a checkpoint and its resumption (length and reporting only).
@@ -48,6 +42,10 @@ RESUMABLE_CHANGES = {
     "run.tensorboard",
     "run.max_bad_steps",
 }
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf appeared in a quantity the step depends on; the step is skipped and counted."""
 
 
 @dataclass
@@ -69,49 +67,6 @@ def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
         num_sigma_bins=d.num_sigma_bins,
         weight_clip=d.weight_clip or None,
     )
-
-
-def draw_batch(cfg: DistillConfig, m: Models, step: int, rnd: int, n: int, device, sigma_range) -> tuple:
-    """All random draws of micro-batch `rnd` of step `step` for the global micro-batch of size n."""
-    g = torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 64 + rnd) % (2**63))
-    shape = (n, *m.shape)
-    lo, hi = sigma_range
-    L = cfg.loss
-
-    def noise():
-        return torch.randn(shape, generator=g)
-
-    b = Batch(
-        z=noise(),
-        gen_sigma=karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g),
-        gen_noise=noise(),
-        gan_noise=noise(),
-        fake_sigma=edm_training_sigma(n, L.fake_p_mean, L.fake_p_std, m.sigma_data, generator=g)[0],
-        fake_noise=noise(),
-        disc_sigma=karras_uniform_sigma(n, L.disc_t_max, lo, hi, generator=g),
-        disc_noise_real=noise(),
-        disc_noise_fake=noise(),
-    )
-    real = m.real(g, n)
-    if m.conditions is not None:  # c ~ D_c (line 4); the real side brings its own captions, (x_gt, c) line 21
-        real, real_index = real
-        cond_index = m.conditions.draw(g, n)
-    sl = local_slice(n)
-    for k, v in vars(b).items():
-        if isinstance(v, torch.Tensor):
-            setattr(b, k, v[sl].to(device))
-    if m.conditions is not None:  # only this rank's slice is embedded
-        b.cond = m.conditions.embed(cond_index[sl], device)
-        b.real_cond = m.real_conditions.embed(real_index[sl], device)
-    return b, real[sl].to(device)
-
-
-def local_slice(n: int) -> slice:
-    w, r = dist.world_size(), dist.rank()
-    if n % w:
-        raise ValueError(f"global micro-batch {n} is not divisible by the world size {w}")
-    per = n // w
-    return slice(r * per, (r + 1) * per)
 
 
 def _finite_grads(params) -> bool:
@@ -246,6 +201,32 @@ class Trainer:
         return path
 
     # ---- one optimisation step ---------------------------------------------------------------------------
+    def _global(self, fn, *local: torch.Tensor):
+        """fn of the global micro-batch (every rank's tensors gathered); returns this rank's slice of its result."""
+        if dist.world_size() == 1:
+            return fn(*local)
+        out = fn(*(dist.all_gather_cat(t) for t in local))
+        return out[local_slice(len(local[0]) * dist.world_size())]
+
+    def _weight(self, logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return divergences.stabilized_weight(self.div, logits, sigma=sigma, stab=self.stab)
+
+    def _critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict]:
+        """Lines 16-22 for one micro-batch: fake-score DSM on G(z) and Eq. 5's BCE, at the draws of `b`."""
+        m = self.m
+        with torch.no_grad():
+            x_fake = m.generator(b.z, b.cond).float()
+        x_psi = x_fake + bcast(b.fake_sigma, x_fake) * b.fake_noise
+        dsm = losses.fake_score_loss(m.fake(x_psi, b.fake_sigma, b.cond).float(), x_fake, b.fake_weight, norm)
+        s = bcast(b.disc_sigma, x_fake)
+        real_cond = b.cond if b.real_cond is None else b.real_cond
+        l_real = m.disc(real + s * b.disc_noise_real, b.disc_sigma, real_cond).float()
+        l_fake = m.disc(x_fake + s * b.disc_noise_fake, b.disc_sigma, b.cond).float()
+        bce, st = losses.discriminator_loss(l_real, l_fake, norm)
+        n = len(x_fake)
+        stats = {"loss/fake_dsm": float(dsm.detach()) * norm / n, "loss/disc_bce": float(bce.detach()) * norm / n}
+        return dsm + self.cfg.loss.disc_weight * bce, {**stats, **{f"disc/{k}": float(v) for k, v in st.items()}}
+
     def _critic_step(self, mon: Monitor) -> bool:
         cfg, m, B = self.cfg, self.m, self.cfg.optim.batch_size
         n = B // cfg.optim.accum_steps
@@ -254,48 +235,52 @@ class Trainer:
             if self.target is not None:  # Z = E_p[R] on the real side
                 mon.add(self.target.observe(real, dist.all_gather_cat if dist.world_size() > 1 else None))
             with self._autocast():
-                with torch.no_grad():
-                    x_fake = m.generator(b.z, b.cond).float()
-                dsm = fake_score_loss(m.fake, x_fake, b, m.sigma_data, norm=B)
-                bce, st = discriminator_loss(m.disc, real, x_fake, b, norm=B, real_cond=b.real_cond)
-                loss = dsm + cfg.loss.disc_weight * bce
+                loss, stats = self._critic_round(b, real, norm=B)
             loss.backward()
-            mon.add(
-                {
-                    "loss/fake_dsm": float(dsm.detach()) * B / len(x_fake),
-                    "loss/disc_bce": float(bce.detach()) * B / len(x_fake),
-                    **{f"disc/{k}": float(v) for k, v in st.items()},
-                }
-            )
+            mon.add(stats)
         return _apply(self.opt_c, self.critic_params, cfg.optim.grad_clip, "critic", mon)
+
+    def _generator_round(self, b: Batch, gan_w: float, norm: int) -> tuple[torch.Tensor, dict]:
+        """Lines 5-15 for one micro-batch: the networks at x_t, then Eq. 4 (+ Eq. 14, + GAN) from `distill`."""
+        m, L = self.m, self.cfg.loss
+        x = m.generator(b.z, b.cond).float()  # line 5
+        s = bcast(b.gen_sigma, x)
+        x_t = x.detach() + s * b.gen_noise  # line 6: forward process q_{t|0}(x_t | x_theta)
+        with torch.no_grad():
+            d_phi = m.teacher(x_t, b.gen_sigma, b.cond).float()  # line 7
+            d_psi = m.fake(x_t, b.gen_sigma, b.cond).float()
+            logits = m.disc(x_t, b.gen_sigma, b.cond).float()  # line 8: r_t = e^{-l}
+            divisor = losses.time_weight_divisor(L.weighting, b.gen_sigma, x.detach(), d_phi)
+            gap = (d_phi - d_psi) / bcast(divisor, x)  # w(t) (s_phi - s_psi)
+            if not (torch.isfinite(logits).all() and torch.isfinite(gap).all()):
+                raise NonFiniteError("non-finite discriminator logits or score difference in the generator step")
+            w = self._global(self._weight, logits, b.gen_sigma)  # line 9, over the global micro-batch
+        loss = losses.dibregman_loss(x, d_phi, d_psi, w, divisor, norm)
+        stats = {"weight": w, "logits": logits, "sigma": b.gen_sigma, "gap": per_sample_mean(gap.square())}
+        if self.target is not None:  # Eq. 14: + w(t) h''(r*_t) grad r*_t, with Eq. 4's w(t) and normalisation
+            kw = dict(d_p=d_phi, logits=logits, div=self.div, stab=self.stab, weighting=L.weighting, norm=norm)
+            gather = dist.all_gather_cat if dist.world_size() > 1 else None
+            extra, stats["reward"] = self.target.loss(
+                x, x_t, b.gen_sigma, b.cond, **kw, gather=gather, local_slice=local_slice(len(x) * dist.world_size()),
+                x0=x.detach(),
+            )  # fmt: skip
+            loss = loss + extra
+        if gan_w > 0:  # the GAN term's gradient flows through x into G (and into eta: cleared by the caller)
+            gan = losses.gan_generator_loss(m.disc(x + s * b.gan_noise, b.gen_sigma, b.cond).float(), L.gan_logit_clamp)
+            loss = loss + gan_w * gan.sum() / norm
+            stats["gan"] = gan.detach()
+        return loss, stats
 
     def _generator_step(self, mon: Monitor) -> bool:
         cfg, m, B = self.cfg, self.m, self.cfg.optim.batch_size
         n = B // cfg.optim.accum_steps
         kimg = self.state.num_images / 1000
         gan_w = cfg.loss.gan_weight if kimg >= cfg.loss.gan_warmup_kimg else 0.0
-        gather = dist.all_gather_cat if dist.world_size() > 1 else None
         for rnd in range(cfg.optim.accum_steps):
             b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range)
             with self._autocast():
-                x = m.generator(b.z, b.cond).float()
                 try:
-                    loss, st = generator_loss(
-                        x,
-                        b,
-                        teacher=m.teacher,
-                        fake=m.fake,
-                        disc=m.disc,
-                        div=self.div,
-                        stab=self.stab,
-                        weighting=cfg.loss.weighting,
-                        gan_weight=gan_w,
-                        gan_logit_clamp=cfg.loss.gan_logit_clamp,
-                        norm=B,
-                        gather=gather,
-                        local_slice=local_slice(n),
-                        reward=self.target,
-                    )
+                    loss, st = self._generator_round(b, gan_w, norm=B)
                 except NonFiniteError:
                     self.opt_g.zero_grad(set_to_none=True)
                     mon.add({"skipped/generator": 1.0})

@@ -36,6 +36,19 @@ def karras_sigma_at(
     return (sigma_max ** (1 / rho) + t * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def karras_uniform_sigma(
+    n: int,  # batch size
+    t_max: float,  # t ~ U[0, t_max]; t = 0 is sigma_max, t = 1 is sigma_min
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """sigma = Karras(t), t ~ U[0, t_max]: the generator/discriminator noise sampler of SiD/SiDA, [n]."""
+    t = torch.rand(n, generator=generator) * t_max
+    return karras_sigma_at(t, sigma_min, sigma_max)
+
+
 def edm_training_sigma(
     n: int,  # batch size
     p_mean: float = -1.2,  # mean of ln(sigma)

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from . import divergences
+from .distill import time_weight
 
 LogRewardFn = Callable[[Tensor, Tensor, object], Tensor]  # (x [N, *shape], sigma [N], cond) -> log R [N]
 TARGETS = ("auto", "sigma", "denoised", "noisy")
@@ -278,17 +279,8 @@ class NormalizerEstimator:
 
 # ---- Eq. 14's extra term --------------------------------------------------------------------------------
 def weighting_factor(sigma: Tensor, x_t: Tensor, d_p: Tensor, weighting: str, x0: Tensor | None = None):
-    """The per-sample w(t) by which `distill.score_difference` (same arguments) scales (s_p - s_q), [N]:
-    dmd sigma^2 / mean|x0 - D_phi| (x_t when x0 is None), unit sigma^2, score 1."""
-    s2 = sigma.double().square()
-    if weighting == "dmd":
-        ref = x_t if x0 is None else x0
-        return s2 / (ref - d_p).abs().flatten(1).mean(1).clamp_min(1e-5).double()
-    if weighting == "unit":
-        return s2
-    if weighting == "score":
-        return torch.ones_like(s2)
-    raise ValueError(f"unknown weighting {weighting!r}; valid: ['dmd', 'unit', 'score']")
+    """Eq. 4's w(t) (`distill.time_weight`), [N] float64, with x0 the clean sample (x_t when None)."""
+    return time_weight(weighting, sigma, x_t if x0 is None else x0, d_p)
 
 
 def _clamped_logits(l: Tensor, stab: divergences.Stabilizer) -> Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import dist, divergences
+from . import dist, divergences, optim
 from . import distill as losses
 from .build import build_models
 from .config import DistillConfig, divergence_params, validate
@@ -296,19 +296,15 @@ class Trainer:
         return ok
 
     def _update_ema(self) -> None:
-        hl = self.cfg.optim.ema_halflife_kimg * 1000
-        beta = 0.5 ** (self.cfg.optim.batch_size / hl) if hl > 0 else 0.0
-        with torch.no_grad():
-            for pe, pg in zip(self.ema.parameters(), self.m.generator.parameters(), strict=False):
-                pe.lerp_(pg, 1 - beta)
+        beta = optim.ema_beta(self.cfg.optim.batch_size, self.cfg.optim.ema_halflife_kimg * 1000)
+        optim.update_ema(self.ema, self.m.generator, beta)
 
     def lr_factor(self) -> float:
         """Learning-rate multiplier at the current images seen (a pure function of the state: resume is exact)."""
         o = self.cfg.optim
         if o.lr_schedule == "constant":
             return 1.0
-        progress = min(self.state.num_images / (self.cfg.run.total_kimg * 1000), 1.0)
-        return o.lr_final + (1 - o.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return optim.cosine_factor(self.state.num_images / (self.cfg.run.total_kimg * 1000), o.lr_final)
 
     def _set_lrs(self) -> float:
         f, o = self.lr_factor(), self.cfg.optim

@@ -14,6 +14,7 @@ from dibregman import divergences
 from dibregman.config import get_preset, override
 from dibregman.generators import load_generator
 from dibregman.loop import Trainer, distill
+from dibregman.monitor import Monitor
 
 GMM_SMALL = {  # the gmm preset cut down to seconds; its schedule pinned to the library defaults so that a few
     # steps train every network (no warm-ups) with non-trivial Bregman weights (SBA(5), not the preset's kl)
@@ -174,6 +175,16 @@ def test_nan_step_is_skipped_counted_and_logged(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in tr.m.generator.state_dict().items())
     log = (tmp_path / "log.jsonl").read_text()
     assert '"skipped/generator"' in log and '"bad_steps_total": 2' in log
+
+
+def test_nan_generator_round_clears_the_gan_gradient_of_the_critic(tmp_path):
+    """accum_steps=2 with a GAN term: round 1's GAN backward reaches eta; a NaN in round 2 must not leave that
+    gradient for the next critic step."""
+    cfg = gmm_cfg(**{"optim.accum_steps": 2, "loss.gan_weight": 0.1, "run.total_kimg": steps_kimg(1)})
+    tr = Trainer(cfg, tmp_path)
+    tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls={2})
+    assert not tr._generator_step(Monitor(tmp_path, cfg, enabled=False, initial=0, total=1))
+    assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
 
 
 def test_consecutive_nan_steps_abort_with_a_clear_message(tmp_path):

@@ -1,9 +1,10 @@
 """The distillation loop: orchestration only (phases, optimisers, EMA, accumulation, data parallelism, NaN guard,
-checkpoints, logging). The maths lives in `distill.py` and `divergences.py`.
+checkpoints, logging). The maths lives in `distill.py` and `divergences.py`; the draws in `draws.py`.
 
-Reproducibility: every random draw of step k comes from a generator seeded by (seed, k, phase, round) and is
-drawn for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N steps equals 2N
-steps bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch (up to the
+Reproducibility: every random draw of step k comes from a generator seeded by (seed, k, round) -- not by phase:
+the critic and the generator phase of a step share their draws (z included), as in Algorithm 1 -- and is drawn
+for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N steps equals 2N steps
+bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch (up to the
 floating-point order of the gradient all-reduce). Batch statistics of the weights (normalisation) are taken
 over the global micro-batch via an all-gather of the logits.
 """
@@ -276,20 +277,21 @@ class Trainer:
         n = B // cfg.optim.accum_steps
         kimg = self.state.num_images / 1000
         gan_w = cfg.loss.gan_weight if kimg >= cfg.loss.gan_warmup_kimg else 0.0
-        for rnd in range(cfg.optim.accum_steps):
-            b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range)
-            with self._autocast():
-                try:
+        try:
+            for rnd in range(cfg.optim.accum_steps):
+                b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range)
+                with self._autocast():
                     loss, st = self._generator_round(b, gan_w, norm=B)
-                except NonFiniteError:
-                    self.opt_g.zero_grad(set_to_none=True)
-                    mon.add({"skipped/generator": 1.0})
-                    return False
-            loss.backward()
-            mon.add_weights(st)
-            mon.add(st.get("reward", {}))
-        for p in self.critic_params:  # the GAN term back-propagates into eta; that gradient is not eta's
-            p.grad = None
+                loss.backward()
+                mon.add_weights(st)
+                mon.add(st.get("reward", {}))
+        except NonFiniteError:
+            self.opt_g.zero_grad(set_to_none=True)
+            mon.add({"skipped/generator": 1.0})
+            return False
+        finally:  # the GAN term back-propagates into eta; that gradient is not eta's (also after a NaN round)
+            for p in self.critic_params:
+                p.grad = None
         ok = _apply(self.opt_g, self.gen_params, cfg.optim.grad_clip, "generator", mon)
         if ok:
             self._update_ema()

@@ -121,6 +121,16 @@ def test_cosine_lr_schedule_decays_and_resumes_exactly(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_changing_total_kimg_on_resume_is_refused_with_a_cosine_schedule(tmp_path):
+    """The cosine lr curve depends on run.total_kimg: changing it on resume is not "length only"."""
+    pairs = {"optim.lr_schedule": "cosine", "run.total_kimg": steps_kimg(2)}
+    Trainer(gmm_cfg(**pairs), tmp_path).train()
+    with pytest.raises(ValueError, match="run.total_kimg.*cosine"):
+        Trainer(gmm_cfg(**{**pairs, "run.total_kimg": steps_kimg(4)}), tmp_path)
+    Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(2)}), tmp_path / "constant").train()
+    assert Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(4)}), tmp_path / "constant").state.step == 2
+
+
 def test_config_typo_lists_valid_keys():
     with pytest.raises(ValueError, match="valid keys in 'divergence'.*'lam'"):
         override(get_preset("gmm"), {"divergence.lamda": 3})

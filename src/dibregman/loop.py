@@ -31,7 +31,8 @@ from .draws import Batch, draw_batch, local_slice
 from .monitor import Monitor
 from .reward import build_target
 
-# Keys that may change between a checkpoint and its resumption (length and reporting only).
+# Keys that may change between a checkpoint and its resumption (length and reporting only; the length not
+# under a cosine lr schedule, which depends on it).
 RESUMABLE_CHANGES = {
     "run.total_kimg",
     "run.log_every_kimg",
@@ -163,7 +164,13 @@ class Trainer:
             old = DistillConfig.from_dict(state["config"]).to_dict()
         except ValueError:
             old = state["config"]
-        diff = config_diff(old, self.cfg.to_dict()) - RESUMABLE_CHANGES
+        diff = config_diff(old, self.cfg.to_dict())
+        if "run.total_kimg" in diff and self.cfg.optim.lr_schedule != "constant":
+            raise ValueError(
+                f"{path}: run.total_kimg differs from the checkpoint's, and the {self.cfg.optim.lr_schedule} "
+                "lr schedule is a function of it; keep run.total_kimg or use lr_schedule=constant"
+            )
+        diff -= RESUMABLE_CHANGES
         if diff:
             raise ValueError(
                 f"{path} was written by a different config (differs in {sorted(diff)}); "

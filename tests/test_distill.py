@@ -11,7 +11,7 @@ import torch
 
 from dibregman import checkpoint as ckpt
 from dibregman import divergences
-from dibregman.config import get_preset, override
+from dibregman.config import get_preset, override, validate
 from dibregman.generators import load_generator
 from dibregman.loop import Trainer, distill
 from dibregman.monitor import Monitor
@@ -140,6 +140,13 @@ def test_config_typo_lists_valid_keys():
         Trainer(gmm_cfg(**{"divergence.name": "klx"}), "/nonexistent-never-created")
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("imagenet")
+
+
+def test_discriminator_without_trainable_parameters_is_refused():
+    """disc_placement=teacher reads the frozen teacher; with the parameter-free `mean` head eta cannot learn."""
+    with pytest.raises(ValueError, match="disc_placement='teacher'.*disc_head='mean'"):
+        validate(gmm_cfg(**{"model.disc_placement": "teacher", "model.disc_head": "mean"}))
+    validate(gmm_cfg(**{"model.disc_placement": "fake_score", "model.disc_head": "mean"}))  # SiDA: fine
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):

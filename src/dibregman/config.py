@@ -165,6 +165,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(
             f"model.guidance_scale={m.guidance_scale} and model.fake_lora_rank={m.fake_lora_rank} must be >= 0"
         )
+    if m.disc_placement == "teacher" and m.disc_head == "mean":
+        raise ValueError(
+            "model.disc_placement='teacher' with model.disc_head='mean' has no trainable parameter (the teacher "
+            "is frozen, the head parameter-free): use disc_head='linear' or another placement"
+        )
     if m.teacher.startswith("sd:") and not m.prompts:
         raise ValueError(
             "model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file (--prompts FILE)"

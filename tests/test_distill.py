@@ -204,6 +204,18 @@ def test_nan_generator_round_clears_the_gan_gradient_of_the_critic(tmp_path):
     assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
 
 
+def test_overflowing_unnormalised_weight_skips_the_step(tmp_path):
+    """normalize=none with SBA(50): exp(-50 l) overflows float32 at l = -10; the step is skipped and counted
+    (it used to raise a ValueError out of the loop)."""
+    pairs = {"divergence.lam": 50.0, "divergence.normalize": "none", "divergence.weight_clip": 0.0}
+    cfg = gmm_cfg(**pairs, **{"run.total_kimg": steps_kimg(1)})
+    tr = Trainer(cfg, tmp_path)
+    tr.m.disc.register_forward_hook(lambda mod, args, out: out - 20.0)  # l = -10 after the clamp: w = e^500
+    mon = Monitor(tmp_path, cfg, enabled=False, initial=0, total=1)
+    assert not tr._generator_step(mon)
+    assert mon.values["skipped/generator"] == [1.0]
+
+
 def test_consecutive_nan_steps_abort_with_a_clear_message(tmp_path):
     tr = Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(10), "run.max_bad_steps": 3}), tmp_path)
     tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls=set(range(1, 100)))

@@ -210,14 +210,15 @@ class Trainer:
 
     # ---- one optimisation step ---------------------------------------------------------------------------
     def _global(self, fn, *local: torch.Tensor):
-        """fn of the global micro-batch (every rank's tensors gathered); returns this rank's slice of its result."""
+        """fn of the global micro-batch (every rank's tensors gathered); this rank's slice of its result(s)."""
         if dist.world_size() == 1:
             return fn(*local)
         out = fn(*(dist.all_gather_cat(t) for t in local))
-        return out[local_slice(len(local[0]) * dist.world_size())]
+        sl = local_slice(len(local[0]) * dist.world_size())
+        return tuple(o[sl] for o in out) if isinstance(out, tuple) else out[sl]
 
-    def _weight(self, logits: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return divergences.stabilized_weight(self.div, logits, sigma=sigma, stab=self.stab)
+    def _log_weights(self, logits: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return divergences.stabilized_log_weight(self.div, logits, sigma=sigma, stab=self.stab)
 
     def _critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict]:
         """Lines 16-22 for one micro-batch: fake-score DSM on G(z) and Eq. 5's BCE, at the draws of `b`."""
@@ -262,7 +263,10 @@ class Trainer:
             gap = (d_phi - d_psi) / bcast(divisor, x)  # w(t) (s_phi - s_psi)
             if not (torch.isfinite(logits).all() and torch.isfinite(gap).all()):
                 raise NonFiniteError("non-finite discriminator logits or score difference in the generator step")
-            w = self._global(self._weight, logits, b.gen_sigma)  # line 9, over the global micro-batch
+            log_w, log_n = self._global(self._log_weights, logits, b.gen_sigma)  # line 9, global micro-batch
+            w = divergences.weight_from_log(log_w, self.stab)
+            if not torch.isfinite(w).all():  # e.g. normalize=none with a large lambda: float32 overflow
+                raise NonFiniteError("the Bregman weight overflows; set divergence.logit_clamp or a normalisation")
         loss = losses.dibregman_loss(x, d_phi, d_psi, w, divisor, norm)
         stats = {"weight": w, "logits": logits, "sigma": b.gen_sigma, "gap": per_sample_mean(gap.square())}
         if self.target is not None:  # Eq. 14: + w(t) h''(r*_t) grad r*_t, with Eq. 4's w(t) and normalisation

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", default="", help=".npz or image folder")
     e.add_argument("--checkpoint", default="", help="run folder or generator.safetensors")
     e.add_argument("--reference", default="mnist:data/mnist:test", help="reference data KIND:PATH[:split]")
-    e.add_argument("--features", default="inception", help="inception | mnist")
+    e.add_argument("--features", default="inception", choices=["inception", "mnist"])
     e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint")
     e.add_argument("--trials", type=int, default=1)
     e.add_argument("--seed", type=int, default=0)

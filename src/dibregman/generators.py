@@ -71,7 +71,6 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
 
 
 @torch.no_grad()
-@torch.no_grad()
 def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 256, cond=None, device="cpu"):
     """n one-step samples G(z), z ~ N(0, I), deterministic in `seed`; [n, *shape] on CPU."""
     shape = tuple(gen.denoiser.shape)

@@ -16,7 +16,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +56,6 @@ class State:
     num_images: int = 0  # generator images seen (global)
     bad_steps: int = 0  # NaN/Inf steps skipped in total
     bad_in_row: int = 0  # consecutive NaN/Inf steps
-    history: list = field(default_factory=list)
 
 
 def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:

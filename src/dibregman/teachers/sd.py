@@ -20,8 +20,6 @@ from torch import nn
 
 from .diffusers import DiscreteVPDenoiser
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 

@@ -119,7 +119,9 @@ def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable[[torch.
     return lambda g, n: pool[torch.randint(len(pool), (n,), generator=g).to(device)]
 
 
-def build_models(cfg: DistillConfig, device: torch.device) -> Models:
+def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable | None = None) -> Models:
+    """The networks of Algorithm 1 for `cfg`. pretrain(teacher, cfg, device) -> nn.Module fits the network that G
+    and psi copy for an analytic teacher (default `pretrain_mlp`; a benchmark may inject a cached one)."""
     from .teachers import load_teacher
 
     teacher = _frozen(load_teacher(resolve_path(cfg.model.teacher)).to(device))
@@ -131,7 +133,7 @@ def build_models(cfg: DistillConfig, device: torch.device) -> Models:
         raise ValueError(f"model.prompts is set but teacher {cfg.model.teacher!r} takes no text conditions")
     shape = tuple(teacher.shape)
     analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
-    init = pretrain_mlp(teacher, cfg, device) if analytic else teacher
+    init = (pretrain or pretrain_mlp)(teacher, cfg, device) if analytic else teacher
     generator = OneStepGenerator(_trainable_copy(init), cfg.model.sigma_init).to(device)
     fake = _trainable_copy(init).to(device)
     placement = cfg.model.disc_placement

@@ -14,29 +14,12 @@ from dataclasses import fields
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _parse_value(text: str):
-    """`--set key=value`: JSON values where they parse (numbers, true/false, lists), plain strings otherwise."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = _parse_value(value)
-    return out
-
-
 def cmd_train_teacher(args) -> None:
+    from .config import parse_set
     from .train_teacher import TeacherConfig, train_teacher
 
     kwargs = {"data": args.data} if args.data else {}
-    kwargs.update(_overrides(args.set))
+    kwargs.update(parse_set(args.set))
     valid = {f.name for f in fields(TeacherConfig)}
     bad = sorted(set(kwargs) - valid)
     if bad:
@@ -59,11 +42,11 @@ FLAG_KEYS = {
 
 def resolve_config(args):
     """--preset + common flags + --set section.key=value -> a validated DistillConfig."""
-    from .config import get_preset, override, validate
+    from .config import get_preset, override, parse_set, validate
 
     cfg = get_preset(args.preset)
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
-    pairs.update(_overrides(args.set))
+    pairs.update(parse_set(args.set))
     if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
         # the GAN term pulls q to p, a reward tilts it to p r*: a preset's GAN term is dropped, said out loud
         print(f"note: --reward turns off the {args.preset!r} preset's GAN term (loss.gan_weight -> 0)")

@@ -220,6 +220,25 @@ def override(cfg: DistillConfig, pairs: dict) -> DistillConfig:
     return replace(cfg, **sections)
 
 
+def _parse_value(text: str):
+    """`--set key=value`: JSON values where they parse (numbers, true/false, lists), plain strings otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_set(pairs: list[str] | None) -> dict:
+    """["section.key=value", ...] (the CLI's `--set`) -> {"section.key": value} for `override`."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
 def _preset(**sections) -> DistillConfig:
     cfg = DistillConfig()
     return replace(cfg, **{k: replace(getattr(cfg, k), **v) for k, v in sections.items()})
@@ -303,6 +322,7 @@ __all__ = [
     "PRESETS",
     "get_preset",
     "override",
+    "parse_set",
     "validate",
     "divergence_params",
 ]

@@ -95,7 +95,14 @@ def _apply(opt, params, clip: float, name: str, mon: Monitor) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: DistillConfig, run_dir: str | Path, hooks: list[Callable] | None = None):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        run_dir: str | Path,
+        hooks: list[Callable] | None = None,
+        *,
+        pretrain: Callable | None = None,  # see build.build_models
+    ):
         self.cfg = validate(cfg)
         self.run_dir = Path(run_dir)
         self.hooks = hooks or []
@@ -103,7 +110,7 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        self.m = build_models(cfg, self.device)
+        self.m = build_models(cfg, self.device, pretrain=pretrain)
         self.div = divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))
         self.stab = stabilizer(cfg)
         self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (reward.py), or None

@@ -1,6 +1,6 @@
-"""Reward-tilted distillation (Appendix G, `dibregman.reward`): Eq. 14 against finite differences of
-D_h(r_t || r*_t), the exact tilted mixture, the engine's plumbing (R = const is plain Di-Bregman bit for bit,
-resume stays exact) and clear errors for bad rewards.
+"""Reward-tilted distillation (Appendix G: `dibregman.rewards`, `distill.target_ratio_loss`): Eq. 14 against
+finite differences of D_h(r_t || r*_t), the exact tilted mixture, the engine's plumbing (R = const is plain
+Di-Bregman bit for bit, resume stays exact) and clear errors for bad rewards.
 
 1-D problem of the Eq. 14 test (as tests/test_theorem1.py): teacher p = N(0, s^2), generator G(eps) =
 theta + eps, reward R(x0) = exp(alpha x0), so p* = p R / Z = N(alpha s^2, s^2) with Z = exp(alpha^2 s^2 / 2);
@@ -16,10 +16,10 @@ import torch
 
 from dibregman import distill
 from dibregman import divergences as dv
-from dibregman import reward as rw
+from dibregman import rewards as rw
 from dibregman.config import RewardConfig, get_preset, override, validate
 from dibregman.loop import Trainer
-from dibregman.teachers.gmm import ring_mixture
+from dibregman.teachers.gmm import ring_mixture, tilted_mixture
 from test_distill import GMM_SMALL
 
 S2, ALPHA = 1.5, 0.6  # teacher variance s^2, tilt exponent alpha
@@ -57,7 +57,7 @@ def bregman_to_target(div, theta, sigma):
 
 
 def eq14_gradient(div, theta, sigma, extra_sign=1.0):
-    """-E_{q_t}[w(r)(s_p - s_q) + h''(r*) d r*/dx] dG/dtheta, the extra term from `reward.target_term`."""
+    """-E_{q_t}[w(r)(s_p - s_q) + h''(r*) d r*/dx] dG/dtheta, the extra term from `rewards.target_term`."""
     a2, b2 = S2 + sigma**2, 1 + sigma**2
     log_p, log_q, _ = _logs(theta, sigma)
     main = torch.exp(log_q + div.log_weight(log_p - log_q)) * (-X / a2 + (X - theta) / b2)
@@ -102,7 +102,7 @@ def ring():
 def test_gmm_modes_reward_is_the_exact_tilted_mixture(ring):
     rc = RewardConfig(name="gmm_modes", modes="0,3", boost=5.0)
     reward = rw.build_reward(rc, ring)
-    target, z = rw.tilted_mixture(ring, rw.mode_factors(rc, ring.num_modes))
+    target, z = tilted_mixture(ring, rw.mode_factors(rc, ring.num_modes))
     assert z == pytest.approx((2 * 5 + 6) / 8) and target.weights[0] == pytest.approx(5 / 16)
     g_ = torch.Generator().manual_seed(0)
     for sigma in (0.01, 0.3, 1.0, 5.0):
@@ -120,21 +120,22 @@ def test_target_ratio_loss_gradient_is_the_extra_term():
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     g, log_w = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     scale, tw = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
-    loss, coef = rw.target_ratio_loss(x, g, log_w, log_scale=scale, time_weight=tw, norm=4.0)
+    loss, coef = distill.target_ratio_loss(x, g, log_w, scale, tw, norm=4.0)
     (grad,) = torch.autograd.grad(loss, x)
     expected = -(log_w + scale).exp()[:, None] * tw[:, None] * g / (3 * 4.0)
     assert torch.allclose(grad, expected)
 
 
 @pytest.mark.parametrize("normalize", ["none", "batch_mean", "softmax", "sigma_bins"])
-def test_normalization_log_scale_matches_stabilized_weight(normalize):
+def test_stabilized_log_weight_returns_the_normalisation(normalize):
     torch.manual_seed(1)
     logits, sigma = 3 * torch.randn(64, dtype=torch.float64), torch.rand(64, dtype=torch.float64) * 5 + 0.01
     div = dv.get("sba", lam=5.0)
     stab = dv.Stabilizer(logit_clamp=4.0, ratio_clip=(0.0, 20.0), normalize=normalize, num_sigma_bins=4)
     w = dv.stabilized_weight(div, logits, sigma=sigma, stab=stab)
     exact = div.log_weight(logits.clamp(-math.log(20.0), 4.0))
-    assert torch.allclose((exact + rw.normalization_log_scale(div, logits, sigma, stab)).exp(), w, rtol=1e-10)
+    log_w, log_n = dv.stabilized_log_weight(div, logits, sigma, stab)
+    assert torch.allclose((exact + log_n).exp(), w, rtol=1e-10) and torch.allclose(log_w.exp(), w, rtol=1e-10)
 
 
 @pytest.mark.parametrize("weighting", ["dmd", "unit", "score"])
@@ -146,7 +147,7 @@ def test_time_weight_matches_its_divisor(ring, weighting):
     d_p, d_q = ring(x, sigma), fake(x, sigma)
     diff = (d_p - d_q) / distill.time_weight_divisor(weighting, sigma, x, d_p)[:, None]
     s_diff = ring.score(x, sigma) - fake.score(x, sigma)
-    assert torch.allclose(rw.weighting_factor(sigma, x, d_p, weighting)[:, None] * s_diff, diff, rtol=1e-5)
+    assert torch.allclose(distill.time_weight(weighting, sigma, x, d_p)[:, None] * s_diff, diff, rtol=1e-5)
 
 
 class _ExactLogit(torch.nn.Module):
@@ -176,12 +177,14 @@ def test_generator_gradient_vanishes_at_the_target_ratio(ring, weighting, name, 
     stab, div = dv.Stabilizer(normalize=normalize, num_sigma_bins=4), dv.get(name, **params)
     d_phi, d_psi = ring(x_t, sigma).float(), fake(x_t, sigma).float()
     logits = _ExactLogit(ring, fake)(x_t, sigma)
-    w = dv.stabilized_weight(div, logits, sigma=sigma, stab=stab)
+    log_w, log_n = dv.stabilized_log_weight(div, logits, sigma, stab)
     divisor = distill.time_weight_divisor(weighting, sigma, x.detach(), d_phi)
-    main_loss = distill.dibregman_loss(x, d_phi, d_psi, w, divisor, norm=n)
-    kw = dict(d_p=d_phi, logits=logits, div=div, stab=stab, weighting=weighting, norm=n, x0=x.detach())
+    main_loss = distill.dibregman_loss(x, d_phi, d_psi, dv.weight_from_log(log_w, stab), divisor, norm=n)
+    g, log_w_star = target.term(x_t, sigma, None, div=div, stab=stab)
+    tw = distill.time_weight(weighting, sigma, x.detach(), d_phi)
+    extra = distill.target_ratio_loss(x, g, log_w_star, log_n, tw, norm=n)[0]
     (main,) = torch.autograd.grad(main_loss, x, retain_graph=True)
-    (total,) = torch.autograd.grad(main_loss + target.loss(x, x_t, sigma, None, **kw)[0], x)
+    (total,) = torch.autograd.grad(main_loss + extra, x)
     assert main.norm() > 1e-3
     assert total.norm() < 1e-4 * main.norm()
 

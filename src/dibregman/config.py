@@ -95,7 +95,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward-tilted distillation (Appendix G, `dibregman.reward`): distil p R / Z instead of p."""
+    """Reward-tilted distillation (Appendix G, `dibregman.rewards`): distil p R / Z instead of p."""
 
     name: str = "none"  # none | constant | gmm_modes | mnist_class | python:MODULE:FUNCTION
     target: str = "auto"  # noisy-level R_t: auto | sigma (R of (x, sigma)) | denoised R(D_phi) | noisy R(x_t)
@@ -177,7 +177,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params
-    from .reward import check_config
+    from .rewards import check_config
 
     check_config(cfg)  # the reward section (Appendix G)
     return cfg

@@ -9,6 +9,7 @@ denoisers, score s(x) = (D(x, sigma) - x) / sigma^2, so s_phi - s_psi = (D_phi -
 - `time_weight_divisor`  w(t) of Eq. 4, written once (`dmd | unit | score`).
 - `dibregman_loss`       lines 6-15: Theorem 1 (Eq. 4) as a surrogate whose gradient w.r.t. x = G(z) is
                          -w(t) h''(r) r (s_phi - s_psi).
+- `target_ratio_loss`    Appendix G's Eq. 14 extra term for a reward-tilted target p r* (`rewards.py`).
 - `gan_generator_loss`   the optional GAN term -log sigmoid(l(G(z)_t)) (SiDA).
 - `fake_score_loss`      lines 16-17: EDM-weighted denoising score matching of psi on generator samples.
 - `discriminator_loss`   lines 18-22: Eq. 5 as binary cross-entropy, real -> 1, generator -> 0, same sigma.
@@ -65,6 +66,22 @@ def dibregman_loss(
     """Surrogate of Theorem 1 (Eq. 4): its gradient w.r.t. x is -w(t) h''(r) r (s_phi - s_psi) / (dim norm)."""
     grad_x = -(bcast(weight, x) * ((d_phi - d_psi) / bcast(divisor, x)))  # Eq. 4, line 10
     return (grad_x * x).flatten(1).mean(1).sum() / norm
+
+
+def target_ratio_loss(
+    x: torch.Tensor,  # [N, *shape] = G(z), with gradient
+    grad_log_r: torch.Tensor,  # [N, *shape] grad_x log R_t(x_t) (`rewards.target_term`)
+    log_w_star: torch.Tensor,  # [N] log w(r*_t) (`rewards.target_term`)
+    log_norm: torch.Tensor,  # [N] the normalisation's log factor of Eq. 4's weights (`stabilized_log_weight`)
+    time_weight: torch.Tensor,  # [N] w(t) of Eq. 4 (`time_weight`)
+    norm: float = 1.0,  # divide the summed loss by this, as in `dibregman_loss`
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14's extra term in the units of `dibregman_loss`: its gradient w.r.t. x is -w(t) n w(r*_t) grad log R_t
+    / (dim norm); returns (loss, per-sample coefficient w(t) n w(r*) in float64, possibly non-finite: the caller
+    checks)."""
+    coef = (log_w_star.double() + log_norm.double()).exp() * time_weight.double()
+    grad_x = -(bcast(coef, x) * grad_log_r.double()).to(x.dtype)  # Eq. 14, second term
+    return (grad_x * x).flatten(1).mean(1).sum() / norm, coef
 
 
 def gan_generator_loss(

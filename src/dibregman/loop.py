@@ -29,7 +29,7 @@ from .config import DistillConfig, divergence_params, validate
 from .distill import bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
 from .monitor import Monitor
-from .reward import build_target
+from .rewards import build_target
 
 # Keys that may change between a checkpoint and its resumption (length and reporting only; the length not
 # under a cosine lr schedule, which depends on it).
@@ -113,7 +113,7 @@ class Trainer:
         self.m = build_models(cfg, self.device, pretrain=pretrain)
         self.div = divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))
         self.stab = stabilizer(cfg)
-        self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (reward.py), or None
+        self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (rewards.py), or None
         self.ema = copy.deepcopy(self.m.generator).requires_grad_(False)
         o = cfg.optim
         self.gen_params = list(self.m.generator.parameters())
@@ -276,13 +276,13 @@ class Trainer:
         loss = losses.dibregman_loss(x, d_phi, d_psi, w, divisor, norm)
         stats = {"weight": w, "logits": logits, "sigma": b.gen_sigma, "gap": per_sample_mean(gap.square())}
         if self.target is not None:  # Eq. 14: + w(t) h''(r*_t) grad r*_t, with Eq. 4's w(t) and normalisation
-            kw = dict(d_p=d_phi, logits=logits, div=self.div, stab=self.stab, weighting=L.weighting, norm=norm)
-            gather = dist.all_gather_cat if dist.world_size() > 1 else None
-            extra, stats["reward"] = self.target.loss(
-                x, x_t, b.gen_sigma, b.cond, **kw, gather=gather, local_slice=local_slice(len(x) * dist.world_size()),
-                x0=x.detach(),
-            )  # fmt: skip
+            g, log_w_star = self.target.term(x_t, b.gen_sigma, b.cond, div=self.div, stab=self.stab)
+            tw = losses.time_weight(L.weighting, b.gen_sigma, x.detach(), d_phi)
+            extra, coef = losses.target_ratio_loss(x, g, log_w_star, log_n, tw, norm)
+            if not torch.isfinite(coef).all():
+                raise NonFiniteError("non-finite target-ratio weight w(r*); set divergence.logit_clamp")
             loss = loss + extra
+            stats["reward"] = self.target.stats(x, b.cond, coef, g)
         if gan_w > 0:  # the GAN term's gradient flows through x into G (and into eta: cleared by the caller)
             gan = losses.gan_generator_loss(m.disc(x + s * b.gan_noise, b.gen_sigma, b.cond).float(), L.gan_logit_clamp)
             loss = loss + gan_w * gan.sum() / norm

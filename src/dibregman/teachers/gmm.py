@@ -180,3 +180,10 @@ def gmm_from_spec(name: str, **kwargs) -> GaussianMixture:
 
 
 __all__ = ["GaussianMixture", "ring_mixture", "gmm_from_spec"]
+
+
+def tilted_mixture(teacher: GaussianMixture, factors: torch.Tensor) -> tuple[GaussianMixture, float]:
+    """Exact p r* of the `gmm_modes` reward R = c_K for a mixture teacher: weights pi_k c_k / Z; returns
+    (mixture, Z)."""
+    w = teacher.weights.double().cpu() * factors.double()
+    return GaussianMixture(teacher.means.cpu(), covs=teacher.covs.cpu(), weights=w), float(w.sum())

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import divergences
 from .config import DistillConfig
 from .networks.discriminator import DiscriminatorHead
 from .networks.generator import OneStepGenerator
@@ -146,6 +147,19 @@ def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable
     disc = disc.to(device)
     real = real_sampler(cfg, teacher, shape, device)
     return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real)
+
+
+def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
+    """The numerical choices of `cfg.divergence` applied on top of the exact weights (`divergences.Stabilizer`)."""
+    d = cfg.divergence
+    clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max > 0 else None
+    return divergences.Stabilizer(
+        logit_clamp=d.logit_clamp or None,
+        ratio_clip=clip,
+        normalize=d.normalize,
+        num_sigma_bins=d.num_sigma_bins,
+        weight_clip=d.weight_clip or None,
+    )
 
 
 def resolve_path(spec: str) -> str:

@@ -132,11 +132,11 @@ def cmd_eval(args) -> None:
 
 
 def cmd_divergences(args) -> None:
-    from . import divergences
+    from . import divergences, viz
 
     print(divergences.describe())
     if args.plot:
-        divergences.plot_log_weights(args.plot)
+        viz.plot_log_weights(args.plot)
         print(f"plot written to {args.plot}")
 
 

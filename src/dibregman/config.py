@@ -7,6 +7,7 @@ The resolved config is written to `<run_dir>/config.json` and into every checkpo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -220,6 +221,34 @@ def override(cfg: DistillConfig, pairs: dict) -> DistillConfig:
     return replace(cfg, **sections)
 
 
+# Keys that may change between a checkpoint and its resumption (length and reporting only; the length not
+# under a cosine lr schedule, which depends on it).
+RESUMABLE_CHANGES = {
+    "run.total_kimg",
+    "run.log_every_kimg",
+    "run.ckpt_every_kimg",
+    "run.sample_every_kimg",
+    "run.keep_ckpts",
+    "run.threads",
+    "run.device",
+    "run.tensorboard",
+    "run.max_bad_steps",
+}
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> set:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = set(a) | set(b)
+    out = set()
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (isinstance(va, float | int) and isinstance(vb, float | int) and math.isclose(va, vb)):
+            out.add(f"{prefix}{k}")
+    return out
+
+
 def _parse_value(text: str):
     """`--set key=value`: JSON values where they parse (numbers, true/false, lists), plain strings otherwise."""
     try:
@@ -323,6 +352,7 @@ __all__ = [
     "get_preset",
     "override",
     "parse_set",
+    "config_diff",
     "validate",
     "divergence_params",
 ]

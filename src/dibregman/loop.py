@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,26 +23,12 @@ import torch
 from . import checkpoint as ckpt
 from . import dist, divergences, optim
 from . import distill as losses
-from .build import build_models
-from .config import DistillConfig, divergence_params, validate
+from .build import build_models, stabilizer
+from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, divergence_params, validate
 from .distill import bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
 from .monitor import Monitor
 from .rewards import build_target
-
-# Keys that may change between a checkpoint and its resumption (length and reporting only; the length not
-# under a cosine lr schedule, which depends on it).
-RESUMABLE_CHANGES = {
-    "run.total_kimg",
-    "run.log_every_kimg",
-    "run.ckpt_every_kimg",
-    "run.sample_every_kimg",
-    "run.keep_ckpts",
-    "run.threads",
-    "run.device",
-    "run.tensorboard",
-    "run.max_bad_steps",
-}
 
 
 class NonFiniteError(RuntimeError):
@@ -58,40 +43,14 @@ class State:
     bad_in_row: int = 0  # consecutive NaN/Inf steps
 
 
-def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
-    d = cfg.divergence
-    clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max > 0 else None
-    return divergences.Stabilizer(
-        logit_clamp=d.logit_clamp or None,
-        ratio_clip=clip,
-        normalize=d.normalize,
-        num_sigma_bins=d.num_sigma_bins,
-        weight_clip=d.weight_clip or None,
-    )
-
-
-def _finite_grads(params) -> bool:
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    ok = torch.stack(flags).all().float() if flags else torch.ones(())
-    if dist.world_size() > 1:
-        dist.all_reduce_sum_([ok])
-        return bool(ok.item() == dist.world_size())
-    return bool(ok.item())
-
-
 def _apply(opt, params, clip: float, name: str, mon: Monitor) -> bool:
-    """All-reduce gradients, guard against NaN/Inf, clip, step. Returns False (and skips) on a non-finite gradient."""
-    grads = [p.grad for p in params if p.grad is not None]
-    dist.all_reduce_sum_(grads)
-    if not _finite_grads(params):
-        opt.zero_grad(set_to_none=True)
+    """`optim.guarded_step`, logged: False (and a skip) on a non-finite gradient."""
+    ok, grad_norm = optim.guarded_step(opt, params, clip)
+    if not ok:
         mon.add({f"skipped/{name}": 1.0})
-        return False
-    if clip > 0:
-        mon.add({f"{name}/grad_norm": float(torch.nn.utils.clip_grad_norm_(params, clip))})
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return True
+    elif grad_norm is not None:
+        mon.add({f"{name}/grad_norm": grad_norm})
+    return ok
 
 
 class Trainer:
@@ -416,19 +375,6 @@ class Trainer:
         return str(ckpt.export_safetensors(self.ema.state_dict(), meta, self.run_dir / "generator"))
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> set:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = set(a) | set(b)
-    out = set()
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb and not (isinstance(va, float | int) and isinstance(vb, float | int) and math.isclose(va, vb)):
-            out.add(f"{prefix}{k}")
-    return out
-
-
 def distill(
     cfg: DistillConfig,
     run_dir: str | Path,
@@ -441,4 +387,4 @@ def distill(
     return trainer.train(max_steps=max_steps)
 
 
-__all__ = ["Trainer", "distill", "config_diff"]
+__all__ = ["Trainer", "distill"]

@@ -1,5 +1,6 @@
-"""The loop toolkit shared by the distillation and the teacher loop: the generator/teacher EMA and the cosine
-learning-rate schedule, each written once. Both are pure functions of the images seen, so resume is exact."""
+"""The loop toolkit shared by the distillation and the teacher loop: the generator/teacher EMA, the cosine
+learning-rate schedule (pure functions of the images seen, so resume is exact) and the guarded optimiser step
+(gradient all-reduce, NaN/Inf guard, clip), each written once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import torch
 from torch import nn
+
+from . import dist
 
 
 def ema_beta(
@@ -31,3 +34,26 @@ def cosine_factor(
     """Learning-rate multiplier falling from 1 to `final` along half a cosine."""
     p = min(max(progress, 0.0), 1.0)
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def _finite_grads(params) -> bool:
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    ok = torch.stack(flags).all().float() if flags else torch.ones(())
+    if dist.world_size() > 1:
+        dist.all_reduce_sum_([ok])
+        return bool(ok.item() == dist.world_size())
+    return bool(ok.item())
+
+
+def guarded_step(opt: torch.optim.Optimizer, params: list, clip: float) -> tuple[bool, float | None]:
+    """All-reduce the gradients, skip on NaN/Inf (on any rank), clip the global norm (clip > 0), step, zero.
+
+    Returns (stepped, gradient norm before clipping or None when clip <= 0)."""
+    dist.all_reduce_sum_([p.grad for p in params if p.grad is not None])
+    if not _finite_grads(params):
+        opt.zero_grad(set_to_none=True)
+        return False, None
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0 else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return True, grad_norm

@@ -273,12 +273,23 @@ def test_cli_reward_flag():
     from dibregman.cli import build_parser, resolve_config
 
     args = build_parser().parse_args(["distill", "--reward", "gmm_modes", "--set", "reward.modes=2,5"])
-    cfg = resolve_config(args)
+    with pytest.warns(UserWarning, match="GAN term"):
+        cfg = resolve_config(args)
     assert cfg.reward.name == "gmm_modes" and cfg.reward.modes == "2,5"
     assert get_preset("gmm").loss.gan_weight > 0 and cfg.loss.gan_weight == 0  # the preset's GAN term is dropped
     explicit = build_parser().parse_args(["distill", "--reward", "gmm_modes", "--set", "loss.gan_weight=0.5"])
     with pytest.raises(ValueError, match="gan_weight must be 0 with a reward"):  # an explicit one is refused
         resolve_config(explicit)
+
+
+def test_reward_and_gan_follow_one_rule_in_the_api_and_the_cli():
+    from dibregman import api
+
+    with pytest.warns(UserWarning, match="turns off the 'gmm' preset's GAN term"):
+        cfg = api.preset("gmm", **{"reward.name": "gmm_modes"})
+    assert cfg.loss.gan_weight == 0
+    with pytest.raises(ValueError, match="gan_weight must be 0 with a reward"):
+        api.preset("gmm", **{"reward.name": "gmm_modes", "loss.gan_weight": 0.5})
 
 
 # ---- engine -----------------------------------------------------------------------------------------

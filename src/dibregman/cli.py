@@ -42,16 +42,10 @@ FLAG_KEYS = {
 
 def resolve_config(args):
     """--preset + common flags + --set section.key=value -> a validated DistillConfig."""
-    from .config import get_preset, override, parse_set, validate
+    from .config import from_preset, parse_set
 
-    cfg = get_preset(args.preset)
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
-    pairs.update(parse_set(args.set))
-    if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
-        # the GAN term pulls q to p, a reward tilts it to p r*: a preset's GAN term is dropped, said out loud
-        print(f"note: --reward turns off the {args.preset!r} preset's GAN term (loss.gan_weight -> 0)")
-        pairs["loss.gan_weight"] = 0.0
-    return validate(override(cfg, pairs))
+    return from_preset(args.preset, {**pairs, **parse_set(args.set)})
 
 
 def cmd_distill(args) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -334,6 +335,18 @@ PRESETS: dict[str, DistillConfig] = {
 }
 
 
+def from_preset(name: str, pairs: dict) -> DistillConfig:
+    """Preset `name` with {"section.key": value} overrides, validated: the one path of the CLI and `api.preset`.
+
+    One rule for reward + GAN (the GAN term pulls q to p, a reward tilts it to p r*): a reward requested on a
+    preset with a GAN term drops that term, with a warning; a GAN weight set together with a reward is refused."""
+    cfg = get_preset(name)
+    if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
+        warnings.warn(f"a reward turns off the {name!r} preset's GAN term (loss.gan_weight -> 0)", stacklevel=2)
+        pairs = {**pairs, "loss.gan_weight": 0.0}
+    return validate(override(cfg, pairs))
+
+
 def get_preset(name: str) -> DistillConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
@@ -350,6 +363,7 @@ __all__ = [
     "RewardConfig",
     "PRESETS",
     "get_preset",
+    "from_preset",
     "override",
     "parse_set",
     "config_diff",

@@ -1,6 +1,7 @@
 """The distillation engine (Algorithm 1): every divergence runs, resume is exact, data parallel equals one
 process, bad input fails clearly, NaN steps are skipped and counted."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import torch
 
 from dibregman import checkpoint as ckpt
 from dibregman import divergences
+from dibregman.build import objective
 from dibregman.config import get_preset, override, validate
-from dibregman.generators import load_generator
 from dibregman.loop import Trainer, distill
 from dibregman.monitor import Monitor
 
@@ -43,37 +44,38 @@ def steps_kimg(steps: int, batch: int = 32) -> float:
 
 
 @pytest.mark.parametrize("name", divergences.names())
-def test_every_divergence_runs_on_gmm(name, tmp_path):
-    cfg = gmm_cfg(**{"divergence.name": name, "run.total_kimg": steps_kimg(3)})
-    out = distill(cfg, tmp_path)
-    assert out["steps"] == 3 and out["bad_steps"] == 0
-    gen, meta = load_generator(out["export"])
-    x = gen(torch.randn(5, 2))
-    assert x.shape == (5, 2) and torch.isfinite(x).all()
-    assert meta["distill_config"]["divergence"]["name"] == name
+def test_every_divergence_and_stabiliser_key_reaches_the_trainer(name):
+    """Every registry name (with its parameter) and every stabiliser key of the config ends up in the `div` and
+    `stab` the Trainer weights Eq. 4 with (`build.objective`)."""
+    params = {"sba": {"divergence.lam": 2.5}, "alpha": {"divergence.alpha": -0.5}}.get(name, {})
+    div, _ = objective(gmm_cfg(**{"divergence.name": name, **params}))
+    assert div.name == name and div.params == {k.split(".")[1]: v for k, v in params.items()}
+    stab_keys = {
+        "divergence.logit_clamp": 7.0,
+        "divergence.ratio_clip_min": 0.2,
+        "divergence.ratio_clip_max": 30.0,
+        "divergence.normalize": "batch_mean",
+        "divergence.num_sigma_bins": 3,
+        "divergence.weight_clip": 4.0,
+    }
+    _, stab = objective(gmm_cfg(**stab_keys))
+    assert (stab.logit_clamp, stab.ratio_clip, stab.normalize) == (7.0, (0.2, 30.0), "batch_mean")
+    assert (stab.num_sigma_bins, stab.weight_clip) == (3, 4.0)
+    _, off = objective(gmm_cfg(**{"divergence.logit_clamp": 0.0, "divergence.weight_clip": 0.0}))
+    assert off.logit_clamp is None and off.weight_clip is None and off.ratio_clip is None
 
 
-@pytest.mark.parametrize("name", divergences.names())
-def test_every_divergence_runs_on_tiny_unet(name, tmp_path, tiny_teacher):
-    cfg = override(
-        get_preset("mnist"),
-        {
-            "model.teacher": f"edm:{tiny_teacher}",
-            "model.real": "teacher",
-            "model.teacher_pool": 16,
-            "model.teacher_pool_steps": 2,
-            "divergence.name": name,
-            "optim.batch_size": 4,
-            "run.total_kimg": 0.008,
-            "run.tensorboard": False,
-            "run.sample_every_kimg": 0.004,
-        },
-    )
-    out = distill(cfg, tmp_path)
-    assert out["steps"] == 2 and out["bad_steps"] == 0
-    assert list((tmp_path / "samples").glob("*.png")), "sample grid written"
-    gen, _ = load_generator(tmp_path)
-    assert gen(torch.randn(2, 1, 8, 8)).shape == (2, 1, 8, 8)
+def test_logged_weights_differ_between_kl_and_sba_once_the_head_has_trained(tmp_path):
+    """The trainer is not hard-wired to one divergence: with a head that learns within a few steps, KL's weights
+    stay 1 while SBA(5)'s spread out."""
+    pairs = {"optim.head_lr_mult": 50.0, "run.total_kimg": steps_kimg(6), "run.log_every_kimg": steps_kimg(6)}
+    pairs["divergence.normalize"] = "batch_mean"
+    logs = {}
+    for name in ("kl", "sba"):
+        distill(gmm_cfg(**pairs, **{"divergence.name": name}), tmp_path / name)
+        logs[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+    assert logs["kl"]["weight/max"] == pytest.approx(1.0) and logs["kl"]["weight/ess_frac"] == pytest.approx(1.0)
+    assert logs["sba"]["weight/max"] > 1.05 and logs["sba"]["weight/ess_frac"] < 0.995
 
 
 def _params(trainer: Trainer) -> dict:

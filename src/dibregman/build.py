@@ -149,6 +149,13 @@ def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable
     return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real)
 
 
+def objective(cfg: DistillConfig) -> tuple[divergences.Divergence, divergences.Stabilizer]:
+    """The divergence (weight h''(r) r) and the stabiliser of `cfg.divergence`: what Eq. 4's weight is made of."""
+    from .config import divergence_params
+
+    return divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence)), stabilizer(cfg)
+
+
 def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
     """The numerical choices of `cfg.divergence` applied on top of the exact weights (`divergences.Stabilizer`)."""
     d = cfg.divergence

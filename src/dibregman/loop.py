@@ -23,8 +23,8 @@ import torch
 from . import checkpoint as ckpt
 from . import dist, divergences, optim
 from . import distill as losses
-from .build import build_models, stabilizer
-from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, divergence_params, validate
+from .build import build_models, objective
+from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
 from .distill import bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
 from .monitor import Monitor
@@ -70,8 +70,7 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
         self.m = build_models(cfg, self.device, pretrain=pretrain)
-        self.div = divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))
-        self.stab = stabilizer(cfg)
+        self.div, self.stab = objective(cfg)  # Eq. 4's weight: divergence and stabiliser
         self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (rewards.py), or None
         self.ema = copy.deepcopy(self.m.generator).requires_grad_(False)
         o = cfg.optim

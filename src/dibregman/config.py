@@ -88,7 +88,7 @@ class RunConfig:
     ckpt_every_kimg: float = 10.0  # checkpoint period
     sample_every_kimg: float = 10.0  # sample-grid period (0 = off)
     keep_ckpts: int = 2  # checkpoints kept on disk
-    seed: int = 0  # all randomness derives from (seed, step)
+    seed: int = 0  # all randomness derives from (seed, stream, counters): draws.seed_for
     max_bad_steps: int = 20  # abort after this many consecutive NaN/Inf steps
     threads: int = 0  # torch CPU threads (0 = default)
     device: str = "auto"  # auto | cpu | cuda

@@ -1,18 +1,32 @@
-"""The random draws of one micro-batch of Algorithm 1 (noise, noise levels, real samples, conditions).
+"""The random draws of one micro-batch of Algorithm 1 (noise, noise levels, real samples, conditions), and the
+one seeding rule of the package: every random stream is seeded by `seed_for(run seed, stream name, counters)`.
 
-Every draw of step k comes from one generator seeded by (seed, k, round) and is taken for the *global*
+Every draw of step k comes from one generator seeded by (seed, "batch", k, round) and is taken for the *global*
 micro-batch; each rank keeps its slice, so W processes draw exactly what one process draws. Both phases of a
 step (critic and generator) see the same draws: Algorithm 1 shares z between them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from . import dist
 from .noise import edm_training_sigma, karras_uniform_sigma
+
+
+def seed_for(seed: int, stream: str, *counters: int) -> int:
+    """A 63-bit seed from (run seed, stream name, counters) by BLAKE2: distinct streams and counters never share
+    a seed (unlike offsets such as seed + 777 or (seed * M + step) * 64 + round, which collide)."""
+    key = ":".join(str(v) for v in (seed, stream, *counters)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def generator_for(seed: int, stream: str, *counters: int) -> torch.Generator:
+    """A CPU generator seeded by `seed_for`."""
+    return torch.Generator().manual_seed(seed_for(seed, stream, *counters))
 
 
 @dataclass
@@ -48,7 +62,7 @@ def draw_batch(
     """All random draws of micro-batch `rnd` of step `step` for the global micro-batch of size n; returns this
     rank's (Batch, real samples). real=False (the generator phase) skips drawing and embedding the real side,
     which is drawn last, so the other draws are the same in both phases."""
-    g = torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 64 + rnd) % (2**63))
+    g = generator_for(cfg.run.seed, "batch", step, rnd)
     shape = (n, *m.shape)
     lo, hi = sigma_range
     L = cfg.loss

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import divergences
+from .draws import seed_for
 
 SIGMA_BIN_EDGES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, float("inf"))  # logit statistics per sigma bin
 
@@ -98,7 +99,7 @@ class Monitor:
         if not self.enabled:
             return
         path = self.run_dir / "samples" / f"samples-{num_images // 1000:06d}k.png"
-        seed, title = trainer.cfg.run.seed + 99, f"{num_images / 1000:.0f} kimg"
+        seed, title = seed_for(trainer.cfg.run.seed, "preview"), f"{num_images / 1000:.0f} kimg"
         trainer.m.preview(trainer.ema, path, seed, trainer.device, title=title)
 
     def close(self) -> None:

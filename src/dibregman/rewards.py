@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from . import divergences
+from .draws import generator_for
 
 LogRewardFn = Callable[[Tensor, Tensor, object], Tensor]  # (x [N, *shape], sigma [N], cond) -> log R [N]
 TARGETS = ("auto", "sigma", "denoised", "noisy")
@@ -327,7 +328,7 @@ class TargetRatio:
     @torch.no_grad()
     def observe(self, x_real: Tensor, gather=None) -> dict:
         """Critic step: update Z with R on clean real samples (all ranks' samples when `gather` is given)."""
-        x_real = x_real[0] if isinstance(x_real, tuple) else x_real  # text-to-image: (samples, captions)
+        x_real = x_real[0] if isinstance(x_real, tuple) else x_real  # a real-side sampler: (samples, index)
         r = self.reward(x_real.float(), 0.0)
         r = gather(r) if gather is not None else r
         self.estimator.update(r)
@@ -336,7 +337,7 @@ class TargetRatio:
 
     def warm_up(self, real: Callable, *, seed: int, num_samples: int, chunk: int = 1024) -> None:
         """Average R over `num_samples` real samples drawn with their own seeded generator before step 0."""
-        g = torch.Generator().manual_seed(seed + 4_242_424)
+        g = generator_for(seed, "reward_z")
         for i in range(0, num_samples, chunk):
             self.observe(real(g, min(chunk, num_samples - i)))
 

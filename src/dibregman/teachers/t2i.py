@@ -32,6 +32,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import dist
 from ..conditions import ConditionSet, load_image, read_captioned_images, read_prompts
+from ..draws import seed_for
 from ..models import Models
 from ..networks.discriminator import DiscriminatorHead
 from ..networks.generator import OneStepGenerator
@@ -202,7 +203,7 @@ def real_side(cfg, teacher, conditions: ConditionSet, device) -> tuple[torch.Ten
                 conditions,
                 m.teacher_pool,
                 m.teacher_pool_steps,
-                seed=cfg.run.seed + 777,
+                seed=seed_for(cfg.run.seed, "teacher_pool"),
                 batch_size=batch,
             )
         else:

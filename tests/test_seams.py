@@ -82,3 +82,16 @@ def test_no_import_cycle_between_modules():
             if not inside and mod in reach(dep):
                 cycles.append((mod, dep))
     assert not cycles, cycles
+
+
+def test_config_is_self_describing(capsys):
+    """Choices come from Literal[...] fields (read by validate), help from field metadata, both listed by the CLI."""
+    from dibregman.cli import main
+    from dibregman.config import LossConfig, choices, get_preset, override, validate
+
+    assert choices(LossConfig) == {"weighting": ("dmd", "unit", "score")}
+    with pytest.raises(ValueError, match=r"optim.order='last' is not valid; choose one of \['critic_first'"):
+        validate(override(get_preset("gmm"), {"optim.order": "last"}))
+    assert main(["distill", "--preset", "mnist", "--list-keys"]) == 0
+    out = capsys.readouterr().out
+    assert "divergence.normalize" in out and "none|batch_mean|softmax|sigma_bins" in out and "SBA lambda" in out

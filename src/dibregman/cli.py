@@ -50,8 +50,12 @@ def resolve_config(args):
 
 def cmd_distill(args) -> None:
     from . import dist
+    from .config import describe_keys, get_preset
     from .loop import distill
 
+    if args.list_keys:
+        print(describe_keys(get_preset(args.preset)))
+        return
     cfg = resolve_config(args)
     run_dir = args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}"
     if args.print_config:
@@ -184,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default="", help="run folder (auto-resumes); default runs/<preset>-<divergence>")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    d.add_argument("--list-keys", action="store_true", help="print every key: type, the preset's value, help")
 
     s = sub.add_parser("sample", help="one-step samples from an exported generator")
     s.add_argument("--checkpoint", required=True, help="run folder or generator.safetensors")

@@ -17,10 +17,13 @@ denoisers, score s(x) = (D(x, sigma) - x) / sigma^2, so s_phi - s_psi = (D_phi -
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-WEIGHTINGS = ("dmd", "unit", "score")  # choices of w(t), see `time_weight_divisor`
+Weighting = Literal["dmd", "unit", "score"]  # choices of w(t), see `time_weight_divisor`
+WEIGHTINGS = get_args(Weighting)
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +209,8 @@ def bregman(h: Fn, name: str = "custom", h_str: str | None = None) -> Divergence
 
 
 # ---- stabilisation ----
-NORMALIZE_MODES = ("none", "batch_mean", "softmax", "sigma_bins")
+Normalize = Literal["none", "batch_mean", "softmax", "sigma_bins"]  # w/mean(w) over the batch = N softmax(log w)
+NORMALIZE_MODES = get_args(Normalize)
 
 
 @dataclass(frozen=True)

@@ -370,8 +370,6 @@ def check_config(cfg) -> None:
     python = rc.name.startswith("python:") and rc.name.count(":") == 2
     if not (rc.name == "none" or rc.name in REWARDS or python):
         raise ValueError(f"unknown reward {rc.name!r}; valid: {names()}")
-    if rc.target not in TARGETS:
-        raise ValueError(f"reward.target={rc.target!r} is not valid; choose one of {list(TARGETS)}")
     NormalizerEstimator(rc.z_estimator, value=rc.z_value, halflife=rc.z_ema_kimg * 1000)  # raises if bad
     if not 0 < rc.floor < 1:
         raise ValueError(f"reward.floor must lie in (0, 1), got {rc.floor}")

@@ -1,7 +1,7 @@
 """Exported one-step generators: metadata to rebuild the network, and loading for `dibregman sample`/`eval`.
 
 An export is `generator.safetensors` (EMA weights of `OneStepGenerator`) + `generator.json` (how to rebuild
-it); text-to-image runs write a diffusers folder instead (`t2i.py`).
+it); text-to-image runs write a diffusers folder instead (`teachers/t2i.py`).
 Loading never executes code from a file.
 """
 

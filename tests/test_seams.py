@@ -95,3 +95,16 @@ def test_config_is_self_describing(capsys):
     assert main(["distill", "--preset", "mnist", "--list-keys"]) == 0
     out = capsys.readouterr().out
     assert "divergence.normalize" in out and "none|batch_mean|softmax|sigma_bins" in out and "SBA lambda" in out
+
+
+def test_off_is_none_and_old_zeros_still_read():
+    """`None` means off (or "the teacher's"); 0 and '' from older configs, checkpoints and --set read as None."""
+    from dibregman.config import DistillConfig, get_preset, override, parse_set
+
+    assert DistillConfig().loss.gen_sigma_max is None and DistillConfig().run.threads is None
+    cfg = override(get_preset("gmm"), {"divergence.weight_clip": 0, **parse_set(["optim.grad_clip=null"])})
+    assert cfg.divergence.weight_clip is None and cfg.optim.grad_clip is None
+    old = DistillConfig().to_dict()
+    old["loss"]["gen_sigma_min"], old["model"]["real_cache"] = 0.0, ""
+    assert DistillConfig.from_dict(old) == DistillConfig()
+    assert override(cfg, {"optim.grad_clip": 2}).optim.grad_clip == 2.0

@@ -155,11 +155,11 @@ def objective(cfg: DistillConfig) -> tuple[divergences.Divergence, divergences.S
 def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
     """The numerical choices of `cfg.divergence` applied on top of the exact weights (`divergences.Stabilizer`)."""
     d = cfg.divergence
-    clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max > 0 else None
+    clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max is not None else None
     return divergences.Stabilizer(
-        logit_clamp=d.logit_clamp or None,
+        logit_clamp=d.logit_clamp,
         ratio_clip=clip,
         normalize=d.normalize,
         num_sigma_bins=d.num_sigma_bins,
-        weight_clip=d.weight_clip or None,
+        weight_clip=d.weight_clip,
     )

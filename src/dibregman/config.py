@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -36,12 +37,12 @@ class ModelConfig:
     disc_head: Literal["linear", "mean"] = opt(
         "linear", "logit from features: linear (zero-initialised) | mean (SiDA: channel mean, no parameters)"
     )
-    prompts: str = opt("", "text-to-image: condition set D_c, a prompts file (.txt, .csv/.jsonl with prompt)")
+    prompts: str | None = opt(None, "text-to-image: condition set D_c, a prompts file (.txt, .csv/.jsonl)")
     guidance_scale: float = opt(3.0, "text-to-image: classifier-free guidance of the teacher (copies unguided)")
     grad_checkpointing: bool = opt(False, "text-to-image: gradient checkpointing in the trainable UNets")
     fake_lora_rank: int = opt(0, "text-to-image: LoRA rank of psi's attention projections (0 = full weights)")
     teacher_bf16: bool = opt(False, "text-to-image: keep the frozen teacher UNet, VAE and text encoder in bf16")
-    real_cache: str = opt("", "text-to-image: file caching the real side's latents ('' = off)")
+    real_cache: str | None = opt(None, "text-to-image: file caching the real side's latents (None = off)")
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,19 @@ class DivergenceConfig:
     name: str = opt("sba", "registered divergence (dibregman divergences)")
     lam: float = opt(5.0, "SBA lambda (sba only)")
     alpha: float = opt(0.5, "alpha-divergence alpha (alpha only)")
-    logit_clamp: float = opt(10.0, "|l| <= clamp before weighting (0 = off)")
-    ratio_clip_min: float = opt(0.0, "clip r = e^{-l} to [min, max] (max 0 = off)")
-    ratio_clip_max: float = opt(0.0, "see ratio_clip_min")
+    logit_clamp: float | None = opt(10.0, "|l| <= clamp before weighting (None = off)")
+    ratio_clip_min: float = opt(0.0, "clip r = e^{-l} to [ratio_clip_min, ratio_clip_max] (0 = no lower clip)")
+    ratio_clip_max: float | None = opt(None, "see ratio_clip_min (None = off)")
     normalize: Normalize = opt("sigma_bins", "self-normalisation of the weights (softmax = batch_mean)")
     num_sigma_bins: int = opt(8, "bins in log sigma for normalize=sigma_bins")
-    weight_clip: float = opt(5.0, "clip normalised weights at this value (0 = off)")
+    weight_clip: float | None = opt(5.0, "clip normalised weights at this value (None = off)")
 
 
 @dataclass(frozen=True)
 class LossConfig:
     weighting: Weighting = opt("dmd", "w(t): dmd (D_p - D_q over mean|x - D_p|) | unit (D_p - D_q) | score")
-    gen_sigma_max: float = opt(0.0, "largest generator-step sigma (0 = the teacher's sigma_max)")
-    gen_sigma_min: float = opt(0.0, "smallest generator-step sigma (0 = the teacher's sigma_min)")
+    gen_sigma_max: float | None = opt(None, "largest generator-step sigma (None = the teacher's sigma_max)")
+    gen_sigma_min: float | None = opt(None, "smallest generator-step sigma (None = the teacher's sigma_min)")
     gen_t_max: float = opt(0.8, "generator sigma: Karras schedule at t ~ U[0, gen_t_max] (0 = sigma_max)")
     disc_t_max: float = opt(0.95, "discriminator sigma: Karras schedule at t ~ U[0, disc_t_max] (Algorithm 1)")
     fake_p_mean: float = opt(-1.2, "fake-score DSM: ln(sigma) ~ N(p_mean, p_std^2) (EDM)")
@@ -85,7 +86,7 @@ class OptimConfig:
     beta1: float = opt(0.0, "AdamW beta1 (SiD/DMD use 0)")
     beta2: float = opt(0.999, "AdamW beta2")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
-    grad_clip: float = opt(10.0, "global gradient-norm clip per network (0 = off)")
+    grad_clip: float | None = opt(10.0, "global gradient-norm clip per network (None = off)")
     gen_every: int = opt(1, "generator updated every N critic steps (DMD2: 5)")
     order: Literal["critic_first", "generator_first"] = opt("critic_first", "SiDA | Algorithm 1")
     ema_halflife_kimg: float = opt(5.0, "generator EMA half-life, thousands of images (0 = off)")
@@ -97,11 +98,11 @@ class RunConfig:
     total_kimg: float = opt(100.0, "training length, thousands of generator images")
     log_every_kimg: float = opt(1.0, "JSONL / TensorBoard period")
     ckpt_every_kimg: float = opt(10.0, "checkpoint period")
-    sample_every_kimg: float = opt(10.0, "sample-picture period (0 = off)")
+    sample_every_kimg: float | None = opt(10.0, "sample-picture period (None = off)")
     keep_ckpts: int = opt(2, "checkpoints kept on disk")
     seed: int = opt(0, "all randomness derives from (seed, stream, counters): draws.seed_for")
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps")
-    threads: int = opt(0, "torch CPU threads (0 = default)")
+    threads: int | None = opt(None, "torch CPU threads (None = torch's default)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     tensorboard: bool = opt(True, "also write TensorBoard scalars when tensorboard is installed")
 
@@ -117,7 +118,7 @@ class RewardConfig:
     modes: str = opt("0", "gmm_modes: comma-separated components whose weight is multiplied by boost")
     boost: float = opt(4.0, "gmm_modes: factor c_k of the chosen components (others 1)")
     digit: int = opt(0, "mnist_class: R(x) = p(y = digit | x) under the shipped classifier")
-    classifier: str = opt("", "mnist_class: classifier weights ('' = the shipped asset)")
+    classifier: str | None = opt(None, "mnist_class: classifier weights (None = the shipped asset)")
     value: float = opt(1.0, "constant: R = value")
     floor: float = opt(1e-6, "R clamped below at this value before the log")
     z_estimator: Literal["mean", "ema", "fixed"] = opt("mean", "normaliser Z = E_p[R] on real samples")
@@ -152,6 +153,13 @@ def choices(section_cls) -> dict[str, tuple]:
     return {f.name: get_args(hints[f.name]) for f in fields(section_cls) if get_origin(hints[f.name]) is Literal}
 
 
+def _type_name(hint) -> str:
+    if get_origin(hint) is Literal:
+        return "|".join(get_args(hint))
+    args = get_args(hint)
+    return " | ".join("None" if a is type(None) else a.__name__ for a in args) if args else hint.__name__
+
+
 def describe_keys(cfg: DistillConfig) -> str:
     """Every key of `cfg` with its type, value (the preset's default) and help: `dibregman distill --list-keys`."""
     rows = []
@@ -159,7 +167,7 @@ def describe_keys(cfg: DistillConfig) -> str:
         section = getattr(cfg, sec.name)
         hints = typing.get_type_hints(type(section))
         for f in fields(section):
-            kind = "|".join(get_args(hints[f.name])) if get_origin(hints[f.name]) is Literal else hints[f.name].__name__
+            kind = _type_name(hints[f.name])
             rows.append((f"{sec.name}.{f.name}", kind, repr(getattr(section, f.name)), f.metadata.get("help", "")))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]]) for r in rows)
@@ -212,7 +220,14 @@ def divergence_params(d: DivergenceConfig) -> dict:
     return {"sba": {"lam": d.lam}, "alpha": {"alpha": d.alpha}}.get(d.name, {})
 
 
-def _convert(value, current, key: str):
+def _convert(value, current, key: str, hint=None):
+    """value as the type of the field (`current`'s, or the non-None type of an optional field's `hint`). An
+    optional field (`X | None`) takes None, JSON null, and 0 or '' as None: "off" has one spelling."""
+    options = get_args(hint) if get_origin(hint) is types.UnionType else ()
+    if type(None) in options:
+        if value is None or (not isinstance(value, bool) and value in (0, "", "null", "none", "None")):
+            return None
+        current = next(a for a in options if a is not type(None))()
     if isinstance(current, bool):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
@@ -239,8 +254,8 @@ def override(cfg: DistillConfig, pairs: dict) -> DistillConfig:
         valid = [f.name for f in fields(sections[section])]
         if name not in valid:
             raise ValueError(f"unknown config key {key!r}; valid keys in {section!r}: {valid}")
-        current = getattr(sections[section], name)
-        sections[section] = replace(sections[section], **{name: _convert(value, current, key)})
+        current, hint = getattr(sections[section], name), typing.get_type_hints(type(sections[section]))[name]
+        sections[section] = replace(sections[section], **{name: _convert(value, current, key, hint)})
     return replace(cfg, **sections)
 
 

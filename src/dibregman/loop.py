@@ -87,8 +87,8 @@ class Trainer:
         self.opt_c = torch.optim.AdamW([g for g in groups if g["params"]], **adam)
         self.critic_base_lrs = [g["lr"] for g in self.opt_c.param_groups]
         t = self.m.teacher
-        lo = cfg.loss.gen_sigma_min or t.sigma_min
-        self.sigma_range = (lo, cfg.loss.gen_sigma_max or t.sigma_max)
+        lo, hi = cfg.loss.gen_sigma_min, cfg.loss.gen_sigma_max  # None: the teacher's
+        self.sigma_range = (t.sigma_min if lo is None else lo, t.sigma_max if hi is None else hi)
         self.state = State()
         self._resume()
 
@@ -328,7 +328,7 @@ class Trainer:
         if dist.rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json())
-        every = {k: int(getattr(cfg.run, f"{k}_every_kimg") * 1000) for k in ("log", "ckpt", "sample")}
+        every = {k: int((getattr(cfg.run, f"{k}_every_kimg") or 0) * 1000) for k in ("log", "ckpt", "sample")}
         steps_done, t_start = 0, time.time()
         while s.num_images < total and (max_steps is None or steps_done < max_steps):
             before = s.num_images

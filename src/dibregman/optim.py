@@ -45,15 +45,15 @@ def _finite_grads(params) -> bool:
     return bool(ok.item())
 
 
-def guarded_step(opt: torch.optim.Optimizer, params: list, clip: float) -> tuple[bool, float | None]:
-    """All-reduce the gradients, skip on NaN/Inf (on any rank), clip the global norm (clip > 0), step, zero.
+def guarded_step(opt: torch.optim.Optimizer, params: list, clip: float | None) -> tuple[bool, float | None]:
+    """All-reduce the gradients, skip on NaN/Inf (on any rank), clip the global norm (unless clip is None), step.
 
-    Returns (stepped, gradient norm before clipping or None when clip <= 0)."""
+    Returns (stepped, gradient norm before clipping or None without a clip)."""
     dist.all_reduce_sum_([p.grad for p in params if p.grad is not None])
     if not _finite_grads(params):
         opt.zero_grad(set_to_none=True)
         return False, None
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0 else None
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip is not None else None
     opt.step()
     opt.zero_grad(set_to_none=True)
     return True, grad_norm

@@ -108,3 +108,15 @@ def test_off_is_none_and_old_zeros_still_read():
     old["loss"]["gen_sigma_min"], old["model"]["real_cache"] = 0.0, ""
     assert DistillConfig.from_dict(old) == DistillConfig()
     assert override(cfg, {"optim.grad_clip": 2}).optim.grad_clip == 2.0
+
+
+def test_a_new_teacher_family_is_one_registry_line(monkeypatch, tmp_path):
+    """A family with the native recipe needs only its loader in `teachers.FAMILIES`: the loop runs it as is."""
+    from dibregman import teachers
+    from dibregman.loop import distill
+    from dibregman.teachers.gmm import ring_mixture
+    from test_distill import gmm_cfg, steps_kimg
+
+    monkeypatch.setitem(teachers.FAMILIES, "toy", teachers.TeacherFamily(lambda arg, **kw: ring_mixture()))
+    out = distill(gmm_cfg(**{"model.teacher": "toy:ring8", "run.total_kimg": steps_kimg(1)}), tmp_path)
+    assert out["steps"] == 1 and out["bad_steps"] == 0 and out["export"].endswith("generator.safetensors")

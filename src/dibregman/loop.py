@@ -1,7 +1,8 @@
 """The distillation loop: orchestration only (phases, optimisers, EMA, accumulation, data parallelism, NaN guard,
 checkpoints, logging). The maths lives in `distill.py` and `divergences.py`; the draws in `draws.py`.
 
-Reproducibility: every random draw of step k comes from a generator seeded by (seed, k, round) -- not by phase:
+Reproducibility: every random draw of step k comes from a generator seeded by `draws.seed_for(seed, "batch", k,
+round)` -- not by phase:
 the critic and the generator phase of a step share their draws (z included), as in Algorithm 1 -- and is drawn
 for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N steps equals 2N steps
 bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch (up to the
@@ -43,7 +44,7 @@ class State:
     bad_in_row: int = 0  # consecutive NaN/Inf steps
 
 
-def _apply(opt, params, clip: float, name: str, mon: Monitor) -> bool:
+def _apply(opt, params, clip: float | None, name: str, mon: Monitor) -> bool:
     """`optim.guarded_step`, logged: False (and a skip) on a non-finite gradient."""
     ok, grad_norm = optim.guarded_step(opt, params, clip)
     if not ok:

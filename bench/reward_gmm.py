@@ -23,8 +23,8 @@ from dibregman.config import get_preset, override
 from dibregman.evaluate import exact_metrics
 from dibregman.generators import generate
 from dibregman.loop import distill
-from dibregman.reward import mode_factors, tilted_mixture
-from dibregman.teachers.gmm import gmm_from_spec
+from dibregman.rewards import mode_factors
+from dibregman.teachers.gmm import gmm_from_spec, tilted_mixture
 
 
 def mode_shares(gmm, x: torch.Tensor) -> torch.Tensor:

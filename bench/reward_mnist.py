@@ -115,10 +115,9 @@ def main() -> None:
         x = generate(gen, args.num_eval, seed=args.seed + 1)
         res[key] = {"wall_sec": wall, "kimg": meta["num_images"] / 1000, **class_stats(clf, x, args.digit),
                     "fid_digit": fid_stats(x, ref_k, clf), "fid_all": fid_stats(x, test_x, clf)}  # fmt: skip
-    from dibregman.build import resolve_path
     from dibregman.teachers import load_teacher
 
-    teacher = load_teacher(resolve_path(args.teacher)).eval()
+    teacher = load_teacher(args.teacher).eval()
     xt = sample_teacher(teacher, args.num_teacher, num_steps=args.teacher_steps, generator=g)
     res["teacher"] = {**class_stats(clf, xt, args.digit), "fid_all": fid_stats(xt, test_x, clf)}
     out = Path(args.out)

@@ -33,8 +33,7 @@ import torch
 
 import common
 from dibregman import checkpoint as ckpt
-from dibregman.cli import _overrides
-from dibregman.config import DistillConfig, get_preset, override
+from dibregman.config import DistillConfig, get_preset, override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.monitor import Monitor
@@ -161,7 +160,7 @@ def base_config(args, work: Path) -> tuple[DistillConfig, str]:
             weights = f"random initialisation ({teacher} is not present), {size} parameters"
         if not Path(cfg.model.real.partition(":")[2]).is_dir():
             pairs.update({"model.real": "teacher", "model.teacher_pool": 256, "model.teacher_pool_steps": 2})
-    return override(cfg, {**pairs, **_overrides(args.set)}), weights
+    return override(cfg, {**pairs, **parse_set(args.set)}), weights
 
 
 def trainers(args, sizes, device, work: Path) -> tuple[dict, str]:

@@ -47,7 +47,6 @@ def num_steps(sampler: str, nfe: int) -> int:
 
 
 def run(args) -> dict:
-    from dibregman.build import resolve_path
     from dibregman.metrics.features import get_feature_net
 
     device = common.setup(args)
@@ -58,7 +57,7 @@ def run(args) -> dict:
     }
     data = common.record(NAME, args, device, sizes)
     data["teacher"] = common.teacher_info(args.teacher)
-    teacher = load_teacher(resolve_path(args.teacher)).to(device).eval().requires_grad_(False)
+    teacher = load_teacher(args.teacher).to(device).eval().requires_grad_(False)
     nets = {"mnist": get_feature_net("mnist", device)}
     if sizes["n_inception"] < 4:
         data["inception_skipped"] = f"n_inception={sizes['n_inception']} (needs >= 4)"

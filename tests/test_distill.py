@@ -1,6 +1,7 @@
 """The distillation engine (Algorithm 1): every divergence runs, resume is exact, data parallel equals one
 process, bad input fails clearly, NaN steps are skipped and counted."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import torch
 
 from dibregman import checkpoint as ckpt
 from dibregman import divergences
-from dibregman.config import get_preset, override
-from dibregman.generators import load_generator
+from dibregman.build import objective
+from dibregman.config import get_preset, override, validate
 from dibregman.loop import Trainer, distill
+from dibregman.monitor import Monitor
 
 GMM_SMALL = {  # the gmm preset cut down to seconds; its schedule pinned to the library defaults so that a few
     # steps train every network (no warm-ups) with non-trivial Bregman weights (SBA(5), not the preset's kl)
@@ -41,38 +43,53 @@ def steps_kimg(steps: int, batch: int = 32) -> float:
     return steps * batch / 1000
 
 
-@pytest.mark.parametrize("name", divergences.names())
-def test_every_divergence_runs_on_gmm(name, tmp_path):
-    cfg = gmm_cfg(**{"divergence.name": name, "run.total_kimg": steps_kimg(3)})
-    out = distill(cfg, tmp_path)
-    assert out["steps"] == 3 and out["bad_steps"] == 0
-    gen, meta = load_generator(out["export"])
-    x = gen(torch.randn(5, 2))
-    assert x.shape == (5, 2) and torch.isfinite(x).all()
-    assert meta["distill_config"]["divergence"]["name"] == name
+def test_every_divergence_and_stabiliser_key_reaches_the_trainer():
+    """Every registry name (with its parameter) and every stabiliser key of the config ends up in the `div` and
+    `stab` the Trainer weights Eq. 4 with (`build.objective`)."""
+    for name in divergences.names():
+        params = {"sba": {"divergence.lam": 2.5}, "alpha": {"divergence.alpha": -0.5}}.get(name, {})
+        div, _ = objective(gmm_cfg(**{"divergence.name": name, **params}))
+        assert div.name == name and div.params == {k.split(".")[1]: v for k, v in params.items()}, name
+    stab_keys = {
+        "divergence.logit_clamp": 7.0,
+        "divergence.ratio_clip_min": 0.2,
+        "divergence.ratio_clip_max": 30.0,
+        "divergence.normalize": "batch_mean",
+        "divergence.num_sigma_bins": 3,
+        "divergence.weight_clip": 4.0,
+    }
+    _, stab = objective(gmm_cfg(**stab_keys))
+    assert (stab.logit_clamp, stab.ratio_clip, stab.normalize) == (7.0, (0.2, 30.0), "batch_mean")
+    assert (stab.num_sigma_bins, stab.weight_clip) == (3, 4.0)
+    _, off = objective(gmm_cfg(**{"divergence.logit_clamp": 0.0, "divergence.weight_clip": 0.0}))
+    assert off.logit_clamp is None and off.weight_clip is None and off.ratio_clip is None
 
 
-@pytest.mark.parametrize("name", divergences.names())
-def test_every_divergence_runs_on_tiny_unet(name, tmp_path, tiny_teacher):
-    cfg = override(
-        get_preset("mnist"),
-        {
-            "model.teacher": f"edm:{tiny_teacher}",
-            "model.real": "teacher",
-            "model.teacher_pool": 16,
-            "model.teacher_pool_steps": 2,
-            "divergence.name": name,
-            "optim.batch_size": 4,
-            "run.total_kimg": 0.008,
-            "run.tensorboard": False,
-            "run.sample_every_kimg": 0.004,
-        },
-    )
-    out = distill(cfg, tmp_path)
-    assert out["steps"] == 2 and out["bad_steps"] == 0
-    assert list((tmp_path / "samples").glob("*.png")), "sample grid written"
-    gen, _ = load_generator(tmp_path)
-    assert gen(torch.randn(2, 1, 8, 8)).shape == (2, 1, 8, 8)
+def test_logged_weights_differ_between_kl_and_sba_once_the_head_has_trained(tmp_path):
+    """The trainer is not hard-wired to one divergence: with a head that learns within a few steps, KL's weights
+    stay 1 while SBA(5)'s spread out."""
+    pairs = {"optim.head_lr_mult": 50.0, "run.total_kimg": steps_kimg(6), "run.log_every_kimg": steps_kimg(6)}
+    pairs["divergence.normalize"] = "batch_mean"
+    logs = {}
+    for name in ("kl", "sba"):
+        distill(gmm_cfg(**pairs, **{"divergence.name": name}), tmp_path / name)
+        logs[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+    assert logs["kl"]["weight/max"] == pytest.approx(1.0) and logs["kl"]["weight/ess_frac"] == pytest.approx(1.0)
+    assert logs["sba"]["weight/max"] > 1.05 and logs["sba"]["weight/ess_frac"] < 0.995
+
+
+def test_batch_draws_do_not_collide_for_many_accumulation_rounds():
+    """Round 64 of step 0 and round 0 of step 1 used to share a seed ((seed * M + step) * 64 + round)."""
+    from types import SimpleNamespace
+
+    from dibregman.draws import draw_batch
+
+    m = SimpleNamespace(shape=(2,), sigma_data=0.5, real=lambda g, n: (torch.randn(n, 2, generator=g), None))
+    m.conditions = None
+    cfg = gmm_cfg(**{"optim.accum_steps": 65, "optim.batch_size": 65 * 4})
+    a, _ = draw_batch(cfg, m, 0, 64, 4, "cpu", (0.002, 80.0))
+    b, _ = draw_batch(cfg, m, 1, 0, 4, "cpu", (0.002, 80.0))
+    assert not torch.equal(a.z, b.z)
 
 
 def _params(trainer: Trainer) -> dict:
@@ -120,6 +137,16 @@ def test_cosine_lr_schedule_decays_and_resumes_exactly(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_changing_total_kimg_on_resume_is_refused_with_a_cosine_schedule(tmp_path):
+    """The cosine lr curve depends on run.total_kimg: changing it on resume is not "length only"."""
+    pairs = {"optim.lr_schedule": "cosine", "run.total_kimg": steps_kimg(2)}
+    Trainer(gmm_cfg(**pairs), tmp_path).train()
+    with pytest.raises(ValueError, match="run.total_kimg.*cosine"):
+        Trainer(gmm_cfg(**{**pairs, "run.total_kimg": steps_kimg(4)}), tmp_path)
+    Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(2)}), tmp_path / "constant").train()
+    assert Trainer(gmm_cfg(**{"run.total_kimg": steps_kimg(4)}), tmp_path / "constant").state.step == 2
+
+
 def test_config_typo_lists_valid_keys():
     with pytest.raises(ValueError, match="valid keys in 'divergence'.*'lam'"):
         override(get_preset("gmm"), {"divergence.lamda": 3})
@@ -129,6 +156,13 @@ def test_config_typo_lists_valid_keys():
         Trainer(gmm_cfg(**{"divergence.name": "klx"}), "/nonexistent-never-created")
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("imagenet")
+
+
+def test_discriminator_without_trainable_parameters_is_refused():
+    """disc_placement=teacher reads the frozen teacher; with the parameter-free `mean` head eta cannot learn."""
+    with pytest.raises(ValueError, match="disc_placement='teacher'.*disc_head='mean'"):
+        validate(gmm_cfg(**{"model.disc_placement": "teacher", "model.disc_head": "mean"}))
+    validate(gmm_cfg(**{"model.disc_placement": "fake_score", "model.disc_head": "mean"}))  # SiDA: fine
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
@@ -174,6 +208,28 @@ def test_nan_step_is_skipped_counted_and_logged(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in tr.m.generator.state_dict().items())
     log = (tmp_path / "log.jsonl").read_text()
     assert '"skipped/generator"' in log and '"bad_steps_total": 2' in log
+
+
+def test_nan_generator_round_clears_the_gan_gradient_of_the_critic(tmp_path):
+    """accum_steps=2 with a GAN term: round 1's GAN backward reaches eta; a NaN in round 2 must not leave that
+    gradient for the next critic step."""
+    cfg = gmm_cfg(**{"optim.accum_steps": 2, "loss.gan_weight": 0.1, "run.total_kimg": steps_kimg(1)})
+    tr = Trainer(cfg, tmp_path)
+    tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls={2})
+    assert not tr._generator_step(Monitor(tmp_path, cfg, enabled=False, initial=0, total=1))
+    assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
+
+
+def test_overflowing_unnormalised_weight_skips_the_step(tmp_path):
+    """normalize=none with SBA(50): exp(-50 l) overflows float32 at l = -10; the step is skipped and counted
+    (it used to raise a ValueError out of the loop)."""
+    pairs = {"divergence.lam": 50.0, "divergence.normalize": "none", "divergence.weight_clip": 0.0}
+    cfg = gmm_cfg(**pairs, **{"run.total_kimg": steps_kimg(1)})
+    tr = Trainer(cfg, tmp_path)
+    tr.m.disc.register_forward_hook(lambda mod, args, out: out - 20.0)  # l = -10 after the clamp: w = e^500
+    mon = Monitor(tmp_path, cfg, enabled=False, initial=0, total=1)
+    assert not tr._generator_step(mon)
+    assert mon.values["skipped/generator"] == [1.0]
 
 
 def test_consecutive_nan_steps_abort_with_a_clear_message(tmp_path):

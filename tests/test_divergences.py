@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dibregman import divergences as dv
+from dibregman import viz
 
 LAMS = (-2, -1, -0.5, 0, 0.5, 1, 3, 5, 10)
 ALPHAS = (-1, 0, 0.5, 1, 2, 3)
@@ -299,5 +300,5 @@ def test_describe_and_plot(tmp_path):
     text = dv.describe()
     for n in dv.names():
         assert f"\n{n} " in text
-    out = dv.plot_log_weights(tmp_path / "w.png", logits_range=(-5, 5))
+    out = viz.plot_log_weights(tmp_path / "w.png", logits_range=(-5, 5))
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out == tmp_path / "w.png"

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from dibregman.config import get_preset, override, validate
-from dibregman.distill import karras_uniform_sigma
-from dibregman.noise import karras_sigma_at
+from dibregman.noise import karras_sigma_at, karras_uniform_sigma
 
 
 @pytest.mark.parametrize("origin", ["sigma_max", "sigma_min"])
@@ -23,7 +22,7 @@ def test_karras_uniform_sigma_origin_sets_the_range(origin):
 
 def test_fake_sigma_generator_draws_the_generator_distribution():
     from dibregman.build import build_models
-    from dibregman.loop import draw_batch
+    from dibregman.draws import draw_batch
 
     pairs = {"model.init_steps": 5, "model.mlp_hidden": 16, "model.mlp_depth": 2, "loss.fake_sigma": "generator"}
     cfg = validate(override(get_preset("gmm"), pairs))

@@ -1,6 +1,6 @@
-"""Reward-tilted distillation (Appendix G, `dibregman.reward`): Eq. 14 against finite differences of
-D_h(r_t || r*_t), the exact tilted mixture, the engine's plumbing (R = const is plain Di-Bregman bit for bit,
-resume stays exact) and clear errors for bad rewards.
+"""Reward-tilted distillation (Appendix G: `dibregman.rewards`, `distill.target_ratio_loss`): Eq. 14 against
+finite differences of D_h(r_t || r*_t), the exact tilted mixture, the engine's plumbing (R = const is plain
+Di-Bregman bit for bit, resume stays exact) and clear errors for bad rewards.
 
 1-D problem of the Eq. 14 test (as tests/test_theorem1.py): teacher p = N(0, s^2), generator G(eps) =
 theta + eps, reward R(x0) = exp(alpha x0), so p* = p R / Z = N(alpha s^2, s^2) with Z = exp(alpha^2 s^2 / 2);
@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
+from dibregman import distill
 from dibregman import divergences as dv
-from dibregman import reward as rw
+from dibregman import rewards as rw
 from dibregman.config import RewardConfig, get_preset, override, validate
-from dibregman.distill import score_difference
 from dibregman.loop import Trainer
-from dibregman.teachers.gmm import ring_mixture
+from dibregman.teachers.gmm import ring_mixture, tilted_mixture
 from test_distill import GMM_SMALL
 
 S2, ALPHA = 1.5, 0.6  # teacher variance s^2, tilt exponent alpha
@@ -57,7 +57,7 @@ def bregman_to_target(div, theta, sigma):
 
 
 def eq14_gradient(div, theta, sigma, extra_sign=1.0):
-    """-E_{q_t}[w(r)(s_p - s_q) + h''(r*) d r*/dx] dG/dtheta, the extra term from `reward.target_term`."""
+    """-E_{q_t}[w(r)(s_p - s_q) + h''(r*) d r*/dx] dG/dtheta, the extra term from `rewards.target_term`."""
     a2, b2 = S2 + sigma**2, 1 + sigma**2
     log_p, log_q, _ = _logs(theta, sigma)
     main = torch.exp(log_q + div.log_weight(log_p - log_q)) * (-X / a2 + (X - theta) / b2)
@@ -102,7 +102,7 @@ def ring():
 def test_gmm_modes_reward_is_the_exact_tilted_mixture(ring):
     rc = RewardConfig(name="gmm_modes", modes="0,3", boost=5.0)
     reward = rw.build_reward(rc, ring)
-    target, z = rw.tilted_mixture(ring, rw.mode_factors(rc, ring.num_modes))
+    target, z = tilted_mixture(ring, rw.mode_factors(rc, ring.num_modes))
     assert z == pytest.approx((2 * 5 + 6) / 8) and target.weights[0] == pytest.approx(5 / 16)
     g_ = torch.Generator().manual_seed(0)
     for sigma in (0.01, 0.3, 1.0, 5.0):
@@ -120,31 +120,34 @@ def test_target_ratio_loss_gradient_is_the_extra_term():
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     g, log_w = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     scale, tw = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
-    loss, coef = rw.target_ratio_loss(x, g, log_w, log_scale=scale, time_weight=tw, norm=4.0)
+    loss, coef = distill.target_ratio_loss(x, g, log_w, scale, tw, norm=4.0)
     (grad,) = torch.autograd.grad(loss, x)
     expected = -(log_w + scale).exp()[:, None] * tw[:, None] * g / (3 * 4.0)
     assert torch.allclose(grad, expected)
 
 
 @pytest.mark.parametrize("normalize", ["none", "batch_mean", "softmax", "sigma_bins"])
-def test_normalization_log_scale_matches_stabilized_weight(normalize):
+def test_stabilized_log_weight_returns_the_normalisation(normalize):
     torch.manual_seed(1)
     logits, sigma = 3 * torch.randn(64, dtype=torch.float64), torch.rand(64, dtype=torch.float64) * 5 + 0.01
     div = dv.get("sba", lam=5.0)
     stab = dv.Stabilizer(logit_clamp=4.0, ratio_clip=(0.0, 20.0), normalize=normalize, num_sigma_bins=4)
     w = dv.stabilized_weight(div, logits, sigma=sigma, stab=stab)
     exact = div.log_weight(logits.clamp(-math.log(20.0), 4.0))
-    assert torch.allclose((exact + rw.normalization_log_scale(div, logits, sigma, stab)).exp(), w, rtol=1e-10)
+    log_w, log_n = dv.stabilized_log_weight(div, logits, sigma, stab)
+    assert torch.allclose((exact + log_n).exp(), w, rtol=1e-10) and torch.allclose(log_w.exp(), w, rtol=1e-10)
 
 
 @pytest.mark.parametrize("weighting", ["dmd", "unit", "score"])
-def test_weighting_factor_matches_score_difference(ring, weighting):
+def test_time_weight_matches_its_divisor(ring, weighting):
+    """w(t) (s_phi - s_psi) = (D_phi - D_psi) / divisor: Eq. 14's w(t) is Eq. 4's."""
     fake = ring_mixture(radius=1.5, std=0.2)
     x = ring.sample(32, sigma=1.0, generator=torch.Generator().manual_seed(2)).double()
     sigma = torch.rand(32, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3 + 0.1
-    diff, d_p = score_difference(ring, fake, x, sigma, None, weighting)
+    d_p, d_q = ring(x, sigma), fake(x, sigma)
+    diff = (d_p - d_q) / distill.time_weight_divisor(weighting, sigma, x, d_p)[:, None]
     s_diff = ring.score(x, sigma) - fake.score(x, sigma)
-    assert torch.allclose(rw.weighting_factor(sigma, x, d_p, weighting)[:, None] * s_diff, diff.double(), rtol=1e-5)
+    assert torch.allclose(distill.time_weight(weighting, sigma, x, d_p)[:, None] * s_diff, diff, rtol=1e-5)
 
 
 class _ExactLogit(torch.nn.Module):
@@ -161,25 +164,27 @@ class _ExactLogit(torch.nn.Module):
 @pytest.mark.parametrize("weighting", ["dmd", "unit", "score"])
 @pytest.mark.parametrize("name,params,normalize", [("kl", {}, "none"), ("sba", {"lam": 2.0}, "sigma_bins")])
 def test_generator_gradient_vanishes_at_the_target_ratio(ring, weighting, name, params, normalize):
-    """Fixed point of Eq. 14 in the engine's own generator_loss: with the exact ratio r_t = q_psi / p and
-    the target r*_t = r_t (R_t = q_psi / p, Z = 1), the two terms cancel for every w(t) and normalisation."""
-    from dibregman.distill import Batch, generator_loss
-
+    """Fixed point of Eq. 14 with the library's losses: with the exact ratio r_t = q_psi / p and the target
+    r*_t = r_t (R_t = q_psi / p, Z = 1), the two terms cancel for every w(t) and normalisation."""
     fake = ring_mixture(radius=1.5, std=0.3)
     n, g = 64, torch.Generator().manual_seed(4)
     x = fake.sample(n, generator=g).requires_grad_(True)
     sigma = 0.5 + 2.5 * torch.rand(n, generator=g)
-    noise = torch.randn(n, 2, generator=g)
-    b = Batch(z=noise, gen_sigma=sigma, gen_noise=noise, gan_noise=noise, fake_sigma=sigma, fake_noise=noise,
-              disc_sigma=sigma, disc_noise_real=noise, disc_noise_fake=noise)  # fmt: skip
+    x_t = x.detach() + sigma[:, None] * torch.randn(n, 2, generator=g)
     reward = rw.Reward("q/p", lambda x, s, c: fake.log_prob(x, s) - ring.log_prob(x, s), sigma_aware=True,
                        floor=1e-300)  # fmt: skip
     target = rw.TargetRatio(reward, rw.NormalizerEstimator("fixed", value=1.0), target="sigma")
-    stab = dv.Stabilizer(normalize=normalize, num_sigma_bins=4)
-    kw = dict(teacher=ring, fake=fake, disc=_ExactLogit(ring, fake), div=dv.get(name, **params), stab=stab,
-              weighting=weighting, norm=n)  # fmt: skip
-    (main,) = torch.autograd.grad(generator_loss(x, b, **kw)[0], x)
-    (total,) = torch.autograd.grad(generator_loss(x, b, reward=target, **kw)[0], x)
+    stab, div = dv.Stabilizer(normalize=normalize, num_sigma_bins=4), dv.get(name, **params)
+    d_phi, d_psi = ring(x_t, sigma).float(), fake(x_t, sigma).float()
+    logits = _ExactLogit(ring, fake)(x_t, sigma)
+    log_w, log_n = dv.stabilized_log_weight(div, logits, sigma, stab)
+    divisor = distill.time_weight_divisor(weighting, sigma, x.detach(), d_phi)
+    main_loss = distill.dibregman_loss(x, d_phi, d_psi, dv.weight_from_log(log_w, stab), divisor, norm=n)
+    g, log_w_star = target.term(x_t, sigma, None, div=div, stab=stab)
+    tw = distill.time_weight(weighting, sigma, x.detach(), d_phi)
+    extra = distill.target_ratio_loss(x, g, log_w_star, log_n, tw, norm=n)[0]
+    (main,) = torch.autograd.grad(main_loss, x, retain_graph=True)
+    (total,) = torch.autograd.grad(main_loss + extra, x)
     assert main.norm() > 1e-3
     assert total.norm() < 1e-4 * main.norm()
 
@@ -268,12 +273,23 @@ def test_cli_reward_flag():
     from dibregman.cli import build_parser, resolve_config
 
     args = build_parser().parse_args(["distill", "--reward", "gmm_modes", "--set", "reward.modes=2,5"])
-    cfg = resolve_config(args)
+    with pytest.warns(UserWarning, match="GAN term"):
+        cfg = resolve_config(args)
     assert cfg.reward.name == "gmm_modes" and cfg.reward.modes == "2,5"
     assert get_preset("gmm").loss.gan_weight > 0 and cfg.loss.gan_weight == 0  # the preset's GAN term is dropped
     explicit = build_parser().parse_args(["distill", "--reward", "gmm_modes", "--set", "loss.gan_weight=0.5"])
     with pytest.raises(ValueError, match="gan_weight must be 0 with a reward"):  # an explicit one is refused
         resolve_config(explicit)
+
+
+def test_reward_and_gan_follow_one_rule_in_the_api_and_the_cli():
+    from dibregman import api
+
+    with pytest.warns(UserWarning, match="turns off the 'gmm' preset's GAN term"):
+        cfg = api.preset("gmm", **{"reward.name": "gmm_modes"})
+    assert cfg.loss.gan_weight == 0
+    with pytest.raises(ValueError, match="gan_weight must be 0 with a reward"):
+        api.preset("gmm", **{"reward.name": "gmm_modes", "loss.gan_weight": 0.5})
 
 
 # ---- engine -----------------------------------------------------------------------------------------

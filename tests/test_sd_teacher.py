@@ -121,3 +121,19 @@ def test_from_folder_roundtrip_and_missing_subfolder(tmp_path):
     shutil.rmtree(tmp_path / "vae")
     with pytest.raises(FileNotFoundError, match=r"\['vae'\]"):
         StableDiffusionTeacher.from_folder(tmp_path)
+
+
+def test_importing_the_library_leaves_hf_hub_offline_alone():
+    """Only the CLI entry point may set HF_HUB_OFFLINE; importing the library must not change the environment."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; import dibregman.teachers.sd, dibregman.teachers.diffusers, dibregman.teachers.t2i; "
+        "import dibregman.loop; "
+        "print(os.environ.get('HF_HUB_OFFLINE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"

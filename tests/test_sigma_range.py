@@ -1,5 +1,5 @@
 """validate(): the discriminator's sigma range must cover the generator step's (both are Karras(t) on
-[gen_sigma_min, gen_sigma_max] with t ~ U[0, t_max], t = 0 at the top, see loop.draw_batch), else the generator
+[gen_sigma_min, gen_sigma_max] with t ~ U[0, t_max], t = 0 at the top, see draws.draw_batch), else the generator
 step reads ratios at noise levels the discriminator never trained on."""
 
 import pytest

@@ -16,9 +16,10 @@ from dibregman.build import build_models
 from dibregman.cli import main
 from dibregman.conditions import load_image, read_captioned_images, read_prompts
 from dibregman.config import get_preset, override, validate
+from dibregman.draws import draw_batch
 from dibregman.generators import load_generator
-from dibregman.loop import Trainer, draw_batch
-from dibregman.t2i import META_NAME, sample_images, trainable_unet
+from dibregman.loop import Trainer
+from dibregman.teachers.t2i import META_NAME, sample_images, trainable_unet
 from tiny_hf import tiny_sd_components
 
 PROMPTS = ["a cat", "dog on a mat", "a red house", "two birds"]

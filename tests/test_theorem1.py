@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from dibregman import distill
 from dibregman import divergences as dv
 
 S2 = 1.5  # teacher variance s^2
@@ -106,20 +107,23 @@ SURROGATE += [(n, {}) for n in ("rkl", "fkl", "js", "hellinger", "jeffreys", "ne
 
 @pytest.mark.parametrize("name,params", SURROGATE, ids=[f"{n}{list(p.values())}" for n, p in SURROGATE])
 def test_surrogate_loss_autograd_through_generator(name, params):
-    """Algorithm-1 style: loss = -sum_ij W_ij sg[w (s_p - s_q)] G_theta(eps_i) over a 2-D Gauss-Hermite grid
-    in (eps, z); autograd supplies dG/dtheta.  Its theta-gradient must equal d/dtheta D (finite diff.)."""
+    """The library's own Eq. 4 loss (`distill.dibregman_loss`, w(t) = 1 via weighting='score') over a 2-D
+    Gauss-Hermite grid in (eps, z), with exact denoisers D = x + sigma^2 s; autograd supplies dG/dtheta.  Its
+    theta-gradient must equal d/dtheta D (finite differences)."""
     div = dv.get(name, **params)
     sigma, theta0 = 1.0, 0.7
     t, w = np.polynomial.hermite.hermgauss(60)  # int e^{-t^2} g(t) dt ~ sum w g(t)
     nodes = torch.tensor(t * math.sqrt(2.0))  # standard-normal nodes
     weights = torch.tensor(w / math.sqrt(math.pi))
     eps, z = torch.meshgrid(nodes, nodes, indexing="ij")
-    quad_w = weights[:, None] * weights[None, :]
+    quad_w = (weights[:, None] * weights[None, :]).reshape(-1)
     theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
-    x0 = theta + eps  # G_theta(eps)
-    x = (x0 + sigma * z).detach()  # x_t; everything but G_theta is a stop-gradient factor
+    x0 = (theta + eps).reshape(-1, 1)  # G_theta(eps), [N, 1]
+    x = (x0 + sigma * z.reshape(-1, 1)).detach()  # x_t; everything but G_theta is a stop-gradient factor
     log_p, log_q = _logs(theta0, sigma, x)
-    score_diff = -x / (S2 + sigma**2) + (x - theta0) / (1 + sigma**2)
-    loss = -(quad_w * div.weight(log_p - log_q) * score_diff * x0).sum()
-    loss.backward()
+    d_phi, d_psi = x - sigma**2 * x / (S2 + sigma**2), x - sigma**2 * (x - theta0) / (1 + sigma**2)
+    sig = torch.full((len(x),), sigma, dtype=torch.float64)
+    divisor = distill.time_weight_divisor("score", sig, x0.detach(), d_phi)
+    weight = quad_w * dv.stabilized_weight(div, (log_p - log_q).reshape(-1))  # quadrature x Bregman weight
+    distill.dibregman_loss(x0, d_phi, d_psi, weight, divisor).backward()
     assert float(theta.grad) == pytest.approx(fd_gradient(div, theta0, sigma), rel=1e-5)

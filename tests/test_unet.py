@@ -7,7 +7,7 @@ import torch
 
 from dibregman.networks.unet import build_unet
 from dibregman.noise import edm_preconditioning
-from dibregman.teachers import load_teacher
+from dibregman.teachers import Denoiser, load_teacher
 from dibregman.teachers.edm import edm_kwargs_to_config, import_edm_state_dict, load_edm_teacher
 from dibregman.train_teacher import TeacherConfig, edm_loss
 
@@ -46,6 +46,7 @@ def test_preconditioning_identities():
 def test_denoiser_is_identity_at_zero_noise_and_features_shape():
     torch.manual_seed(0)
     net = _perturbed(build_unet("tiny"))
+    assert isinstance(net, Denoiser)  # the one interface D(x, sigma, cond)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         out = net(x, 1e-4)

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillConfig, get_preset, override, validate
+from .config import DistillConfig, from_preset
 from .loop import distill as _distill
 
 
 def preset(name: str, **overrides) -> DistillConfig:
-    """A named preset with `section.key=value` overrides applied and validated (ValueError on a typo)."""
-    return validate(override(get_preset(name), overrides))
+    """A named preset with `section.key=value` overrides applied and validated (ValueError on a typo); a reward
+    drops the preset's GAN term, as on the command line (`config.from_preset`)."""
+    return from_preset(name, overrides)
 
 
 def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: int | None = None) -> dict:

@@ -1,39 +1,31 @@
 """Build the four networks of Algorithm 1 from a config: teacher phi (frozen), generator G_theta and fake score
 psi (both copies of the teacher's network, line 1), discriminator eta (a head on a backbone), plus the sampler of
 the real side of Eq. 5. Analytic teachers have no network to copy: an MLP denoiser is fitted to their exact
-denoiser and copied instead.
+denoiser and copied instead. A teacher family with its own builder (text-to-image: `teachers/t2i.py`) is
+dispatched to through `teachers.FAMILIES`; nothing here branches on a family.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from . import divergences
 from .config import DistillConfig
+from .draws import generator_for
+from .generators import export_generator, preview_samples
+from .models import Models
 from .networks.discriminator import DiscriminatorHead
 from .networks.generator import OneStepGenerator
 from .networks.mlp import MLPConfig, MLPDenoiser
 from .networks.unet import EDMDenoiser, build_unet
 from .noise import edm_preconditioning
-
-
-@dataclass
-class Models:
-    teacher: nn.Module  # phi, frozen
-    generator: OneStepGenerator  # G_theta
-    fake: nn.Module  # psi
-    disc: DiscriminatorHead  # eta
-    shape: tuple  # per-sample shape
-    sigma_data: float
-    real: Callable  # (generator, n) -> real samples [n, *shape]; text-to-image: (samples, caption index [n])
-    conditions: object = None  # text-to-image: ConditionSet D_c that c is drawn from (Algorithm 1 line 4)
-    real_conditions: object = None  # text-to-image: ConditionSet of the real side's captions (line 21)
 
 
 def _frozen(net: nn.Module) -> nn.Module:
@@ -68,7 +60,7 @@ def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
     ).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(m.init_steps, 1))
-    g = torch.Generator().manual_seed(cfg.run.seed + 12345)
+    g = generator_for(cfg.run.seed, "init")
     lo, hi = math.log(teacher.sigma_min), math.log(teacher.sigma_max)
     n_data, n_gen = 256, 256
     for _ in range(m.init_steps):
@@ -99,15 +91,15 @@ def _separate_backbone(init: nn.Module) -> nn.Module:
     raise ValueError(f"disc_placement=separate has no small backbone for {type(init).__name__}")
 
 
-def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable[[torch.Generator, int], torch.Tensor]:
-    """Return draw(generator, n) -> [n, *shape] real samples: data set, exact teacher samples, or a teacher pool."""
+def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable:
+    """draw(generator, n) -> ([n, *shape] real samples, None): data set, exact teacher samples, or a teacher pool."""
     spec = cfg.model.real
     if spec == "teacher" and hasattr(teacher, "sample"):
-        return lambda g, n: teacher.sample(n, generator=g).to(device)
+        return lambda g, n: (teacher.sample(n, generator=g).to(device), None)
     if spec == "teacher":
         from .sample import sample_teacher
 
-        g = torch.Generator().manual_seed(cfg.run.seed + 777)
+        g = generator_for(cfg.run.seed, "teacher_pool")
         pool = sample_teacher(teacher, cfg.model.teacher_pool, num_steps=cfg.model.teacher_pool_steps, generator=g)
     else:
         from .data import load_dataset
@@ -116,22 +108,28 @@ def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable[[torch.
     if tuple(pool.shape[1:]) != tuple(shape):
         raise ValueError(f"real data {spec!r} has shape {tuple(pool.shape[1:])} but the teacher makes {tuple(shape)}")
     pool = pool.to(device)
-    return lambda g, n: pool[torch.randint(len(pool), (n,), generator=g).to(device)]
+    return lambda g, n: (pool[torch.randint(len(pool), (n,), generator=g).to(device)], None)
 
 
-def build_models(cfg: DistillConfig, device: torch.device) -> Models:
-    from .teachers import load_teacher
+def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable | None = None) -> Models:
+    """The networks of Algorithm 1 for `cfg`: the teacher family's own builder (`teachers.FAMILIES`), else
+    `native_models`. pretrain: see `native_models`."""
+    from .teachers import family, load_teacher
 
-    teacher = _frozen(load_teacher(resolve_path(cfg.model.teacher)).to(device))
-    if hasattr(teacher, "encode_prompts"):  # text-to-image (Stable Diffusion): conditional copies, see t2i.py
-        from .t2i import build_t2i_models
+    teacher = _frozen(load_teacher(cfg.model.teacher).to(device))
+    build = family(cfg.model.teacher).build
+    return build(cfg, teacher, device) if build is not None else native_models(cfg, teacher, device, pretrain)
 
-        return build_t2i_models(cfg, teacher, device)
+
+def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None = None) -> Models:
+    """G and psi copy the teacher's network (line 1); eta is a head on psi, the teacher or a small net of its own.
+    pretrain(teacher, cfg, device) -> nn.Module fits the network to copy for an analytic teacher (default
+    `pretrain_mlp`; a benchmark may inject a cached one)."""
     if cfg.model.prompts:
         raise ValueError(f"model.prompts is set but teacher {cfg.model.teacher!r} takes no text conditions")
     shape = tuple(teacher.shape)
     analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
-    init = pretrain_mlp(teacher, cfg, device) if analytic else teacher
+    init = (pretrain or pretrain_mlp)(teacher, cfg, device) if analytic else teacher
     generator = OneStepGenerator(_trainable_copy(init), cfg.model.sigma_init).to(device)
     fake = _trainable_copy(init).to(device)
     placement = cfg.model.disc_placement
@@ -143,14 +141,25 @@ def build_models(cfg: DistillConfig, device: torch.device) -> Models:
         disc = DiscriminatorHead(_separate_backbone(init).eval(), cfg.model.disc_head, own_backbone=True)
     disc = disc.to(device)
     real = real_sampler(cfg, teacher, shape, device)
-    return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real)
+    preview = functools.partial(preview_samples, real=real, shape=shape)
+    return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real, export_generator, preview)
 
 
-def resolve_path(spec: str) -> str:
-    """Relative paths in a spec are resolved against the working directory, then the package folder (assets/)."""
-    kind, _, path = spec.partition(":")
-    if path and not Path(path).exists():
-        alt = Path(__file__).resolve().parent / path
-        if alt.exists():
-            return f"{kind}:{alt}"
-    return spec
+def objective(cfg: DistillConfig) -> tuple[divergences.Divergence, divergences.Stabilizer]:
+    """The divergence (weight h''(r) r) and the stabiliser of `cfg.divergence`: what Eq. 4's weight is made of."""
+    from .config import divergence_params
+
+    return divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence)), stabilizer(cfg)
+
+
+def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
+    """The numerical choices of `cfg.divergence` applied on top of the exact weights (`divergences.Stabilizer`)."""
+    d = cfg.divergence
+    clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max is not None else None
+    return divergences.Stabilizer(
+        logit_clamp=d.logit_clamp,
+        ratio_clip=clip,
+        normalize=d.normalize,
+        num_sigma_bins=d.num_sigma_bins,
+        weight_clip=d.weight_clip,
+    )

@@ -7,7 +7,7 @@ exact log-density), the fake score psi and the discriminator eta are built and t
   `DiscriminatorHead` on psi (`fake_score`), on a small network of its own (`build._separate_backbone`, `separate`)
   or on frozen teacher features (`teacher`). An analytic teacher has no features, so `build_models` refuses that
   placement; here `teacher` reads the *frozen fitted MLP* instead, the stand-in that a network teacher would be;
-- one critic step = `loop.draw_batch` (same sigma samplers: EDM log-normal for the DSM, Karras(t), t ~ U[0,
+- one critic step = `draws.draw_batch` (same sigma samplers: EDM log-normal for the DSM, Karras(t), t ~ U[0,
   disc_t_max] for the BCE), real side = exact p samples (label 1), fake side = exact q samples (label 0), loss =
   `fake_score_loss` + disc_weight * `discriminator_loss` (Eq. 5), AdamW with the config's lrs, betas, weight decay,
   head lr multiplier, lr schedule (mapped onto the calibration's steps) and global grad-norm clip.
@@ -29,11 +29,12 @@ import torch
 
 from .build import Models, _frozen, _separate_backbone, _trainable_copy, pretrain_mlp
 from .config import DistillConfig
-from .distill import discriminator_loss, fake_score_loss
-from .loop import draw_batch
+from .distill import bcast, discriminator_loss, fake_score_loss
+from .draws import draw_batch, generator_for
 from .networks.discriminator import DiscriminatorHead
 from .networks.mlp import MLPDenoiser
 from .noise import karras_sigma_at
+from .optim import cosine_factor
 from .teachers.gmm import GaussianMixture
 
 SBA_LAMBDAS = (1.0, 3.0, 5.0, 10.0)
@@ -100,7 +101,9 @@ class Critic:
             disc=self.disc,
             shape=tuple(teacher.shape),
             sigma_data=float(teacher.sigma_data),
-            real=lambda g, n: teacher.sample(n, generator=g).to(device),
+            real=lambda g, n: (teacher.sample(n, generator=g).to(device), None),
+            export=None,
+            preview=None,
         )
         self.step_count = 0
 
@@ -111,18 +114,22 @@ class Critic:
         n = B // cfg.optim.accum_steps
         rng, total = sigma_range(cfg, self.teacher), total or self.step_count + steps
         for _ in range(steps):
-            factor, progress = 1.0, min(self.step_count / total, 1.0)
-            if cfg.optim.lr_schedule == "cosine":  # Trainer.lr_factor with progress = step / total
-                factor = cfg.optim.lr_final + (1 - cfg.optim.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+            factor = 1.0  # Trainer's lr factor with progress = step / total
+            if cfg.optim.lr_schedule == "cosine":
+                factor = cosine_factor(self.step_count / total, cfg.optim.lr_final)
             for group, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base * factor
             rec = {"dsm": 0.0, "bce": 0.0, "acc": 0.0}
             for rnd in range(cfg.optim.accum_steps):
                 b, real = draw_batch(cfg, self.models, self.step_count, rnd, n, self.device, rng)
-                g = torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + self.step_count) * 64 + rnd) ^ 0x5EED)
+                g = generator_for(cfg.run.seed, "calibration_q", self.step_count, rnd)
                 x_fake = q.sample(n, generator=g).to(self.device)  # the fixed student's samples
-                dsm = fake_score_loss(self.fake, x_fake, b, self.models.sigma_data, norm=B)
-                bce, st = discriminator_loss(self.disc, real, x_fake, b, norm=B)
+                x_psi = x_fake + bcast(b.fake_sigma, x_fake) * b.fake_noise  # as Trainer._critic_round
+                dsm = fake_score_loss(self.fake(x_psi, b.fake_sigma).float(), x_fake, b.fake_weight, norm=B)
+                s = bcast(b.disc_sigma, x_fake)
+                l_real = self.disc(real + s * b.disc_noise_real, b.disc_sigma).float()
+                l_fake = self.disc(x_fake + s * b.disc_noise_fake, b.disc_sigma).float()
+                bce, st = discriminator_loss(l_real, l_fake, norm=B)
                 (dsm + cfg.loss.disc_weight * bce).backward()
                 rec["dsm"] += float(dsm.detach()) / cfg.optim.accum_steps * B / n
                 rec["bce"] += float(bce.detach()) / cfg.optim.accum_steps * B / n

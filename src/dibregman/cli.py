@@ -14,29 +14,12 @@ from dataclasses import fields
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _parse_value(text: str):
-    """`--set key=value`: JSON values where they parse (numbers, true/false, lists), plain strings otherwise."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = _parse_value(value)
-    return out
-
-
 def cmd_train_teacher(args) -> None:
+    from .config import parse_set
     from .train_teacher import TeacherConfig, train_teacher
 
     kwargs = {"data": args.data} if args.data else {}
-    kwargs.update(_overrides(args.set))
+    kwargs.update(parse_set(args.set))
     valid = {f.name for f in fields(TeacherConfig)}
     bad = sorted(set(kwargs) - valid)
     if bad:
@@ -59,22 +42,20 @@ FLAG_KEYS = {
 
 def resolve_config(args):
     """--preset + common flags + --set section.key=value -> a validated DistillConfig."""
-    from .config import get_preset, override, validate
+    from .config import from_preset, parse_set
 
-    cfg = get_preset(args.preset)
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
-    pairs.update(_overrides(args.set))
-    if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
-        # the GAN term pulls q to p, a reward tilts it to p r*: a preset's GAN term is dropped, said out loud
-        print(f"note: --reward turns off the {args.preset!r} preset's GAN term (loss.gan_weight -> 0)")
-        pairs["loss.gan_weight"] = 0.0
-    return validate(override(cfg, pairs))
+    return from_preset(args.preset, {**pairs, **parse_set(args.set)})
 
 
 def cmd_distill(args) -> None:
     from . import dist
+    from .config import describe_keys, get_preset
     from .loop import distill
 
+    if args.list_keys:
+        print(describe_keys(get_preset(args.preset)))
+        return
     cfg = resolve_config(args)
     run_dir = args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}"
     if args.print_config:
@@ -88,24 +69,12 @@ def cmd_distill(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from .generators import generate, load_generator
+    from .generators import load_generator, sample_export
     from .viz import save_image_grid, save_scatter
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gen, meta = load_generator(args.checkpoint, device)
-    prompts = _sample_prompts(args)
-    text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
-    if text_to_image != bool(prompts):
-        raise ValueError("a text-to-image export needs --prompt/--prompts, and only such exports take them")
-    if text_to_image:  # --num images, prompts cycled: a grid column per prompt
-        from .t2i import sample_images
-
-        prompts = [prompts[i % len(prompts)] for i in range(max(args.num, len(prompts)))]
-        x = sample_images(gen, prompts, seed=args.seed, batch_size=min(args.batch, 16), device=device)
-        ncol = min(len(set(prompts)), 16)
-    else:
-        x = generate(gen, args.num, seed=args.seed, batch_size=args.batch, device=device)
-        ncol = min(16, len(x))
+    x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
     out = args.out
     if out.endswith(".npz"):
         import numpy as np
@@ -149,11 +118,11 @@ def cmd_eval(args) -> None:
 
 
 def cmd_divergences(args) -> None:
-    from . import divergences
+    from . import divergences, viz
 
     print(divergences.describe())
     if args.plot:
-        divergences.plot_log_weights(args.plot)
+        viz.plot_log_weights(args.plot)
         print(f"plot written to {args.plot}")
 
 
@@ -228,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default="", help="run folder (auto-resumes); default runs/<preset>-<divergence>")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    d.add_argument("--list-keys", action="store_true", help="print every key: type, the preset's value, help")
 
     s = sub.add_parser("sample", help="one-step samples from an exported generator")
     s.add_argument("--checkpoint", required=True, help="run folder or generator.safetensors")
@@ -243,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", default="", help=".npz or image folder")
     e.add_argument("--checkpoint", default="", help="run folder or generator.safetensors")
     e.add_argument("--reference", default="mnist:data/mnist:test", help="reference data KIND:PATH[:split]")
-    e.add_argument("--features", default="inception", help="inception | mnist")
+    e.add_argument("--features", default="inception", choices=["inception", "mnist"])
     e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint")
     e.add_argument("--trials", type=int, default=1)
     e.add_argument("--seed", type=int, default=0)

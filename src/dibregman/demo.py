@@ -91,7 +91,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, size: DemoSi
         if not done and fid_curve and num_images // period == int(fid_curve[-1]["kimg"] * 1000) // period:
             return {}
         x = generate(trainer.ema, size.n_loop_fid, seed=1)
-        ref = reference or trainer.m.real(torch.Generator().manual_seed(0), size.n_loop_fid).cpu()
+        ref = reference or trainer.m.real(torch.Generator().manual_seed(0), size.n_loop_fid)[0].cpu()
         r = _fid(x, ref, "mnist", None)
         fid_curve.append({"kimg": num_images / 1000, "fid_mnist": r["fid"], "n": r["n_samples"]})
         return {"fid_mnist": r["fid"], "fid_n": r["n_samples"]}
@@ -135,7 +135,7 @@ def measure(trainer, size: DemoSize, reference, out: Path) -> dict:
     save_image_grid(student[:64], out / "student.png", ncol=8, scale=3)
     save_image_grid(teach[:64], out / "teacher.png", ncol=8, scale=3)
     # Without MNIST (quick mode only) the reference is the teacher pool drawn for the real side: another seed.
-    ref = reference if reference else trainer.m.real(torch.Generator().manual_seed(4), size.n_fid).cpu()
+    ref = reference if reference else trainer.m.real(torch.Generator().manual_seed(4), size.n_fid)[0].cpu()
     res = {"student": {}, "teacher": {}}
     print(f"[demo] FIDs: MNIST features (n={size.n_fid}) and Inception-v3 (n={size.n_inception})", flush=True)
     for name, x in (("student", student), ("teacher", teach)):

@@ -1,5 +1,5 @@
 """Weights of Di-Bregman (Zhu et al. 2025, "One-step Diffusion Models with Bregman Density Ratio Matching",
-papers/di-bregman.md) and f-distill (Xu, Nie, Vahdat 2025, arXiv 2502.15681) as maps logit -> weight.
+arXiv 2510.16983) and f-distill (Xu, Nie, Vahdat 2025, arXiv 2502.15681) as maps logit -> weight.
 
 Symbols (used throughout the package):
     p = p_t      teacher marginal at noise level sigma (EDM: x_t = x0 + sigma * eps)
@@ -32,8 +32,9 @@ so both are strictly convex everywhere; SBA's h is singular at lam in {0, -1} an
 but the weights are not: there h (or f) is its limit up to affine terms (which leave D_h, D_f unchanged).
 Whether D_h is finite for a given pair p, q is a property of the pair, not of h (see tests/test_theorem1.py).
 
-Stabilisation (`Stabilizer`, `stabilized_weight`) is kept separate from the maths: logit clamp, ratio clip,
-self-normalisation (batch or per log-sigma bin) and a weight cap, all computed from log weights.
+Stabilisation (`Stabilizer`, `stabilized_log_weight`, `stabilized_weight`) is kept separate from the maths:
+logit clamp, ratio clip, self-normalisation (batch or per log-sigma bin) and a weight cap, all computed from log
+weights.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +209,8 @@ def bregman(h: Fn, name: str = "custom", h_str: str | None = None) -> Divergence
 
 
 # ---- stabilisation ----
-NORMALIZE_MODES = ("none", "batch_mean", "softmax", "sigma_bins")
+Normalize = Literal["none", "batch_mean", "softmax", "sigma_bins"]  # w/mean(w) over the batch = N softmax(log w)
+NORMALIZE_MODES = get_args(Normalize)
 
 
 @dataclass(frozen=True)
@@ -268,27 +271,36 @@ def _normalize_log(log_w: Tensor, bins: Tensor, num_bins: int) -> Tensor:
     return shifted - log_mean_over_max[bins]
 
 
-def stabilized_weight(
+def clamped_logits(l: Tensor, stab: Stabilizer) -> Tensor:
+    """The logit clamp and ratio clip of `stab` applied to l (r = e^{-l} in [r_min, r_max] <=> l in
+    [-log r_max, -log r_min]; r_min = 0: no lower clip)."""
+    if stab.logit_clamp is not None:
+        l = l.clamp(-stab.logit_clamp, stab.logit_clamp)
+    if stab.ratio_clip is not None:
+        r_min, r_max = stab.ratio_clip
+        l = l.clamp(-math.log(r_max), -math.log(r_min) if r_min > 0 else math.inf)
+    return l
+
+
+def stabilized_log_weight(
     div: Divergence,
     logits: Tensor,  # discriminator logits l = log(p/q), any shape
     sigma: Tensor | None = None,  # noise level per logit (same number of elements); needed for sigma_bins
     stab: Stabilizer = Stabilizer(),
-) -> Tensor:
-    """Detached weight (a stop-gradient factor in Eq. 4), shaped like `logits`; float32 (float64 if given).
+) -> tuple[Tensor, Tensor]:
+    """(log w, log n), both detached and shaped like `logits`; never overflows.
 
-    Order: NaN handling -> logit clamp -> ratio clip -> log weight -> normalisation (log space) -> exp ->
-    weight clip.  Raises ValueError for NaN logits (unless nan='zero') and for weights that overflow."""
+    log w is the log of the stabilised weight before the weight clip (NaN handling -> logit clamp -> ratio clip ->
+    log weight -> normalisation, all in log space; -inf for NaN logits under nan='zero'); log n = log w minus the
+    exact log weight at the clamped logit: the normalisation's log factor (0 for normalize='none'), which Eq. 14's
+    target-ratio term shares.  Raises ValueError for NaN logits (unless nan='zero')."""
     l = _as_float(logits).detach()
     isnan = torch.isnan(l)
     if stab.nan == "raise":
         _check_nan(l)
-    l = torch.where(isnan, torch.zeros_like(l), l)
-    if stab.logit_clamp is not None:
-        l = l.clamp(-stab.logit_clamp, stab.logit_clamp)
-    if stab.ratio_clip is not None:  # r in [r_min, r_max]  <=>  l in [-log r_max, -log r_min]
-        r_min, r_max = stab.ratio_clip  # r_min = 0: no lower clip
-        l = l.clamp(-math.log(r_max), -math.log(r_min) if r_min > 0 else math.inf)
-    log_w = torch.where(isnan, torch.full_like(l, -math.inf), div.log_weight(l).detach()).reshape(-1)
+    l = clamped_logits(torch.where(isnan, torch.zeros_like(l), l), stab)
+    exact = div.log_weight(l).detach()
+    log_w = torch.where(isnan, torch.full_like(l, -math.inf), exact).reshape(-1)
     if stab.normalize in ("batch_mean", "softmax"):
         log_w = _normalize_log(log_w, torch.zeros_like(log_w, dtype=torch.long), 1)
     elif stab.normalize == "sigma_bins":
@@ -300,9 +312,28 @@ def stabilized_weight(
         log_w = _normalize_log(
             log_w, sigma_bin_index(sigma, stab.num_sigma_bins, stab.sigma_range), stab.num_sigma_bins
         )
-    w = log_w.exp().reshape(l.shape)
-    if stab.weight_clip is not None:
-        w = w.clamp(max=stab.weight_clip)
+    log_w = log_w.reshape(l.shape)
+    log_n = torch.where(isnan | (stab.normalize == "none"), torch.zeros_like(l), log_w - exact)
+    return log_w, log_n
+
+
+def weight_from_log(log_w: Tensor, stab: Stabilizer = Stabilizer()) -> Tensor:
+    """exp(log w) capped at `stab.weight_clip` (after normalisation, where the mean weight is 1); may be inf."""
+    w = log_w.exp()
+    return w.clamp(max=stab.weight_clip) if stab.weight_clip is not None else w
+
+
+def stabilized_weight(
+    div: Divergence,
+    logits: Tensor,  # discriminator logits l = log(p/q), any shape
+    sigma: Tensor | None = None,  # noise level per logit (same number of elements); needed for sigma_bins
+    stab: Stabilizer = Stabilizer(),
+) -> Tensor:
+    """Detached weight (a stop-gradient factor in Eq. 4), shaped like `logits`; float32 (float64 if given).
+
+    `stabilized_log_weight`, then exp and the weight clip.  Raises ValueError for NaN logits (unless
+    nan='zero') and for weights that overflow."""
+    w = weight_from_log(stabilized_log_weight(div, logits, sigma, stab)[0], stab)
     if not bool(torch.isfinite(w).all()):
         msg = f"{div.name}: non-finite weights ({w.dtype} overflow or infinite logits)"
         raise ValueError(msg + "; set logit_clamp or a normalisation")
@@ -343,35 +374,3 @@ def describe() -> str:
     lines.insert(1, "  ".join("-" * wd for wd in widths))
     notes = "l = log(p/q), r = q/p = e^-l, u = p/q = e^l; Bregman weight h''(r) r, f weight f''(u) u^2."
     return "\n".join(lines + ["", notes])
-
-
-def plot_log_weights(
-    path,  # output PNG path
-    logits_range: tuple[float, float] = (-10.0, 10.0),  # x-axis range of the logit l
-    lams: tuple[float, ...] = (-1.0, 0.5, 1.0, 3.0, 5.0, 10.0),  # SBA lambdas to draw
-    alphas: tuple[float, ...] = (-1.0, 0.5, 2.0),  # alpha-divergence alphas to draw
-):
-    """PNG of log-weight versus logit for every registry entry (Agg, no pyplot state); returns path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    l = torch.linspace(logits_range[0], logits_range[1], 401, dtype=torch.float64)
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, kind in zip(axes, ("bregman", "f"), strict=True):
-        for n in names():
-            sweep = {"sba": [{"lam": v} for v in lams], "alpha": [{"alpha": v} for v in alphas]}.get(n, [{}])
-            for params in sweep:
-                d = get(n, **params)
-                if d.kind == kind:
-                    label = n + "".join(f"({k}={v:g})" for k, v in params.items())
-                    ax.plot(l.numpy(), d.log_weight(l).numpy(), label=label, lw=1.3)
-        ax.set_title("Bregman: log h''(r) r" if kind == "bregman" else "f-distill: log f''(u) u^2")
-        ax.set_xlabel("logit l = log(p/q)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("log weight")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path

@@ -1,7 +1,7 @@
 """Exported one-step generators: metadata to rebuild the network, and loading for `dibregman sample`/`eval`.
 
 An export is `generator.safetensors` (EMA weights of `OneStepGenerator`) + `generator.json` (how to rebuild
-it); text-to-image runs write a diffusers folder instead (`t2i.py`).
+it); text-to-image runs write a diffusers folder instead (`teachers/t2i.py`).
 Loading never executes code from a file.
 """
 
@@ -35,6 +35,27 @@ def generator_meta(gen: OneStepGenerator, cfg, num_images: int) -> dict:
     }
 
 
+def export_generator(gen: OneStepGenerator, cfg, run_dir: str | Path, num_images: int) -> Path:
+    """Write `gen` as `<run_dir>/generator.safetensors` + `generator.json` (the native families' export)."""
+    meta = generator_meta(gen, cfg, num_images)
+    return ckpt.export_safetensors(gen.state_dict(), meta, Path(run_dir) / "generator")
+
+
+@torch.no_grad()
+def preview_samples(gen, path, seed: int, device, *, real, shape, title: str = "") -> None:
+    """A picture of one-step samples at `path`: an 8x8 grid for images, a 2000-point scatter over the real side
+    for vectors (the native families' preview)."""
+    from .viz import save_image_grid, save_scatter
+
+    g = torch.Generator().manual_seed(seed)
+    n = 64 if len(shape) == 3 else 2000
+    x = gen(torch.randn((n, *shape), generator=g).to(device)).float().cpu()
+    if len(shape) == 3:
+        save_image_grid(x, path, ncol=8)
+    else:
+        save_scatter(x, path, reference=real(g, n)[0].cpu(), title=title)
+
+
 def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
     """Rebuild an exported generator (a run folder or its `generator.safetensors`); returns (generator, metadata).
 
@@ -42,7 +63,7 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
     """
     path = Path(path)
     if path.is_dir():
-        from .t2i import find_export, load_t2i_generator
+        from .teachers.t2i import find_export, load_t2i_generator
 
         folder = find_export(path)
         if folder is not None:
@@ -61,16 +82,14 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
     elif net_meta["type"] == "mlp":
         net = MLPDenoiser(MLPConfig(**net_meta["config"]))
     else:
-        from .build import resolve_path
         from .teachers import load_teacher
 
-        net = load_teacher(resolve_path(net_meta["teacher"]))
+        net = load_teacher(net_meta["teacher"])
     gen = OneStepGenerator(net, meta["sigma_init"])
     gen.load_state_dict(state)
     return gen.to(device).eval().requires_grad_(False), meta
 
 
-@torch.no_grad()
 @torch.no_grad()
 def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 256, cond=None, device="cpu"):
     """n one-step samples G(z), z ~ N(0, I), deterministic in `seed`; [n, *shape] on CPU."""
@@ -83,3 +102,20 @@ def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 
         c = None if cond is None else cond[i : i + m].to(device)
         out.append(gen(z, c).float().cpu())
     return torch.cat(out)
+
+
+def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 0, batch_size: int = 256):
+    """`num` samples of a loaded export and the columns of their grid: (samples on the CPU, ncol). A text-to-image
+    export takes prompts (cycled, a column each) and only it does."""
+    device = next(gen.parameters()).device
+    text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
+    if text_to_image != bool(prompts):
+        raise ValueError("a text-to-image export needs --prompt/--prompts, and only such exports take them")
+    if not text_to_image:
+        x = generate(gen, num, seed=seed, batch_size=batch_size, device=device)
+        return x, min(16, len(x))
+    from .teachers.t2i import sample_images
+
+    prompts = [prompts[i % len(prompts)] for i in range(max(num, len(prompts)))]
+    x = sample_images(gen, prompts, seed=seed, batch_size=min(batch_size, 16), device=device)
+    return x, min(len(set(prompts)), 16)

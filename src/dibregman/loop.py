@@ -1,53 +1,38 @@
 """The distillation loop: orchestration only (phases, optimisers, EMA, accumulation, data parallelism, NaN guard,
-checkpoints, logging). The maths lives in `distill.py` and `divergences.py`.
+checkpoints, logging). The maths lives in `distill.py` and `divergences.py`; the draws in `draws.py`.
 
-Reproducibility: every random draw of step k comes from a generator seeded by (seed, k, phase, round) and is
-drawn for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N steps equals 2N
-steps bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch (up to the
-floating-point order of the gradient all-reduce). Batch statistics of the weights (normalisation) are taken
-over the global micro-batch via an all-gather of the logits.
+Reproducibility: every random draw of step k comes from a generator seeded by `draws.seed_for(seed, "batch", k,
+round)` -- not by phase: the critic and the generator phase of a step share their draws (z included), as in
+Algorithm 1 -- and is drawn for the *global* micro-batch; each rank takes its slice. Hence N steps + resume + N
+steps equals 2N steps bitwise, and `torchrun --nproc_per_node W` equals one process with the same global batch
+(up to the floating-point order of the gradient all-reduce). Batch statistics of the weights (normalisation) are
+taken over the global micro-batch via an all-gather of the logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from . import dist, divergences
-from .build import Models, build_models
-from .config import DistillConfig, divergence_params, validate
-from .distill import (
-    Batch,
-    NonFiniteError,
-    discriminator_loss,
-    fake_score_loss,
-    generator_loss,
-    karras_uniform_sigma,
-)
+from . import dist, divergences, optim
+from . import distill as losses
+from .build import build_models, objective
+from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
+from .distill import bcast, per_sample_mean
+from .draws import Batch, draw_batch, local_slice
 from .monitor import Monitor
-from .noise import edm_training_sigma
-from .reward import build_target
+from .rewards import build_target
 
-# Keys that may change between a checkpoint and its resumption (length and reporting only).
-RESUMABLE_CHANGES = {
-    "run.total_kimg",
-    "run.log_every_kimg",
-    "run.ckpt_every_kimg",
-    "run.sample_every_kimg",
-    "run.keep_ckpts",
-    "run.threads",
-    "run.device",
-    "run.tensorboard",
-    "run.max_bad_steps",
-}
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf appeared in a quantity the step depends on; the step is skipped and counted."""
 
 
 @dataclass
@@ -56,92 +41,27 @@ class State:
     num_images: int = 0  # generator images seen (global)
     bad_steps: int = 0  # NaN/Inf steps skipped in total
     bad_in_row: int = 0  # consecutive NaN/Inf steps
-    history: list = field(default_factory=list)
 
 
-def stabilizer(cfg: DistillConfig) -> divergences.Stabilizer:
-    d = cfg.divergence
-    clip = (d.ratio_clip_min, d.ratio_clip_max) if d.ratio_clip_max > 0 else None
-    return divergences.Stabilizer(
-        logit_clamp=d.logit_clamp or None,
-        ratio_clip=clip,
-        normalize=d.normalize,
-        num_sigma_bins=d.num_sigma_bins,
-        weight_clip=d.weight_clip or None,
-    )
-
-
-def draw_batch(cfg: DistillConfig, m: Models, step: int, rnd: int, n: int, device, sigma_range) -> tuple:
-    """All random draws of micro-batch `rnd` of step `step` for the global micro-batch of size n."""
-    g = torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 64 + rnd) % (2**63))
-    shape = (n, *m.shape)
-    lo, hi = sigma_range
-    L = cfg.loss
-
-    def noise():
-        return torch.randn(shape, generator=g)
-
-    b = Batch(
-        z=noise(),
-        gen_sigma=karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin),
-        gen_noise=noise(),
-        gan_noise=noise(),
-        fake_sigma=edm_training_sigma(n, L.fake_p_mean, L.fake_p_std, m.sigma_data, generator=g)[0],
-        fake_noise=noise(),
-        disc_sigma=karras_uniform_sigma(n, L.disc_t_max, lo, hi, generator=g),
-        disc_noise_real=noise(),
-        disc_noise_fake=noise(),
-    )
-    real = m.real(g, n)
-    if L.fake_sigma == "generator":  # drawn last, so that the default's random stream is unchanged
-        b.fake_sigma = karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin)
-    if m.conditions is not None:  # c ~ D_c (line 4); the real side brings its own captions, (x_gt, c) line 21
-        real, real_index = real
-        cond_index = m.conditions.draw(g, n)
-    sl = local_slice(n)
-    for k, v in vars(b).items():
-        if isinstance(v, torch.Tensor):
-            setattr(b, k, v[sl].to(device))
-    if m.conditions is not None:  # only this rank's slice is embedded
-        b.cond = m.conditions.embed(cond_index[sl], device)
-        b.real_cond = m.real_conditions.embed(real_index[sl], device)
-    return b, real[sl].to(device)
-
-
-def local_slice(n: int) -> slice:
-    w, r = dist.world_size(), dist.rank()
-    if n % w:
-        raise ValueError(f"global micro-batch {n} is not divisible by the world size {w}")
-    per = n // w
-    return slice(r * per, (r + 1) * per)
-
-
-def _finite_grads(params) -> bool:
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    ok = torch.stack(flags).all().float() if flags else torch.ones(())
-    if dist.world_size() > 1:
-        dist.all_reduce_sum_([ok])
-        return bool(ok.item() == dist.world_size())
-    return bool(ok.item())
-
-
-def _apply(opt, params, clip: float, name: str, mon: Monitor) -> bool:
-    """All-reduce gradients, guard against NaN/Inf, clip, step. Returns False (and skips) on a non-finite gradient."""
-    grads = [p.grad for p in params if p.grad is not None]
-    dist.all_reduce_sum_(grads)
-    if not _finite_grads(params):
-        opt.zero_grad(set_to_none=True)
+def _apply(opt, params, clip: float | None, name: str, mon: Monitor) -> bool:
+    """`optim.guarded_step`, logged: False (and a skip) on a non-finite gradient."""
+    ok, grad_norm = optim.guarded_step(opt, params, clip)
+    if not ok:
         mon.add({f"skipped/{name}": 1.0})
-        return False
-    if clip > 0:
-        mon.add({f"{name}/grad_norm": float(torch.nn.utils.clip_grad_norm_(params, clip))})
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return True
+    elif grad_norm is not None:
+        mon.add({f"{name}/grad_norm": grad_norm})
+    return ok
 
 
 class Trainer:
-    def __init__(self, cfg: DistillConfig, run_dir: str | Path, hooks: list[Callable] | None = None):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        run_dir: str | Path,
+        hooks: list[Callable] | None = None,
+        *,
+        pretrain: Callable | None = None,  # see build.build_models
+    ):
         self.cfg = validate(cfg)
         self.run_dir = Path(run_dir)
         self.hooks = hooks or []
@@ -149,10 +69,9 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        self.m = build_models(cfg, self.device)
-        self.div = divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))
-        self.stab = stabilizer(cfg)
-        self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (reward.py), or None
+        self.m = build_models(cfg, self.device, pretrain=pretrain)
+        self.div, self.stab = objective(cfg)  # Eq. 4's weight: divergence and stabiliser
+        self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (rewards.py), or None
         self.ema = copy.deepcopy(self.m.generator).requires_grad_(False)
         o = cfg.optim
         self.gen_params = list(self.m.generator.parameters())
@@ -168,8 +87,8 @@ class Trainer:
         self.opt_c = torch.optim.AdamW([g for g in groups if g["params"]], **adam)
         self.critic_base_lrs = [g["lr"] for g in self.opt_c.param_groups]
         t = self.m.teacher
-        lo = cfg.loss.gen_sigma_min or t.sigma_min
-        self.sigma_range = (lo, cfg.loss.gen_sigma_max or t.sigma_max)
+        lo, hi = cfg.loss.gen_sigma_min, cfg.loss.gen_sigma_max  # None: the teacher's
+        self.sigma_range = (t.sigma_min if lo is None else lo, t.sigma_max if hi is None else hi)
         self.state = State()
         self._resume()
 
@@ -209,7 +128,13 @@ class Trainer:
             old = DistillConfig.from_dict(state["config"]).to_dict()
         except ValueError:
             old = state["config"]
-        diff = config_diff(old, self.cfg.to_dict()) - RESUMABLE_CHANGES
+        diff = config_diff(old, self.cfg.to_dict())
+        if "run.total_kimg" in diff and self.cfg.optim.lr_schedule != "constant":
+            raise ValueError(
+                f"{path}: run.total_kimg differs from the checkpoint's, and the {self.cfg.optim.lr_schedule} "
+                "lr schedule is a function of it; keep run.total_kimg or use lr_schedule=constant"
+            )
+        diff -= RESUMABLE_CHANGES
         if diff:
             raise ValueError(
                 f"{path} was written by a different config (differs in {sorted(diff)}); "
@@ -248,6 +173,33 @@ class Trainer:
         return path
 
     # ---- one optimisation step ---------------------------------------------------------------------------
+    def _global(self, fn, *local: torch.Tensor):
+        """fn of the global micro-batch (every rank's tensors gathered); this rank's slice of its result(s)."""
+        if dist.world_size() == 1:
+            return fn(*local)
+        out = fn(*(dist.all_gather_cat(t) for t in local))
+        sl = local_slice(len(local[0]) * dist.world_size())
+        return tuple(o[sl] for o in out) if isinstance(out, tuple) else out[sl]
+
+    def _log_weights(self, logits: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return divergences.stabilized_log_weight(self.div, logits, sigma=sigma, stab=self.stab)
+
+    def _critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict]:
+        """Lines 16-22 for one micro-batch: fake-score DSM on G(z) and Eq. 5's BCE, at the draws of `b`."""
+        m = self.m
+        with torch.no_grad():
+            x_fake = m.generator(b.z, b.cond).float()
+        x_psi = x_fake + bcast(b.fake_sigma, x_fake) * b.fake_noise
+        dsm = losses.fake_score_loss(m.fake(x_psi, b.fake_sigma, b.cond).float(), x_fake, b.fake_weight, norm)
+        s = bcast(b.disc_sigma, x_fake)
+        real_cond = b.cond if b.real_cond is None else b.real_cond
+        l_real = m.disc(real + s * b.disc_noise_real, b.disc_sigma, real_cond).float()
+        l_fake = m.disc(x_fake + s * b.disc_noise_fake, b.disc_sigma, b.cond).float()
+        bce, st = losses.discriminator_loss(l_real, l_fake, norm)
+        n = len(x_fake)
+        stats = {"loss/fake_dsm": float(dsm.detach()) * norm / n, "loss/disc_bce": float(bce.detach()) * norm / n}
+        return dsm + self.cfg.loss.disc_weight * bce, {**stats, **{f"disc/{k}": float(v) for k, v in st.items()}}
+
     def _critic_step(self, mon: Monitor) -> bool:
         cfg, m, B = self.cfg, self.m, self.cfg.optim.batch_size
         n = B // cfg.optim.accum_steps
@@ -256,76 +208,80 @@ class Trainer:
             if self.target is not None:  # Z = E_p[R] on the real side
                 mon.add(self.target.observe(real, dist.all_gather_cat if dist.world_size() > 1 else None))
             with self._autocast():
-                with torch.no_grad():
-                    x_fake = m.generator(b.z, b.cond).float()
-                dsm = fake_score_loss(m.fake, x_fake, b, m.sigma_data, norm=B)
-                bce, st = discriminator_loss(m.disc, real, x_fake, b, norm=B, real_cond=b.real_cond)
-                loss = dsm + cfg.loss.disc_weight * bce
+                loss, stats = self._critic_round(b, real, norm=B)
             loss.backward()
-            mon.add(
-                {
-                    "loss/fake_dsm": float(dsm.detach()) * B / len(x_fake),
-                    "loss/disc_bce": float(bce.detach()) * B / len(x_fake),
-                    **{f"disc/{k}": float(v) for k, v in st.items()},
-                }
-            )
+            mon.add(stats)
         return _apply(self.opt_c, self.critic_params, cfg.optim.grad_clip, "critic", mon)
+
+    def _generator_round(self, b: Batch, gan_w: float, norm: int) -> tuple[torch.Tensor, dict]:
+        """Lines 5-15 for one micro-batch: the networks at x_t, then Eq. 4 (+ Eq. 14, + GAN) from `distill`."""
+        m, L = self.m, self.cfg.loss
+        x = m.generator(b.z, b.cond).float()  # line 5
+        s = bcast(b.gen_sigma, x)
+        x_t = x.detach() + s * b.gen_noise  # line 6: forward process q_{t|0}(x_t | x_theta)
+        with torch.no_grad():
+            d_phi = m.teacher(x_t, b.gen_sigma, b.cond).float()  # line 7
+            d_psi = m.fake(x_t, b.gen_sigma, b.cond).float()
+            logits = m.disc(x_t, b.gen_sigma, b.cond).float()  # line 8: r_t = e^{-l}
+            divisor = losses.time_weight_divisor(L.weighting, b.gen_sigma, x.detach(), d_phi)
+            gap = (d_phi - d_psi) / bcast(divisor, x)  # w(t) (s_phi - s_psi)
+            if not (torch.isfinite(logits).all() and torch.isfinite(gap).all()):
+                raise NonFiniteError("non-finite discriminator logits or score difference in the generator step")
+            log_w, log_n = self._global(self._log_weights, logits, b.gen_sigma)  # line 9, global micro-batch
+            w = divergences.weight_from_log(log_w, self.stab)
+            if not torch.isfinite(w).all():  # e.g. normalize=none with a large lambda: float32 overflow
+                raise NonFiniteError("the Bregman weight overflows; set divergence.logit_clamp or a normalisation")
+        loss = losses.dibregman_loss(x, d_phi, d_psi, w, divisor, norm)
+        stats = {"weight": w, "logits": logits, "sigma": b.gen_sigma, "gap": per_sample_mean(gap.square())}
+        if self.target is not None:  # Eq. 14: + w(t) h''(r*_t) grad r*_t, with Eq. 4's w(t) and normalisation
+            g, log_w_star = self.target.term(x_t, b.gen_sigma, b.cond, div=self.div, stab=self.stab)
+            tw = losses.time_weight(L.weighting, b.gen_sigma, x.detach(), d_phi)
+            extra, coef = losses.target_ratio_loss(x, g, log_w_star, log_n, tw, norm)
+            if not torch.isfinite(coef).all():
+                raise NonFiniteError("non-finite target-ratio weight w(r*); set divergence.logit_clamp")
+            loss = loss + extra
+            stats["reward"] = self.target.stats(x, b.cond, coef, g)
+        if gan_w > 0:  # the GAN term's gradient flows through x into G (and into eta: cleared by the caller)
+            gan = losses.gan_generator_loss(m.disc(x + s * b.gan_noise, b.gen_sigma, b.cond).float(), L.gan_logit_clamp)
+            loss = loss + gan_w * gan.sum() / norm
+            stats["gan"] = gan.detach()
+        return loss, stats
 
     def _generator_step(self, mon: Monitor) -> bool:
         cfg, m, B = self.cfg, self.m, self.cfg.optim.batch_size
         n = B // cfg.optim.accum_steps
         kimg = self.state.num_images / 1000
         gan_w = cfg.loss.gan_weight if kimg >= cfg.loss.gan_warmup_kimg else 0.0
-        gather = dist.all_gather_cat if dist.world_size() > 1 else None
-        for rnd in range(cfg.optim.accum_steps):
-            b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range)
-            with self._autocast():
-                x = m.generator(b.z, b.cond).float()
-                try:
-                    loss, st = generator_loss(
-                        x,
-                        b,
-                        teacher=m.teacher,
-                        fake=m.fake,
-                        disc=m.disc,
-                        div=self.div,
-                        stab=self.stab,
-                        weighting=cfg.loss.weighting,
-                        gan_weight=gan_w,
-                        gan_logit_clamp=cfg.loss.gan_logit_clamp,
-                        norm=B,
-                        gather=gather,
-                        local_slice=local_slice(n),
-                        reward=self.target,
-                    )
-                except NonFiniteError:
-                    self.opt_g.zero_grad(set_to_none=True)
-                    mon.add({"skipped/generator": 1.0})
-                    return False
-            loss.backward()
-            mon.add_weights(st)
-            mon.add(st.get("reward", {}))
-        for p in self.critic_params:  # the GAN term back-propagates into eta; that gradient is not eta's
-            p.grad = None
+        try:
+            for rnd in range(cfg.optim.accum_steps):
+                b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range, real=False)
+                with self._autocast():
+                    loss, st = self._generator_round(b, gan_w, norm=B)
+                loss.backward()
+                mon.add_weights(st)
+                mon.add(st.get("reward", {}))
+        except NonFiniteError:
+            self.opt_g.zero_grad(set_to_none=True)
+            mon.add({"skipped/generator": 1.0})
+            return False
+        finally:  # the GAN term back-propagates into eta; that gradient is not eta's (also after a NaN round)
+            for p in self.critic_params:
+                p.grad = None
         ok = _apply(self.opt_g, self.gen_params, cfg.optim.grad_clip, "generator", mon)
         if ok:
             self._update_ema()
         return ok
 
     def _update_ema(self) -> None:
-        hl = self.cfg.optim.ema_halflife_kimg * 1000
-        beta = 0.5 ** (self.cfg.optim.batch_size / hl) if hl > 0 else 0.0
-        with torch.no_grad():
-            for pe, pg in zip(self.ema.parameters(), self.m.generator.parameters(), strict=False):
-                pe.lerp_(pg, 1 - beta)
+        beta = optim.ema_beta(self.cfg.optim.batch_size, self.cfg.optim.ema_halflife_kimg * 1000)
+        optim.update_ema(self.ema, self.m.generator, beta)
 
     def lr_factor(self) -> float:
         """Learning-rate multiplier at the current images seen (a pure function of the state: resume is exact)."""
         o = self.cfg.optim
         if o.lr_schedule == "constant":
             return 1.0
-        progress = min(self.state.num_images / (self.cfg.run.total_kimg * 1000), 1.0)
-        return o.lr_final + (1 - o.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return optim.cosine_factor(self.state.num_images / (self.cfg.run.total_kimg * 1000), o.lr_final)
 
     def _set_lrs(self) -> float:
         f, o = self.lr_factor(), self.cfg.optim
@@ -372,7 +328,7 @@ class Trainer:
         if dist.rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json())
-        every = {k: int(getattr(cfg.run, f"{k}_every_kimg") * 1000) for k in ("log", "ckpt", "sample")}
+        every = {k: int((getattr(cfg.run, f"{k}_every_kimg") or 0) * 1000) for k in ("log", "ckpt", "sample")}
         steps_done, t_start = 0, time.time()
         while s.num_images < total and (max_steps is None or steps_done < max_steps):
             before = s.num_images
@@ -404,31 +360,10 @@ class Trainer:
         }
 
     def export(self) -> str | None:
-        """Write the EMA generator as `generator.safetensors` + `generator.json` (rank 0)."""
-        from .generators import generator_meta
-
+        """Write the EMA generator the teacher family's way (`Models.export`) on rank 0; returns its path."""
         if dist.rank() != 0:
             return None
-        if self.m.conditions is not None:  # text-to-image: a diffusers folder (t2i.export_diffusers)
-            from .t2i import export_diffusers
-
-            folder = self.run_dir / "diffusers"
-            return str(export_diffusers(self.ema, self.cfg, folder, self.state.num_images))
-        meta = generator_meta(self.ema, self.cfg, self.state.num_images)
-        return str(ckpt.export_safetensors(self.ema.state_dict(), meta, self.run_dir / "generator"))
-
-
-def config_diff(a: dict, b: dict, prefix: str = "") -> set:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = set(a) | set(b)
-    out = set()
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb and not (isinstance(va, float | int) and isinstance(vb, float | int) and math.isclose(va, vb)):
-            out.add(f"{prefix}{k}")
-    return out
+        return str(self.m.export(self.ema, self.cfg, self.run_dir, self.state.num_images))
 
 
 def distill(
@@ -443,4 +378,4 @@ def distill(
     return trainer.train(max_steps=max_steps)
 
 
-__all__ = ["Trainer", "distill", "config_diff"]
+__all__ = ["Trainer", "distill"]

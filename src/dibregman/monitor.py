@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import divergences
+from .draws import seed_for
 
 SIGMA_BIN_EDGES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, float("inf"))  # logit statistics per sigma bin
 
@@ -94,28 +95,12 @@ class Monitor:
 
     @torch.no_grad()
     def sample_grid(self, trainer, num_images: int) -> None:
+        """The teacher family's preview of the EMA generator (`Models.preview`) under samples/."""
         if not self.enabled:
             return
-        from .viz import save_image_grid, save_scatter
-
-        gen, shape = trainer.ema, trainer.m.shape
-        g = torch.Generator().manual_seed(trainer.cfg.run.seed + 99)
         path = self.run_dir / "samples" / f"samples-{num_images // 1000:06d}k.png"
-        if trainer.m.conditions is not None:  # text-to-image: fixed prompts (a column each), VAE-decoded
-            from .t2i import preview_prompts, sample_images
-
-            prompts = preview_prompts(trainer.m.conditions)
-            x = sample_images(gen, prompts, seed=int(g.initial_seed()), batch_size=4, device=trainer.device)
-            save_image_grid(x, path, ncol=len(set(prompts)))
-            return
-        n = 64 if len(shape) == 3 else 2000
-        z = torch.randn((n, *shape), generator=g).to(trainer.device)
-        x = gen(z).float().cpu()
-        if len(shape) == 3:
-            save_image_grid(x, path, ncol=8)
-        else:
-            ref = trainer.m.real(g, n).cpu()
-            save_scatter(x, path, reference=ref, title=f"{num_images / 1000:.0f} kimg")
+        seed, title = seed_for(trainer.cfg.run.seed, "preview"), f"{num_images / 1000:.0f} kimg"
+        trainer.m.preview(trainer.ema, path, seed, trainer.device, title=title)
 
     def close(self) -> None:
         if self.bar is not None:

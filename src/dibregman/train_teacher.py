@@ -6,7 +6,6 @@ images, ramped up as in EDM), atomic checkpoints, automatic resume and a safeten
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import optim
 from .data import load_dataset
 from .networks.unet import build_unet
 from .noise import edm_training_sigma
@@ -45,9 +45,7 @@ class TeacherConfig:
 
 def lr_at(cfg: TeacherConfig, kimg: float) -> float:
     warm = min(1.0, kimg / cfg.lr_warmup_kimg) if cfg.lr_warmup_kimg > 0 else 1.0
-    prog = min(1.0, kimg / cfg.total_kimg)
-    cos = cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
-    return cfg.lr * warm * cos
+    return cfg.lr * warm * optim.cosine_factor(kimg / cfg.total_kimg, cfg.lr_final_ratio)
 
 
 def edm_loss(net, x0: torch.Tensor, cond, cfg: TeacherConfig, generator=None) -> torch.Tensor:
@@ -120,10 +118,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
         num_images += cfg.batch_size
         step += 1
         halflife = min(cfg.ema_halflife_kimg * 1000, num_images * cfg.ema_rampup_ratio)
-        beta = 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
-        with torch.no_grad():
-            for pe, pn in zip(ema.parameters(), net.parameters(), strict=False):
-                pe.lerp_(pn.detach(), 1 - beta)
+        optim.update_ema(ema, net, optim.ema_beta(cfg.batch_size, halflife))
         loss_acc, n_acc = loss_acc + float(loss.detach()), n_acc + 1
         bar.update(cfg.batch_size)
         if step % 50 == 0:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import divergences
+
 
 def image_grid(x: torch.Tensor, ncol: int | None = None) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> uint8 grid [H', W', C] (C = 1 or 3)."""
@@ -64,4 +66,36 @@ def save_scatter(x: torch.Tensor, path: str | Path, reference: torch.Tensor | No
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def plot_log_weights(
+    path,  # output PNG path
+    logits_range: tuple[float, float] = (-10.0, 10.0),  # x-axis range of the logit l
+    lams: tuple[float, ...] = (-1.0, 0.5, 1.0, 3.0, 5.0, 10.0),  # SBA lambdas to draw
+    alphas: tuple[float, ...] = (-1.0, 0.5, 2.0),  # alpha-divergence alphas to draw
+):
+    """PNG of log-weight versus logit for every registry entry (Agg, no pyplot state); returns path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    l = torch.linspace(logits_range[0], logits_range[1], 401, dtype=torch.float64)
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, ("bregman", "f"), strict=True):
+        for n in divergences.names():
+            sweep = {"sba": [{"lam": v} for v in lams], "alpha": [{"alpha": v} for v in alphas]}.get(n, [{}])
+            for params in sweep:
+                d = divergences.get(n, **params)
+                if d.kind == kind:
+                    label = n + "".join(f"({k}={v:g})" for k, v in params.items())
+                    ax.plot(l.numpy(), d.log_weight(l).numpy(), label=label, lw=1.3)
+        ax.set_title("Bregman: log h''(r) r" if kind == "bregman" else "f-distill: log f''(u) u^2")
+        ax.set_xlabel("logit l = log(p/q)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("log weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     return path

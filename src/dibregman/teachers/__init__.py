@@ -1,39 +1,98 @@
-"""Teachers: anything implementing `D(x, sigma, cond=None) -> x0_hat` (see `base.Denoiser`).
+"""Teachers: anything implementing `D(x, sigma, cond=None) -> x0_hat` (see `base.Denoiser`), grouped in families.
 
 `load_teacher(spec)` is the one entry point: `edm:PATH.safetensors` (native U-Net, `edm.py`), `gmm:ring8`
 (exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`). The adapters for
 foreign formats are imported only when asked for, so their optional dependencies stay optional.
+
+A family (`TeacherFamily`) is what the rest of the package knows of a `KIND:` spec: its loader and, if the
+native recipe (`build.native_models`: G and psi copy the teacher's network, eta a head, the real side from data
+or teacher samples, a safetensors export, a sample-grid preview) does not fit, its own builder returning
+`models.Models` with its real-side sampler, conditions, `export(...)` and `preview(...)` (text-to-image:
+`t2i.build_t2i_models`). The loop, the monitor and the CLI never branch on the family. Adding one touches this
+folder and one registry line, e.g. a flow-matching teacher exposing D(x, sigma) in `teachers/flow.py`:
+
+    def _flow(arg, **kw):
+        from .flow import load_flow_teacher
+
+        return load_flow_teacher(arg, **kw)
+
+    FAMILIES["flow"] = TeacherFamily(_flow)  # native recipe; or TeacherFamily(_flow, build=build_flow_models)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from .base import Denoiser, as_sigma, score
 from .edm import import_edm_state_dict, load_edm_teacher
 from .gmm import GaussianMixture, ring_mixture
 
-TEACHER_KINDS = ("edm", "gmm", "diffusers", "sd")
+
+@dataclass(frozen=True)
+class TeacherFamily:
+    load: Callable  # load(arg, **kwargs) -> teacher: the `ARG` of a `KIND:ARG` spec (a path made absolute)
+    build: Callable | None = None  # build(cfg, teacher, device) -> models.Models; None: build.native_models
 
 
-def load_teacher(spec: str, **kwargs):
-    """Build a teacher from `KIND:ARG` (KIND in TEACHER_KINDS); kwargs go to that kind's loader."""
-    kind, sep, arg = spec.partition(":")
-    if not sep or kind not in TEACHER_KINDS:
-        raise ValueError(f"unknown teacher spec {spec!r}; expected KIND:ARG with KIND in {list(TEACHER_KINDS)}")
-    if not arg:
-        raise ValueError(f"teacher spec {spec!r} lacks its argument after '{kind}:'")
-    if kind == "edm":
-        return load_edm_teacher(arg, **kwargs)
-    if kind == "gmm":
-        from .gmm import gmm_from_spec
+def _gmm(arg, **kwargs):
+    from .gmm import gmm_from_spec
 
-        return gmm_from_spec(arg, **kwargs)
-    if kind == "diffusers":
-        from .diffusers import DiffusersTeacher
+    return gmm_from_spec(arg, **kwargs)
 
-        return DiffusersTeacher.from_folder(arg, **kwargs)
+
+def _diffusers(arg, **kwargs):
+    from .diffusers import DiffusersTeacher
+
+    return DiffusersTeacher.from_folder(arg, **kwargs)
+
+
+def _sd(arg, **kwargs):
     from .sd import StableDiffusionTeacher
 
     return StableDiffusionTeacher.from_folder(arg, **kwargs)
+
+
+def _t2i_models(cfg, teacher, device):
+    from .t2i import build_t2i_models
+
+    return build_t2i_models(cfg, teacher, device)
+
+
+FAMILIES: dict[str, TeacherFamily] = {
+    "edm": TeacherFamily(load_edm_teacher),
+    "gmm": TeacherFamily(_gmm),
+    "diffusers": TeacherFamily(_diffusers),
+    "sd": TeacherFamily(_sd, build=_t2i_models),
+}
+TEACHER_KINDS = tuple(FAMILIES)
+
+
+def resolve_path(spec: str) -> str:
+    """Relative paths in a spec are resolved against the working directory, then the package folder (assets/)."""
+    kind, _, path = spec.partition(":")
+    if path and not Path(path).exists():
+        alt = Path(__file__).resolve().parent.parent / path
+        if alt.exists():
+            return f"{kind}:{alt}"
+    return spec
+
+
+def family(spec: str) -> TeacherFamily:
+    """The family of a `KIND:ARG` teacher spec; ValueError for an unknown kind or a missing argument."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in FAMILIES:
+        raise ValueError(f"unknown teacher spec {spec!r}; expected KIND:ARG with KIND in {list(FAMILIES)}")
+    if not arg:
+        raise ValueError(f"teacher spec {spec!r} lacks its argument after '{kind}:'")
+    return FAMILIES[kind]
+
+
+def load_teacher(spec: str, **kwargs):
+    """Build a teacher from `KIND:ARG` (KIND in FAMILIES; a relative path may name a package asset); kwargs go to
+    that kind's loader."""
+    return family(spec).load(resolve_path(spec).partition(":")[2], **kwargs)
 
 
 __all__ = [
@@ -45,5 +104,9 @@ __all__ = [
     "load_edm_teacher",
     "import_edm_state_dict",
     "load_teacher",
+    "resolve_path",
     "TEACHER_KINDS",
+    "FAMILIES",
+    "TeacherFamily",
+    "family",
 ]

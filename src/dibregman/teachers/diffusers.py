@@ -25,8 +25,6 @@ from torch import nn
 
 from .base import as_sigma
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 ZERO_SNR_ABAR = 2.0**-24  # floor for abar_T = 0 (zero terminal SNR), as diffusers' Euler scheduler does
 

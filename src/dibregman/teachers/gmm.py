@@ -224,4 +224,19 @@ def gmm_from_spec(name: str, **kwargs) -> GaussianMixture:
     raise ValueError(f"unknown mixture {name!r}; valid: " + "; ".join(f"{k} ({v})" for k, v in MIXTURES.items()))
 
 
-__all__ = ["GaussianMixture", "ring_mixture", "grid_mixture", "geometric_weights", "gmm_from_spec", "MIXTURES"]
+__all__ = [
+    "GaussianMixture",
+    "ring_mixture",
+    "grid_mixture",
+    "geometric_weights",
+    "gmm_from_spec",
+    "tilted_mixture",
+    "MIXTURES",
+]
+
+
+def tilted_mixture(teacher: GaussianMixture, factors: torch.Tensor) -> tuple[GaussianMixture, float]:
+    """Exact p r* of the `gmm_modes` reward R = c_K for a mixture teacher: weights pi_k c_k / Z; returns
+    (mixture, Z)."""
+    w = teacher.weights.double().cpu() * factors.double()
+    return GaussianMixture(teacher.means.cpu(), covs=teacher.covs.cpu(), weights=w), float(w.sum())

@@ -20,8 +20,6 @@ from torch import nn
 
 from .diffusers import DiscreteVPDenoiser
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -79,7 +77,7 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
             self._uncond = self.encode_prompts([""])
         return self._uncond
 
-    def _embeddings(self, cond, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(self, cond, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond [N, L, D], uncond [N, L, D]) from a tensor, a {"cond", "uncond"} dict, prompts or None."""
         uncond = None
         if isinstance(cond, dict):
@@ -98,7 +96,7 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
     # ---- denoiser ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond=None) -> torch.Tensor:
         x_vp, t, s = self.model_input(x, sigma)
-        c, u = self._embeddings(cond, x.shape[0])
+        c, u = self.embeddings(cond, x.shape[0])
         dtype, w = self.unet.dtype, self.guidance_scale
         if cond is None or w == 1.0:
             out = self.unet(x_vp.to(dtype), t, encoder_hidden_states=c.to(x.device, dtype)).sample.float()

@@ -1,4 +1,4 @@
-"""Reward-tilted distillation (Di-Bregman, papers/di-bregman.md, Appendix G, Eqs. 13-14): distil p* = p r*.
+"""Rewards for reward-tilted distillation (Di-Bregman, arXiv 2510.16983, App. G, Eqs. 13-14): distil p* = p r*.
 
 Symbols: p = p_t teacher marginal and q = q_t student marginal at noise level sigma (x_t = x0 + sigma eps),
 r = q / p = e^{-l} (l the discriminator logit), R(x0) >= 0 a reward, Z = E_p[R] its normaliser, target
@@ -14,13 +14,16 @@ gives the extra term:
 (*) is the printed Eq. 14 once its "h''(r*_t) grad_theta r*_t(x_t)" is read as the total derivative
 h''(r*_t) grad_x r*_t(x_t) dG/dtheta (r*_t itself has no theta); the signs agree: the extra term moves
 samples up the reward.  Differences with the printed formula: (i) Eq. 14 drops Theorem 1's w(t); the engine
-multiplies BOTH terms by the same w(t) (`loss.weighting`, `weighting_factor`) and the same batch/sigma-bin
-normalisation of the weights (`normalization_log_scale`), because the fixed point r_t = r*_t, where the two
+multiplies BOTH terms by the same w(t) (`loss.weighting`, `distill.time_weight`) and the same batch/sigma-bin
+normalisation of the weights (`divergences.stabilized_log_weight`), because the fixed point r_t = r*_t, where the two
 terms cancel pointwise, needs their ratio intact (a weight clip that binds breaks this, as it breaks Eq. 4).
 (ii) The printed extra term has no dG/dtheta factor; with it, its units are those of Theorem 1's term.
 For KL (w = 1) Z drops out and (*) is VSD towards the tilted score s_p + grad log r*_t = grad log p*_t.
+The extra term's loss is `distill.target_ratio_loss`, beside Eq. 4's; this module holds the reward registry,
+the noisy-level target (`target_term`), the normaliser estimator and the Trainer's binding (`TargetRatio`).
 tests/test_reward.py checks (*) against finite differences of D_h(r_t || r*_t) (1-D Gaussian, exponential
-tilt) and that generator_loss's gradient vanishes at r_t = r*_t for every weighting and normalisation.
+tilt) and that the library's Eq. 4 + Eq. 14 gradient vanishes at r_t = r*_t for every weighting and
+normalisation.
 
 Noisy-level target.  Exactly, p*_t = int p R / Z N(x_t; x0, sigma^2) dx0, so r*_t(x_t) = E_p[R(x0) | x_t] / Z
 =: R_t(x_t) / Z, with E_{p_t}[r*_t] = 1 at every sigma.  `target` chooses R_t:
@@ -47,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from . import divergences
+from .draws import generator_for
 
 LogRewardFn = Callable[[Tensor, Tensor, object], Tensor]  # (x [N, *shape], sigma [N], cond) -> log R [N]
 TARGETS = ("auto", "sigma", "denoised", "noisy")
@@ -276,43 +280,7 @@ class NormalizerEstimator:
         self.sums, self.count = [float(v) for v in state["sums"]], int(state["count"])
 
 
-# ---- Eq. 14's extra term --------------------------------------------------------------------------------
-def weighting_factor(sigma: Tensor, x_t: Tensor, d_p: Tensor, weighting: str, x0: Tensor | None = None):
-    """The per-sample w(t) by which `distill.score_difference` (same arguments) scales (s_p - s_q), [N]:
-    dmd sigma^2 / mean|x0 - D_phi| (x_t when x0 is None), unit sigma^2, score 1."""
-    s2 = sigma.double().square()
-    if weighting == "dmd":
-        ref = x_t if x0 is None else x0
-        return s2 / (ref - d_p).abs().flatten(1).mean(1).clamp_min(1e-5).double()
-    if weighting == "unit":
-        return s2
-    if weighting == "score":
-        return torch.ones_like(s2)
-    raise ValueError(f"unknown weighting {weighting!r}; valid: ['dmd', 'unit', 'score']")
-
-
-def _clamped_logits(l: Tensor, stab: divergences.Stabilizer) -> Tensor:
-    if stab.logit_clamp is not None:
-        l = l.clamp(-stab.logit_clamp, stab.logit_clamp)
-    if stab.ratio_clip is not None:
-        r_min, r_max = stab.ratio_clip
-        l = l.clamp(-math.log(r_max), -math.log(r_min) if r_min > 0 else math.inf)
-    return l
-
-
-def normalization_log_scale(div, logits: Tensor, sigma: Tensor, stab: divergences.Stabilizer) -> Tensor:
-    """log(w_normalised / w_exact) per sample, [N] float64: how `stabilized_weight` rescaled Eq. 4's weight
-    (batch or sigma-bin mean), before its weight clip.  0 for normalize='none'."""
-    l = _clamped_logits(torch.nan_to_num(logits.detach().double(), nan=0.0).reshape(-1), stab)
-    log_w = div.log_weight(l)
-    if stab.normalize == "none":
-        return torch.zeros_like(log_w)
-    if stab.normalize == "sigma_bins":
-        bins = divergences.sigma_bin_index(sigma.reshape(-1), stab.num_sigma_bins, stab.sigma_range)
-        return divergences._normalize_log(log_w, bins, stab.num_sigma_bins) - log_w
-    return divergences._normalize_log(log_w, torch.zeros_like(log_w, dtype=torch.long), 1) - log_w
-
-
+# ---- Eq. 14's noisy-level target ----------------------------------------------------------------------
 def log_target_reward(reward: Reward, x_t: Tensor, sigma: Tensor, cond=None, *, target: str, teacher=None):
     """log R_t(x_t), [N], differentiable in x_t: r*_t = R_t / Z at noise level sigma (module docstring)."""
     if target == "sigma":
@@ -346,28 +314,8 @@ def target_term(
     g = torch.zeros_like(xr) if g is None else g  # a reward constant in x
     l_star = (log_z - log_r.detach().double()).reshape(-1)  # l* = log(p/p*) = -log r*_t
     if stab is not None:
-        l_star = _clamped_logits(l_star, stab)
+        l_star = divergences.clamped_logits(l_star, stab)
     return g.detach(), div.log_weight(l_star)
-
-
-def target_ratio_loss(
-    x: Tensor,  # [N, *shape] = G(z), with gradient
-    grad_log_r: Tensor,  # [N, *shape] grad_x log R_t(x_t) from `target_term`
-    log_w_star: Tensor,  # [N] log w(r*_t) from `target_term`
-    *,
-    log_scale: Tensor | None = None,  # [N] `normalization_log_scale` of Eq. 4's weights (None = 0)
-    time_weight: Tensor | None = None,  # [N] `weighting_factor` w(t) (None = 1)
-    norm: float = 1.0,  # divide the summed loss by this (the global micro-batch size, as generator_loss)
-) -> tuple[Tensor, Tensor]:
-    """Surrogate whose gradient w.r.t. x is Eq. 14's extra term -w(t) s w(r*_t) grad log R_t / (dim norm), in
-    the units of `distill.generator_loss`; returns (loss, per-sample coefficient w(t) s w(r*))."""
-    log_c = log_w_star.double() + (0 if log_scale is None else log_scale.double())
-    coef = log_c.exp() * (1 if time_weight is None else time_weight.double())
-    if not bool(torch.isfinite(coef).all()):
-        raise ValueError("non-finite target-ratio weight w(r*); set divergence.logit_clamp or a smaller lambda")
-    shape = (-1, *([1] * (x.ndim - 1)))
-    grad_x = -(coef.reshape(shape) * grad_log_r.double()).to(x.dtype)
-    return (grad_x * x).flatten(1).mean(1).sum() / norm, coef.float()
 
 
 # ---- engine binding -------------------------------------------------------------------------------------
@@ -380,7 +328,7 @@ class TargetRatio:
     @torch.no_grad()
     def observe(self, x_real: Tensor, gather=None) -> dict:
         """Critic step: update Z with R on clean real samples (all ranks' samples when `gather` is given)."""
-        x_real = x_real[0] if isinstance(x_real, tuple) else x_real  # text-to-image: (samples, captions)
+        x_real = x_real[0] if isinstance(x_real, tuple) else x_real  # a real-side sampler: (samples, index)
         r = self.reward(x_real.float(), 0.0)
         r = gather(r) if gather is not None else r
         self.estimator.update(r)
@@ -389,31 +337,24 @@ class TargetRatio:
 
     def warm_up(self, real: Callable, *, seed: int, num_samples: int, chunk: int = 1024) -> None:
         """Average R over `num_samples` real samples drawn with their own seeded generator before step 0."""
-        g = torch.Generator().manual_seed(seed + 4_242_424)
+        g = generator_for(seed, "reward_z")
         for i in range(0, num_samples, chunk):
             self.observe(real(g, min(chunk, num_samples - i)))
 
-    def loss(
-        self, x, x_t, sigma, cond, *, d_p, logits, div, stab, weighting, norm, gather=None, local_slice=None,
-        x0=None,
-    ):  # fmt: skip
-        """Eq. 14's extra term (`target_ratio_loss`) with the engine's w(t) and weight normalisation; d_p and
-        x0 are what `score_difference` got and returned, so both terms share w(t) exactly."""
+    def term(self, x_t: Tensor, sigma: Tensor, cond, *, div, stab) -> tuple[Tensor, Tensor]:
+        """(grad_x log R_t(x_t), log w(r*_t)) at the generator step's x_t, with this run's Z (`target_term`)."""
         kw = dict(log_z=self.estimator.log_z, div=div, target=self.target, teacher=self.teacher, stab=stab)
-        g, log_w = target_term(self.reward, x_t, sigma, cond, **kw)
-        if gather is not None:  # the normalisation of Eq. 4's weights is over the global micro-batch
-            log_scale = normalization_log_scale(div, gather(logits), gather(sigma), stab)[local_slice]
-        else:
-            log_scale = normalization_log_scale(div, logits, sigma, stab)
-        tw = weighting_factor(sigma, x_t, d_p, weighting, x0)
-        loss, coef = target_ratio_loss(x, g, log_w, log_scale=log_scale, time_weight=tw, norm=norm)
-        with torch.no_grad():
-            gen_r = float(self.reward(x.detach(), 0.0, cond).mean())
-        return loss, {
+        return target_term(self.reward, x_t, sigma, cond, **kw)
+
+    @torch.no_grad()
+    def stats(self, x: Tensor, cond, coef: Tensor, grad_log_r: Tensor) -> dict:
+        """What the generator step logs about the reward: R and r* of G(z), the Eq. 14 coefficient, |grad log R|."""
+        gen_r = float(self.reward(x.detach(), 0.0, cond).mean())
+        return {
             "reward/gen_R": gen_r,
             "reward/gen_r_star": gen_r / self.estimator.z,
             "reward/coef": float(coef.mean()),
-            "reward/grad_rms": float(g.square().mean().sqrt()),
+            "reward/grad_rms": float(grad_log_r.square().mean().sqrt()),
         }
 
     def state_dict(self) -> dict:
@@ -429,8 +370,6 @@ def check_config(cfg) -> None:
     python = rc.name.startswith("python:") and rc.name.count(":") == 2
     if not (rc.name == "none" or rc.name in REWARDS or python):
         raise ValueError(f"unknown reward {rc.name!r}; valid: {names()}")
-    if rc.target not in TARGETS:
-        raise ValueError(f"reward.target={rc.target!r} is not valid; choose one of {list(TARGETS)}")
     NormalizerEstimator(rc.z_estimator, value=rc.z_value, halflife=rc.z_ema_kimg * 1000)  # raises if bad
     if not 0 < rc.floor < 1:
         raise ValueError(f"reward.floor must lie in (0, 1), got {rc.floor}")
@@ -450,11 +389,3 @@ def build_target(cfg, models, device) -> TargetRatio | None:
     t = TargetRatio(reward.to(device), est, target=resolve_target(rc.target, reward), teacher=models.teacher)
     t.warm_up(models.real, seed=cfg.run.seed, num_samples=rc.z_init_samples)
     return t
-
-
-def tilted_mixture(teacher, factors: Tensor):
-    """Exact p r* of `gmm_modes` for a mixture teacher: weights pi_k c_k / Z; returns (mixture, Z)."""
-    from .teachers.gmm import GaussianMixture
-
-    w = teacher.weights.double().cpu() * factors.double()
-    return GaussianMixture(teacher.means.cpu(), covs=teacher.covs.cpu(), weights=w), float(w.sum())

@@ -1,4 +1,4 @@
-"""Text-to-image distillation (Di-Bregman's Stable Diffusion v1.5 experiment, Zhu et al.) on diffusers parts.
+"""The text-to-image teacher family (Di-Bregman's Stable Diffusion v1.5 experiment, arXiv 2510.16983).
 
 Algorithm 1 with conditions c (text embeddings of prompts):
 - phi: `StableDiffusionTeacher` with classifier-free guidance scale w (`model.guidance_scale`), frozen;
@@ -29,15 +29,17 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import dist
-from .build import Models, resolve_path
-from .conditions import ConditionSet, load_image, read_captioned_images, read_prompts
-from .networks.discriminator import DiscriminatorHead
-from .networks.generator import OneStepGenerator
-from .networks.lora import add_lora
-from .teachers.diffusers import DiscreteVPDenoiser
-from .teachers.sd import SUBFOLDERS, StableDiffusionTeacher
+from .. import checkpoint as ckpt
+from .. import dist
+from ..conditions import ConditionSet, load_image, read_captioned_images, read_prompts
+from ..draws import seed_for
+from ..models import Models
+from ..networks.discriminator import DiscriminatorHead
+from ..networks.generator import OneStepGenerator
+from ..networks.lora import add_lora
+from . import resolve_path
+from .diffusers import DiscreteVPDenoiser
+from .sd import SUBFOLDERS, StableDiffusionTeacher
 
 META_NAME = "dibregman.json"  # the export's description, beside model_index.json
 META_KIND = "dibregman-one-step-text-to-image"
@@ -77,7 +79,7 @@ class TextUNetDenoiser(DiscreteVPDenoiser):
 
     def _inputs(self, x, sigma, cond):
         x_vp, t, s = self.model_input(x, sigma)
-        c, _ = self.text._embeddings(cond, x.shape[0])  # None: the empty prompt (unconditional)
+        c, _ = self.text.embeddings(cond, x.shape[0])  # None: the empty prompt (unconditional)
         dtype = self.unet.dtype
         return x_vp.to(dtype), t, s, c.to(x.device, dtype)
 
@@ -122,7 +124,8 @@ def _autocast(cfg, device):
 
 
 def build_t2i_models(cfg, teacher: StableDiffusionTeacher, device) -> Models:
-    """The networks of Algorithm 1 for a text-to-image teacher (called by `build.build_models`)."""
+    """The networks of Algorithm 1 for a text-to-image teacher, with its real side, conditions, export and
+    preview (the `sd` family's builder in `teachers.FAMILIES`)."""
     m = cfg.model
     if not m.prompts:
         raise ValueError("a text-to-image teacher needs conditions: set model.prompts (--prompts FILE)")
@@ -149,17 +152,19 @@ def build_t2i_models(cfg, teacher: StableDiffusionTeacher, device) -> Models:
         idx = torch.randint(len(latents), (n,), generator=g)
         return latents[idx], idx
 
-    return Models(
-        teacher,
-        gen.to(device),
-        fake.to(device),
-        disc.to(device),
-        tuple(teacher.shape),
-        float(teacher.sigma_data),
-        real,
-        conditions=conditions,
-        real_conditions=real_conditions,
-    )
+    def export(gen, cfg, run_dir, num_images: int) -> Path:
+        return export_diffusers(gen, cfg, Path(run_dir) / "diffusers", num_images)
+
+    def preview(gen, path, seed: int, device, title: str = "") -> None:  # fixed prompts, a column each
+        from ..viz import save_image_grid
+
+        prompts = preview_prompts(conditions)
+        x = sample_images(gen, prompts, seed=seed, batch_size=4, device=device)
+        save_image_grid(x, path, ncol=len(set(prompts)))
+
+    shape, sd = tuple(teacher.shape), float(teacher.sigma_data)
+    return Models(teacher, gen.to(device), fake.to(device), disc.to(device), shape, sd, real, export, preview,
+                  conditions=conditions, real_conditions=real_conditions)  # fmt: skip
 
 
 # ---- the real side of Eq. 5 --------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ def real_side(cfg, teacher, conditions: ConditionSet, device) -> tuple[torch.Ten
                 conditions,
                 m.teacher_pool,
                 m.teacher_pool_steps,
-                seed=cfg.run.seed + 777,
+                seed=seed_for(cfg.run.seed, "teacher_pool"),
                 batch_size=batch,
             )
         else:
@@ -210,7 +215,7 @@ def real_side(cfg, teacher, conditions: ConditionSet, device) -> tuple[torch.Ten
 
 def teacher_pool(teacher, conditions: ConditionSet, n: int, num_steps: int, *, seed: int, batch_size: int):
     """n guided teacher samples (Heun, `num_steps` intervals) of prompts from D_c: the data-free real side."""
-    from .sample import sample_teacher
+    from ..sample import sample_teacher
 
     g = torch.Generator().manual_seed(seed)
     prompts = [conditions.prompts[i] for i in conditions.draw(g, n).tolist()]

@@ -86,6 +86,7 @@ class RunConfig:
     ckpt_every_kimg: float = 10.0  # checkpoint period
     sample_every_kimg: float = 10.0  # sample-grid period (0 = off)
     keep_ckpts: int = 2  # checkpoints kept on disk
+    keep_ema_every_kimg: float = 0.0  # also keep the EMA generator as ema-<images>.safetensors this often (0 = off)
     seed: int = 0  # all randomness derives from (seed, step)
     max_bad_steps: int = 20  # abort after this many consecutive NaN/Inf steps
     threads: int = 0  # torch CPU threads (0 = default)

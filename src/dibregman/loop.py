@@ -32,6 +32,7 @@ from .distill import (
     generator_loss,
     karras_uniform_sigma,
 )
+from .generators import export_ema_snapshot
 from .monitor import Monitor
 from .noise import edm_training_sigma
 from .reward import build_target
@@ -43,6 +44,7 @@ RESUMABLE_CHANGES = {
     "run.ckpt_every_kimg",
     "run.sample_every_kimg",
     "run.keep_ckpts",
+    "run.keep_ema_every_kimg",
     "run.threads",
     "run.device",
     "run.tensorboard",
@@ -390,6 +392,7 @@ class Trainer:
                 mon.sample_grid(self, s.num_images)
             if crossed["ckpt"] or done:
                 self.save()
+                export_ema_snapshot(self)  # run.keep_ema_every_kimg > 0: ema-<images>.safetensors for FID curves
         mon.close()
         export = self.export() if s.num_images >= total else None
         return {

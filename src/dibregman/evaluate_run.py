@@ -24,6 +24,7 @@ from . import dist
 from .evaluate import DEFAULT_REFERENCE, evaluate_generator, prepare_reference
 from .generators import EMA_SNAPSHOT, load_generator
 from .metrics.features import get_feature_net
+from .metrics.progress import note
 from .networks.generator import OneStepGenerator
 
 CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -96,7 +97,7 @@ def evaluate_run(
     rows = []
     for i, path in enumerate(paths):
         n_img = snapshot_images(path)
-        dist.print0(f"[{i + 1}/{len(paths)}] {path.name}: {n_img / 1000:g} kimg", flush=True)
+        note(f"snapshot {i + 1}/{len(paths)}: {path.name} ({n_img / 1000:g} kimg)", enabled=progress)
         gen = load_snapshot(path, device)
         res = evaluate_generator(
             gen, num_samples, ref, seed=seed, device=device, feature_net=net, progress=progress,

@@ -142,12 +142,15 @@ def _eval(args, device) -> None:
     from . import dist, evaluate
 
     kw = dict(feature_net=args.features, protocol=args.protocol, device=device, progress=not args.quiet)
+    kw["num_reference"] = args.num_reference or None
     opts = dict(metrics=args.metrics.split(","), num_trials=args.trials, batch_size=args.batch)
     if args.write_stats:  # the reference's mu/sigma in the EDM / clean-fid .npz format
         from .metrics import get_feature_net, save_stats
 
         net = get_feature_net(args.features, device, args.protocol)
-        ref = evaluate.prepare_reference(args.reference, net, batch_size=args.batch, progress=not args.quiet)
+        ref = evaluate.prepare_reference(
+            args.reference, net, num_reference=kw["num_reference"], batch_size=args.batch, progress=not args.quiet
+        )
         if dist.rank() == 0:
             print(f"wrote {ref.protocol} statistics to {save_stats(ref, args.write_stats)}", file=sys.stderr)
     sources = sum(map(bool, (args.samples, args.checkpoint, args.run)))
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--every-ckpt", action="store_true", help="with --run: every ckpt-*.pt and ema-*.safetensors")
     e.add_argument("--ckpt", action="append", default=[], help="with --run: only these snapshot files (repeatable)")
     e.add_argument("--reference", default="mnist:data/mnist:test", help="KIND:PATH[:split] or stats:FILE.npz")
+    e.add_argument("--num-reference", type=int, default=0, help="fixed random subset of the reference (0 = all)")
     e.add_argument("--features", default="inception", help="inception | mnist")
     e.add_argument("--protocol", choices=["edm", "clean"], help="Inception FID pipeline (default edm), see README")
     e.add_argument("--metrics", default="fid,kid,pr,score", help="comma-separated subset of fid,kid,pr,score")

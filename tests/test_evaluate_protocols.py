@@ -198,7 +198,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     args = ["-m", "dibregman.cli", "eval", "--samples", str(tmp_path / "s.npz"), "--reference", "digits::test"]
     args += ["--features", "mnist", "--device", "cpu", "--batch", "16", "--quiet", "--trials", "2"]
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     runs = {}
     for name, launch in (("one", []), ("two", torchrun)):
         cmd = [sys.executable, *launch, *args, "--out", str(tmp_path / f"{name}.json")]
@@ -212,7 +212,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------- FID versus images of a run
-def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher):
+def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher, capsys):
     from dibregman.cli import main
     from dibregman.config import get_preset, override
     from dibregman.generators import generate, load_generator
@@ -245,8 +245,9 @@ def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher):
     assert Path(curve["written"][0]).is_file() and Path(curve["written"][1]).stat().st_size > 1000
     same = evaluate_samples(generate(final, 16, seed=0), reference, feature_net=net, metrics=("fid",), cache_dir=False)
     assert curve["rows"][-1]["fid"] == pytest.approx(same["fid"], rel=1e-9)
-    direct = evaluate_generator(final, 16, reference, feature_net=net, metrics=("fid",), cache_dir=False)
+    direct = evaluate_generator(final, 16, reference, feature_net=net, metrics=("fid",), cache_dir=False, progress=True)
     assert direct["fid"] == pytest.approx(same["fid"], rel=1e-9)
+    assert "[generation] 16/16 images (100%)" in capsys.readouterr().err
     table = fid_table(curve["rows"] + [{**curve["rows"][0], "protocol": "clean", "fid": 1.0}])
     assert table.splitlines()[0] == "| kimg | FID (random/clean) | FID (random) |"
 
@@ -256,4 +257,6 @@ def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher):
     assert main(argv) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["feature_net"] == "mnist" and len(saved["rows"]) == 3 and out.with_suffix(".png").is_file()
+    argv[argv.index("--every-ckpt")] = "--ckpt=ckpt-000000000012.pt"  # a list of snapshots, named in the run
+    assert main(argv) == 0 and len(json.loads(out.with_suffix(".json").read_text())["rows"]) == 1
     assert main(["eval", "--run", str(run), "--features", "mnist"]) == 2  # --run needs --every-ckpt or --ckpt

@@ -1,11 +1,13 @@
 """Evaluate generated images against a reference set: FID, KID, precision/recall, classifier score.
 
     evaluate_samples(samples, "mnist:data/mnist:test", feature_net="mnist")   # -> dict of numbers
-    evaluate_path("samples.npz", feature_net="inception")                      # .npz / .npy / image folder
+    evaluate_path("samples.npz", feature_net="inception", protocol="clean")   # .npz / .npy / image folder
+    evaluate_generator(gen, 50_000, "stats:cifar10-32x32.npz", feature_net="inception", protocol="edm")
 
 The maths lives in `dibregman.metrics` (distances.py: FID/KID/PR/IS; features.py: the feature networks;
-refstats.py: the on-disk reference-statistics cache; gmm_metrics.py: exact metrics for analytic teachers,
-re-exported here as `exact_metrics`).
+protocols.py: the edm / clean Inception pipelines; refstats.py: reference statistics, cache and mu/sigma files;
+progress.py: progress lines; gmm_metrics.py: exact metrics for analytic teachers, re-exported here as
+`exact_metrics`). FID versus images of a run's snapshots: `evaluate_run.py`.
 
 Reporting protocol. Headline numbers use ALL finite samples: `fid` against the whole reference set, `kid`
 (mean over `kid_subsets` random subsets of `kid_subset_size`, with `kid_subset_std`), `precision`/`recall`

@@ -128,7 +128,8 @@ def plot_curve(curve: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([r["kimg"] for r in rows], [r["fid"] for r in rows], "o-")
     ax.set_xlabel("generator images seen (kimg)")
-    ax.set_ylabel(f"FID ({curve['feature_net']}/{curve['protocol']}, n={curve['n_samples']})")
+    net, protocol = curve["feature_net"], curve["protocol"]
+    ax.set_ylabel(f"FID ({net if protocol == net else f'{net}/{protocol}'}, n={curve['n_samples']})")
     ax.set_title(Path(curve["run_dir"]).name, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

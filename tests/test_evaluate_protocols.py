@@ -215,7 +215,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
 def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher, capsys):
     from dibregman.cli import main
     from dibregman.config import get_preset, override
-    from dibregman.generators import generate, load_generator
+    from dibregman.generators import generate, generate_rows, load_generator
     from dibregman.loop import distill
 
     cfg = override(
@@ -234,6 +234,9 @@ def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher, capsys):
     assert [p.name for p in snaps] == names
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     final, _ = load_generator(run)
+    kw = dict(seed=3, batch_size=4, device="cpu", progress=False)  # a rank's rows cut across batches
+    halves = [generate_rows(final, 10, rows, **kw) for rows in (slice(0, 5), slice(5, 10))]
+    assert torch.equal(torch.cat(halves), generate(final, 10, seed=3, batch_size=4))
     assert torch.equal(load_snapshot(snaps[-1])(z), final(z))
     from_ckpt = load_snapshot(snaps[1])  # rebuilt from the teacher named in the checkpoint's config
     assert from_ckpt(z).shape == (3, 1, 8, 8) and not torch.equal(from_ckpt(z), final(z))

@@ -41,7 +41,6 @@ from .data import load_dataset
 from .metrics.distances import frechet_distance, inception_score, kid, precision_recall
 from .metrics.features import FeatureNet, get_feature_net, rank_rows, sharded_features
 from .metrics.gmm_metrics import exact_metrics
-from .metrics.progress import Progress
 from .metrics.refstats import ReferenceStats, content_hash, load_stats, reference_stats
 
 __all__ = [
@@ -238,6 +237,8 @@ def evaluate_generator(
         reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
+    from .generators import generate_rows
+
     rows = rank_rows(num_samples)
     x = generate_rows(gen, num_samples, rows, seed=seed, batch_size=gen_batch_size, device=device, progress=progress)
     x, n_bad = _finite_samples(x)
@@ -251,23 +252,6 @@ ALL_DEFAULTS = dict(
     metrics=ALL_METRICS, num_trials=1, trial_mode="disjoint", kid_subsets=20, kid_subset_size=1000, pr_k=3,
     score_splits=10,
 )  # fmt: skip
-
-
-@torch.no_grad()
-def generate_rows(gen, n: int, rows: slice, *, seed: int, batch_size: int, device, progress: bool) -> torch.Tensor:
-    """Rows `rows` of `generators.generate(gen, n, seed=seed, batch_size=batch_size)` (the same z stream; the
-    generator runs on those rows only), on the CPU, with a progress line."""
-    shape = tuple(gen.denoiser.shape)
-    g = torch.Generator().manual_seed(seed)
-    bar = Progress("generation", rows.stop - rows.start, enabled=progress)
-    out = []
-    for i in range(0, n, batch_size):
-        z = torch.randn((min(batch_size, n - i), *shape), generator=g)
-        lo, hi = max(rows.start - i, 0), min(rows.stop - i, len(z))
-        if lo < hi:
-            out.append(gen(z[lo:hi].to(device), None).float().cpu())
-            bar.update(hi - lo)
-    return torch.cat(out) if out else torch.empty(0, *shape)
 
 
 def _evaluate(x: torch.Tensor, n: int, n_bad: int, net: FeatureNet, ref: ReferenceStats, o: dict) -> dict:

@@ -103,3 +103,22 @@ def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 
         c = None if cond is None else cond[i : i + m].to(device)
         out.append(gen(z, c).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_rows(gen, n: int, rows: slice, *, seed: int, batch_size: int, device, progress: bool) -> torch.Tensor:
+    """Rows `rows` of `generate(gen, n, seed=seed, batch_size=batch_size)` (the same z stream; the generator
+    runs on those rows only: a torchrun rank's share), on the CPU, with a progress line."""
+    from .metrics.progress import Progress
+
+    shape = tuple(gen.denoiser.shape)
+    g = torch.Generator().manual_seed(seed)
+    bar = Progress("generation", rows.stop - rows.start, enabled=progress)
+    out = []
+    for i in range(0, n, batch_size):
+        z = torch.randn((min(batch_size, n - i), *shape), generator=g)
+        lo, hi = max(rows.start - i, 0), min(rows.stop - i, len(z))
+        if lo < hi:
+            out.append(gen(z[lo:hi].to(device), None).float().cpu())
+            bar.update(hi - lo)
+    return torch.cat(out) if out else torch.empty(0, *shape)

@@ -263,3 +263,15 @@ def test_fid_curve_of_a_runs_ema_snapshots(tmp_path, tiny_teacher, capsys):
     argv[argv.index("--every-ckpt")] = "--ckpt=ckpt-000000000012.pt"  # a list of snapshots, named in the run
     assert main(argv) == 0 and len(json.loads(out.with_suffix(".json").read_text())["rows"]) == 1
     assert main(["eval", "--run", str(run), "--features", "mnist"]) == 2  # --run needs --every-ckpt or --ckpt
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluation_on_the_gpu_equals_the_cpu():
+    gen = torch.Generator().manual_seed(7)
+    reference, samples = (torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1 for n in (64, 48))
+    kw = dict(feature_net=RandomFeatures(), cache_dir=False, kid_subsets=3, kid_subset_size=32)
+    cpu = evaluate_samples(samples, reference, device="cpu", **kw)
+    gpu = evaluate_samples(samples, reference, device="cuda", **kw)
+    assert gpu["device"].startswith("cuda")
+    for key in ("fid", "kid"):  # (precision/recall may flip a point on a k-NN radius: not compared)
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-4, abs=1e-6), key

@@ -201,14 +201,15 @@ def evaluate_samples(
     """Every metric as a plain dict of numbers (JSON-ready), with the sample and reference counts and the
     protocol. Under torchrun each rank extracts its slice of `samples`; statistics are reduced exactly."""
     x, n_bad = _finite_samples(samples)
-    net = get_feature_net(feature_net, device, protocol)
-    ref = prepare_reference(
-        reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
-        progress=progress,
-    )  # fmt: skip
     opt = dict(
         metrics=metrics, num_trials=num_trials, trial_mode=trial_mode, kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size, pr_k=pr_k, score_splits=score_splits, batch_size=batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    _check_options(opt, len(x))
+    net = get_feature_net(feature_net, device, protocol)
+    ref = prepare_reference(
+        reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
     return _evaluate(x[rank_rows(len(x))], len(x), n_bad, net, ref, opt)
@@ -231,8 +232,10 @@ def evaluate_generator(
 ) -> dict:
     """`evaluate_samples(generate(gen, num_samples, seed))` without holding other ranks' samples: under
     torchrun each rank generates and extracts only its slice."""
-    net = get_feature_net(feature_net, device, protocol)
     batch_size = options.pop("batch_size", 256)
+    opt = dict(ALL_DEFAULTS, **options, batch_size=batch_size, seed=seed, progress=progress)
+    _check_options(opt, num_samples)
+    net = get_feature_net(feature_net, device, protocol)
     ref = prepare_reference(
         reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
         progress=progress,
@@ -244,7 +247,6 @@ def evaluate_generator(
     x, n_bad = _finite_samples(x)
     counts = torch.tensor([len(x), n_bad], dtype=torch.float64)
     dist.all_reduce_sum_([counts])
-    opt = dict(ALL_DEFAULTS, **options, batch_size=batch_size, seed=seed, progress=progress)
     return _evaluate(x, int(counts[0]), int(counts[1]), net, ref, opt)
 
 
@@ -254,20 +256,25 @@ ALL_DEFAULTS = dict(
 )  # fmt: skip
 
 
+def _check_options(o: dict, n: int) -> None:
+    """User mistakes that must stop an evaluation before any feature is extracted."""
+    bad = sorted(set(o["metrics"]) - set(ALL_METRICS))
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; valid: {list(ALL_METRICS)}")
+    min_n = max(2, o["pr_k"] + 1) * (o["num_trials"] if o["trial_mode"] == "disjoint" else 1)
+    if n < min_n:
+        raise ValueError(f"need at least {min_n} finite samples for num_trials={o['num_trials']}, got {n}")
+
+
 def _evaluate(x: torch.Tensor, n: int, n_bad: int, net: FeatureNet, ref: ReferenceStats, o: dict) -> dict:
     """Metrics of this rank's finite samples `x` (n finite ones over all ranks) against `ref`."""
     t0 = time.time()
+    _check_options(o, n)
     metrics = set(o["metrics"])
-    bad = sorted(metrics - set(ALL_METRICS))
-    if bad:
-        raise ValueError(f"unknown metric(s) {bad}; valid: {list(ALL_METRICS)}")
     skipped = sorted(metrics & {"kid", "pr"}) if ref.features is None else []
     if skipped:
         warnings.warn(f"{ref.path} holds mu/sigma only: {skipped} need reference features, skipped", stacklevel=3)
         metrics -= set(skipped)
-    min_n = max(2, o["pr_k"] + 1) * (o["num_trials"] if o["trial_mode"] == "disjoint" else 1)
-    if n < min_n:
-        raise ValueError(f"need at least {min_n} finite samples for num_trials={o['num_trials']}, got {n}")
     with_logits = net.has_logits and "score" in metrics
     keep = bool(metrics - {"fid"}) or o["num_trials"] > 1
     sums, feats, logits = sharded_features(

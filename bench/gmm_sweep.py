@@ -4,7 +4,7 @@ exact metrics.
 
     python bench/gmm_sweep.py [--kimg 1000] [--batch 512] [--n-eval 4000] [--set loss.gen_sigma_max=10 ...]
 
-Every hyper-parameter other than --kimg / --batch (and --set) is read from `config.PRESETS["gmm"]` at run
+Every hyper-parameter other than --kimg / --batch (and --set) is read from `presets.PRESETS["gmm"]` at run
 time.
 Writes `gmm_sweep.json`, `gmm_sweep.png` (scatter plots) and `gmm_sweep_curves.png` (modes / within-3-sigma
 versus images seen). Metrics: `dibregman.metrics.gmm_metrics.exact_metrics` on the EMA generator's samples.
@@ -22,11 +22,12 @@ import torch
 
 import common
 from dibregman import build, divergences
-from dibregman.config import get_preset, override, parse_set
+from dibregman.config import override, parse_set
 from dibregman.evaluate import exact_metrics
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.metrics.gmm_metrics import mode_statistics
+from dibregman.presets import get_preset
 
 NAME = "gmm_sweep"
 TITLE = "GMM objective sweep (exact teacher)"

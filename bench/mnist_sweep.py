@@ -5,7 +5,7 @@ teacher.
     python bench/mnist_sweep.py [--kimg 6] [--batch 64] [--fid-every-kimg 1] [--n-fid-loop 500] [--n-fid 2000]
                                 [--n-inception 500] [--only rkl,sba(lam=5)] [--set optim.gen_lr=2e-4 ...]
 
-Everything but the sizes comes from `config.PRESETS["mnist"]` (teacher, real data mnist:data/mnist, lr, EMA).
+Everything but the sizes comes from `presets.PRESETS["mnist"]` (teacher, real data mnist:data/mnist, lr, EMA).
 The curve uses the fast MNIST feature net against the 10k test set; at the end every student is also scored
 with the FID Inception-v3 at a stated, smaller n (student and reference subsets of the same size).
 Writes `mnist_sweep.json`, `mnist_sweep.png` (FID curves) and `mnist_sweep_samples.png`.
@@ -22,10 +22,11 @@ import torch
 
 import common
 from dibregman import divergences
-from dibregman.config import get_preset, override, parse_set
+from dibregman.config import override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.metrics.features import get_feature_net
+from dibregman.presets import get_preset
 
 NAME = "mnist_sweep"
 TITLE = "MNIST objective sweep (FID versus images seen)"

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from dibregman.build import pretrain_mlp  # noqa: E402
 from dibregman.calibration import HEADS, PLACEMENTS, SBA_LAMBDAS, calibrate, trainable  # noqa: E402
-from dibregman.config import get_preset, override, validate  # noqa: E402
+from dibregman.config import override, validate  # noqa: E402
+from dibregman.presets import get_preset  # noqa: E402
 from dibregman.teachers import load_teacher  # noqa: E402
 from dibregman.teachers.gmm import ring_mixture  # noqa: E402
 

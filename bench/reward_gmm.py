@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from dibregman.config import get_preset, override
+from dibregman.config import override
 from dibregman.evaluate import exact_metrics
 from dibregman.generators import generate
 from dibregman.loop import distill
+from dibregman.presets import get_preset
 from dibregman.rewards import mode_factors
 from dibregman.teachers.gmm import gmm_from_spec, tilted_mixture
 

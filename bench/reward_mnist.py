@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from dibregman.config import get_preset, override
+from dibregman.config import override
 from dibregman.data import load_dataset
 from dibregman.evaluate import evaluate_samples
 from dibregman.generators import generate, load_generator
 from dibregman.loop import distill
 from dibregman.metrics.features import MnistFeatures
+from dibregman.presets import get_preset
 from dibregman.sample import sample_teacher
 
 

@@ -33,12 +33,13 @@ import torch
 
 import common
 from dibregman import checkpoint as ckpt
-from dibregman.config import DistillConfig, get_preset, override, parse_set
+from dibregman.config import DistillConfig, override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
 from dibregman.monitor import Monitor
 from dibregman.networks.generator import OneStepGenerator
 from dibregman.networks.unet import build_unet
+from dibregman.presets import get_preset
 from dibregman.sample import count_evaluations, sample_teacher
 
 NAME = "speed"

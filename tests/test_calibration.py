@@ -10,7 +10,8 @@ import torch
 
 from dibregman.build import build_models, pretrain_mlp
 from dibregman.calibration import Critic, calibrate, exact_log_ratio, sigma_bins, trainable
-from dibregman.config import get_preset, override
+from dibregman.config import override
+from dibregman.presets import get_preset
 from dibregman.teachers.gmm import GaussianMixture, ring_mixture
 
 TINY = {"model.init_steps": 100, "model.mlp_hidden": 32, "model.mlp_depth": 2, "optim.batch_size": 128}

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from dibregman import checkpoint as ckpt
-from dibregman.config import get_preset, override
+from dibregman.config import override
 from dibregman.loop import Trainer, distill
 from dibregman.monitor import Monitor
 from dibregman.networks.unet import Conv2d
+from dibregman.presets import get_preset
 from test_distill import GMM_SMALL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -13,9 +13,10 @@ import torch
 from dibregman import checkpoint as ckpt
 from dibregman import divergences
 from dibregman.build import objective
-from dibregman.config import get_preset, override, validate
+from dibregman.config import override, validate
 from dibregman.loop import Trainer, distill
 from dibregman.monitor import Monitor
+from dibregman.presets import get_preset
 
 GMM_SMALL = {  # the gmm preset cut down to seconds; its schedule pinned to the library defaults so that a few
     # steps train every network (no warm-ups) with non-trivial Bregman weights (SBA(5), not the preset's kl)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dibregman.config import get_preset, override
+from dibregman.config import override
 from dibregman.loop import Trainer
+from dibregman.presets import get_preset
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("DIBREGMAN_REGEN_GOLDEN") == "1"

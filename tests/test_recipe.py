@@ -4,8 +4,9 @@ code), and the fake score's DSM noise levels (EDM log-normal or the generator st
 import pytest
 import torch
 
-from dibregman.config import get_preset, override, validate
+from dibregman.config import override, validate
 from dibregman.noise import karras_sigma_at, karras_uniform_sigma
+from dibregman.presets import get_preset
 
 
 @pytest.mark.parametrize("origin", ["sigma_max", "sigma_min"])

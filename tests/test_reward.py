@@ -17,8 +17,9 @@ import torch
 from dibregman import distill
 from dibregman import divergences as dv
 from dibregman import rewards as rw
-from dibregman.config import RewardConfig, get_preset, override, validate
+from dibregman.config import RewardConfig, override, validate
 from dibregman.loop import Trainer
+from dibregman.presets import get_preset
 from dibregman.teachers.gmm import ring_mixture, tilted_mixture
 from test_distill import GMM_SMALL
 

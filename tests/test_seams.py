@@ -17,7 +17,8 @@ def test_build_models_takes_an_injected_initialisation():
     import torch
 
     from dibregman import build
-    from dibregman.config import get_preset, override
+    from dibregman.config import override
+    from dibregman.presets import get_preset
 
     calls = []
 
@@ -87,7 +88,8 @@ def test_no_import_cycle_between_modules():
 def test_config_is_self_describing(capsys):
     """Choices come from Literal[...] fields (read by validate), help from field metadata, both listed by the CLI."""
     from dibregman.cli import main
-    from dibregman.config import LossConfig, choices, get_preset, override, validate
+    from dibregman.config import LossConfig, choices, override, validate
+    from dibregman.presets import get_preset
 
     assert choices(LossConfig)["weighting"] == ("dmd", "unit", "score")
     assert choices(LossConfig)["gen_t_origin"] == ("sigma_max", "sigma_min")
@@ -100,7 +102,8 @@ def test_config_is_self_describing(capsys):
 
 def test_off_is_none_and_old_zeros_still_read():
     """`None` means off (or "the teacher's"); 0 and '' from older configs, checkpoints and --set read as None."""
-    from dibregman.config import DistillConfig, get_preset, override, parse_set
+    from dibregman.config import DistillConfig, override, parse_set
+    from dibregman.presets import get_preset
 
     assert DistillConfig().loss.gen_sigma_max is None and DistillConfig().run.threads is None
     cfg = override(get_preset("gmm"), {"divergence.weight_clip": 0, **parse_set(["optim.grad_clip=null"])})

@@ -4,7 +4,8 @@ step reads ratios at noise levels the discriminator never trained on."""
 
 import pytest
 
-from dibregman.config import PRESETS, get_preset, override, validate
+from dibregman.config import override, validate
+from dibregman.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n != "sd15"])  # sd15 needs a prompts file

@@ -15,10 +15,11 @@ from PIL import Image
 from dibregman.build import build_models
 from dibregman.cli import main
 from dibregman.conditions import load_image, read_captioned_images, read_prompts
-from dibregman.config import get_preset, override, validate
+from dibregman.config import override, validate
 from dibregman.draws import draw_batch
 from dibregman.generators import load_generator
 from dibregman.loop import Trainer
+from dibregman.presets import get_preset
 from dibregman.teachers.t2i import META_NAME, sample_images, trainable_unet
 from tiny_hf import tiny_sd_components
 

@@ -9,8 +9,9 @@ import sys
 
 import torch
 
-from dibregman.config import get_preset, override
+from dibregman.config import override
 from dibregman.loop import Trainer
+from dibregman.presets import get_preset
 
 
 def main() -> None:

@@ -25,9 +25,10 @@ def run_one(item):
     import torch
 
     torch.set_num_threads(1)
-    from dibregman.config import get_preset, override
+    from dibregman.config import override
     from dibregman.generators import generate
     from dibregman.loop import distill
+    from dibregman.presets import get_preset
     from dibregman.teachers.gmm import ring_mixture
 
     ring, hist = ring_mixture(), []

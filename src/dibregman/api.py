@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillConfig, from_preset
+from .config import DistillConfig
 from .loop import distill as _distill
+from .presets import from_preset
 
 
 def preset(name: str, **overrides) -> DistillConfig:
     """A named preset with `section.key=value` overrides applied and validated (ValueError on a typo); a reward
-    drops the preset's GAN term, as on the command line (`config.from_preset`)."""
+    drops the preset's GAN term, as on the command line (`presets.from_preset`)."""
     return from_preset(name, overrides)
 
 

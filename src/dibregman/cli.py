@@ -42,7 +42,8 @@ FLAG_KEYS = {
 
 def resolve_config(args):
     """--preset + common flags + --set section.key=value -> a validated DistillConfig."""
-    from .config import from_preset, parse_set
+    from .config import parse_set
+    from .presets import from_preset
 
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
     return from_preset(args.preset, {**pairs, **parse_set(args.set)})
@@ -50,8 +51,9 @@ def resolve_config(args):
 
 def cmd_distill(args) -> None:
     from . import dist
-    from .config import describe_keys, get_preset
+    from .config import describe_keys
     from .loop import distill
+    from .presets import get_preset
 
     if args.list_keys:
         print(describe_keys(get_preset(args.preset)))
@@ -99,20 +101,51 @@ def _sample_prompts(args) -> list[str]:
 
 
 def cmd_eval(args) -> None:
-    from . import evaluate
+    from . import dist
 
-    if bool(args.samples) == bool(args.checkpoint):
-        raise ValueError("give exactly one of --samples PATH or --checkpoint PATH")
+    try:  # torchrun: one rank per GPU (NCCL) or CPU process (gloo), each extracts a slice
+        _eval(args, dist.init(args.device))
+    finally:
+        dist.destroy()
+
+
+def _eval(args, device) -> None:
+    from . import dist, evaluate
+
+    kw = dict(feature_net=args.features, protocol=args.protocol, device=device, progress=not args.quiet)
+    kw["num_reference"] = args.num_reference or None
+    opts = dict(metrics=args.metrics.split(","), num_trials=args.trials, batch_size=args.batch)
+    if args.write_stats:  # the reference's mu/sigma in the EDM / clean-fid .npz format
+        from .metrics import get_feature_net, save_stats
+
+        net = get_feature_net(args.features, device, args.protocol)
+        ref = evaluate.prepare_reference(
+            args.reference, net, num_reference=kw["num_reference"], batch_size=args.batch, progress=not args.quiet
+        )
+        if dist.rank() == 0:
+            print(f"wrote {ref.protocol} statistics to {save_stats(ref, args.write_stats)}", file=sys.stderr)
+    sources = sum(map(bool, (args.samples, args.checkpoint, args.run)))
+    if sources == 0 and args.write_stats:
+        return
+    if sources != 1 or bool(args.run) != bool(args.every_ckpt or args.ckpt):
+        raise ValueError("give one of --samples PATH, --checkpoint PATH or --run RUN with --every-ckpt / --ckpt FILE")
+    if args.run:
+        from .evaluate_run import evaluate_run, fid_table
+
+        out = evaluate_run(args.run, args.reference, snapshots=args.ckpt or None, num_samples=args.num,
+                           seed=args.seed, out=args.out or None, **kw, **opts)  # fmt: skip
+        dist.print0(fid_table(out["rows"]) + "\n" + "\n".join(f"wrote {p}" for p in out.get("written", [])))
+        return
     if args.checkpoint:
-        from .generators import generate, load_generator
+        from .generators import load_generator
 
-        gen, _ = load_generator(args.checkpoint)
-        samples = generate(gen, args.num, seed=args.seed)
+        gen, _ = load_generator(args.checkpoint, device)
+        res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, **kw, **opts)
     else:
         samples = evaluate.load_samples(args.samples)
-    res = evaluate.evaluate_samples(samples, args.reference, feature_net=args.features, num_trials=args.trials)
-    print(json.dumps(res, indent=2))
-    if args.out:
+        res = evaluate.evaluate_samples(samples, args.reference, seed=args.seed, **kw, **opts)
+    dist.print0(json.dumps(res, indent=2))
+    if args.out and dist.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
 
@@ -209,15 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--prompts", default="", help="text-to-image: prompts file (--num images cycle)")
 
-    e = sub.add_parser("eval", help="FID/KID/precision-recall of samples against a reference set")
+    e = sub.add_parser("eval", help="FID/KID/precision-recall of samples, a generator or a run's snapshots")
     e.add_argument("--samples", default="", help=".npz or image folder")
     e.add_argument("--checkpoint", default="", help="run folder or generator.safetensors")
-    e.add_argument("--reference", default="mnist:data/mnist:test", help="reference data KIND:PATH[:split]")
+    e.add_argument("--run", default="", help="run folder: FID versus images of its EMA snapshots (JSON + PNG)")
+    e.add_argument("--every-ckpt", action="store_true", help="with --run: every ckpt-*.pt and ema-*.safetensors")
+    e.add_argument("--ckpt", action="append", default=[], help="with --run: only these snapshot files (repeatable)")
+    e.add_argument("--reference", default="mnist:data/mnist:test", help="KIND:PATH[:split] or stats:FILE.npz")
+    e.add_argument("--num-reference", type=int, default=0, help="fixed random subset of the reference (0 = all)")
     e.add_argument("--features", default="inception", choices=["inception", "mnist"])
-    e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint")
+    e.add_argument("--protocol", choices=["edm", "clean"], help="Inception FID pipeline (default edm), see README")
+    e.add_argument("--metrics", default="fid,kid,pr,score", help="comma-separated subset of fid,kid,pr,score")
+    e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint / each --run snapshot")
     e.add_argument("--trials", type=int, default=1)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", default="", help="also write the JSON result here")
+    e.add_argument("--batch", type=int, default=256, help="images per feature-net batch")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda (as for training; torchrun: one per rank)")
+    e.add_argument("--write-stats", default="", help="also write the reference's mu/sigma .npz (EDM/clean-fid)")
+    e.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    e.add_argument("--out", default="", help="write the JSON result here (--run: <out>.json + <out>.png)")
 
     v = sub.add_parser("divergences", help="list the registered divergences and their weights")
     v.add_argument("--plot", default="", help="write a PNG of log-weight versus logit")

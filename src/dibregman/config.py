@@ -105,6 +105,7 @@ class RunConfig:
     ckpt_every_kimg: float = opt(10.0, "checkpoint period")
     sample_every_kimg: float | None = opt(10.0, "sample-picture period (None = off)")
     keep_ckpts: int = opt(2, "checkpoints kept on disk")
+    keep_ema_every_kimg: float | None = opt(None, "also keep the EMA generator as ema-<images>.safetensors this often")
     seed: int = opt(0, "all randomness derives from (seed, stream, counters): draws.seed_for")
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps")
     threads: int | None = opt(None, "torch CPU threads (None = torch's default)")
@@ -275,6 +276,7 @@ RESUMABLE_CHANGES = {
     "run.ckpt_every_kimg",
     "run.sample_every_kimg",
     "run.keep_ckpts",
+    "run.keep_ema_every_kimg",
     "run.threads",
     "run.device",
     "run.tensorboard",
@@ -312,15 +314,6 @@ def parse_set(pairs: list[str] | None) -> dict:
         key, value = pair.split("=", 1)
         out[key.strip()] = _parse_value(value)
     return out
-
-
-def __getattr__(name: str):
-    """`PRESETS`, `get_preset` and `from_preset` live in `presets.py` (imported on first use: no cycle)."""
-    if name in ("PRESETS", "get_preset", "from_preset"):
-        from . import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .config import get_preset, override
+from .config import override
 from .generators import generate
 from .loop import Trainer
+from .presets import get_preset
 
 TEACHER = "edm:assets/mnist_teacher.safetensors"
 

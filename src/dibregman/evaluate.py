@@ -1,11 +1,13 @@
 """Evaluate generated images against a reference set: FID, KID, precision/recall, classifier score.
 
     evaluate_samples(samples, "mnist:data/mnist:test", feature_net="mnist")   # -> dict of numbers
-    evaluate_path("samples.npz", feature_net="inception")                      # .npz / .npy / image folder
+    evaluate_path("samples.npz", feature_net="inception", protocol="clean")   # .npz / .npy / image folder
+    evaluate_generator(gen, 50_000, "stats:cifar10-32x32.npz", feature_net="inception", protocol="edm")
 
 The maths lives in `dibregman.metrics` (distances.py: FID/KID/PR/IS; features.py: the feature networks;
-refstats.py: the on-disk reference-statistics cache; gmm_metrics.py: exact metrics for analytic teachers,
-re-exported here as `exact_metrics`).
+protocols.py: the edm / clean Inception pipelines; refstats.py: reference statistics, cache and mu/sigma files;
+progress.py: progress lines; gmm_metrics.py: exact metrics for analytic teachers, re-exported here as
+`exact_metrics`). FID versus images of a run's snapshots: `evaluate_run.py`.
 
 Reporting protocol. Headline numbers use ALL finite samples: `fid` against the whole reference set, `kid`
 (mean over `kid_subsets` random subsets of `kid_subset_size`, with `kid_subset_std`), `precision`/`recall`
@@ -16,6 +18,11 @@ samples into disjoint subsets of n // num_trials (smaller n, so FID is biased up
 headline), `"bootstrap"` resamples n with replacement (same n; duplicates bias FID slightly upward too).
 FID depends on n and on the reference set: compare only numbers with the same n_samples, n_reference and
 feature net.
+Inception numbers carry their `protocol` ("edm" or "clean", `metrics/protocols.py`); results of different
+protocols are never compared (`evaluate_run.fid_table` gives each protocol its own column).
+`reference` may be `stats:FILE.npz` (EDM / clean-fid mu-sigma statistics: FID only, KID and precision/recall
+need features). Under torchrun each rank extracts (and `evaluate_generator` also generates) a contiguous slice;
+mu and sigma come from float64 sums all-reduced over ranks (exact), features are gathered for KID/PR/trials.
 Non-finite samples are counted (`n_nonfinite`), excluded, and warned about, never silently dropped.
 """
 
@@ -29,15 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dist
 from .data import load_dataset
-from .metrics.distances import feature_stats, frechet_distance, inception_score, kid, precision_recall
-from .metrics.features import FeatureNet, extract_features, get_feature_net
+from .metrics.distances import frechet_distance, inception_score, kid, precision_recall
+from .metrics.features import FeatureNet, get_feature_net, rank_rows, sharded_features
 from .metrics.gmm_metrics import exact_metrics
-from .metrics.refstats import ReferenceStats, content_hash, reference_stats
+from .metrics.refstats import ReferenceStats, content_hash, load_stats, reference_stats
 
 __all__ = [
     "evaluate_samples",
+    "evaluate_generator",
     "evaluate_path",
+    "prepare_reference",
     "load_samples",
     "load_reference",
     "exact_metrics",
@@ -75,11 +85,14 @@ def load_reference(
     return images, f"{identity}:n={len(images)}"
 
 
-def _metrics(feats: torch.Tensor, logits: torch.Tensor | None, ref: ReferenceStats, opt: dict, gen) -> dict:
-    """Every requested metric of one sample-feature set against the reference."""
+def _metrics(feats, logits, ref: ReferenceStats, opt: dict, gen, mu_sigma=None) -> dict:
+    """Every requested metric of one sample-feature set [N, D] against the reference; `mu_sigma` = the
+    samples' exact (mu, sigma) when already reduced (else computed from `feats`)."""
+    from .metrics.distances import feature_stats
+
     out = {}
     if "fid" in opt["metrics"]:
-        out["fid"] = frechet_distance(*feature_stats(feats), ref.mu, ref.sigma)
+        out["fid"] = frechet_distance(*(mu_sigma or feature_stats(feats)), ref.mu, ref.sigma)
     if "kid" in opt["metrics"]:
         out["kid"], out["kid_subset_std"] = kid(
             feats,
@@ -138,11 +151,39 @@ def _finite_samples(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
     return samples[finite], n_bad
 
 
+def prepare_reference(
+    reference: str | torch.Tensor | ReferenceStats,  # KIND:PATH[:SPLIT], stats:FILE.npz, images or ready stats
+    net: FeatureNet,
+    *,
+    num_reference: int | None = None,  # fixed random subset of the reference images (None = all)
+    seed: int = 0,  # seeds that subset
+    cache_dir: str | Path | None | bool = None,  # reference-stat cache folder; None = default, False = off
+    batch_size: int = 256,  # images per feature-net forward pass
+    progress: bool = False,  # say where the statistics come from and show extraction progress
+) -> ReferenceStats:
+    """The reference's statistics under `net` (and its protocol); a protocol mismatch is a ValueError."""
+    protocol = net.protocol or net.name
+    if isinstance(reference, str) and reference.startswith("stats:"):
+        ref = load_stats(reference[len("stats:") :], protocol=protocol, dim=net.dim)
+        ref.key.setdefault("identity", reference)
+    elif isinstance(reference, ReferenceStats):
+        ref = reference
+    else:
+        images, identity = load_reference(reference, num_reference=num_reference, seed=seed)
+        ref = reference_stats(
+            images, net, identity=identity, cache_dir=cache_dir, batch_size=batch_size, progress=progress
+        )
+    if ref.protocol != protocol:
+        raise ValueError(f"reference statistics of protocol {ref.protocol!r} cannot score {protocol!r} features")
+    return ref
+
+
 def evaluate_samples(
     samples: torch.Tensor,  # [N, C, H, W] float in [-1, 1] (values outside are clamped by the feature nets)
-    reference: str | torch.Tensor = DEFAULT_REFERENCE,  # `KIND:PATH[:SPLIT]` or reference images [M, C, H, W]
+    reference: str | torch.Tensor | ReferenceStats = DEFAULT_REFERENCE,  # see `prepare_reference`
     *,
     feature_net: str | FeatureNet = "mnist",  # "mnist" (fast, 128-d) or "inception" (FID standard, slow)
+    protocol: str | None = None,  # Inception only: "edm" (default) | "clean", see metrics/protocols.py
     num_reference: int | None = None,  # use a fixed random subset of this many reference images (None = all)
     num_trials: int = 1,  # > 1: also report mean/std over sample subsets (see module docstring)
     trial_mode: str = "disjoint",  # "disjoint" subsets of n // num_trials, or "bootstrap" resamples of n
@@ -155,49 +196,123 @@ def evaluate_samples(
     batch_size: int = 256,  # images per feature-net forward pass
     device: str | torch.device = "cpu",  # where the feature net runs
     seed: int = 0,  # seeds reference subsets, KID subsets and trials
-    progress: bool = False,  # print feature-extraction speed
+    progress: bool = False,  # print progress lines (count, img/s, ETA) and where reference statistics live
 ) -> dict:
-    """Every metric as a plain dict of numbers (JSON-ready), with the sample and reference counts."""
-    t0 = time.time()
-    bad = sorted(set(metrics) - set(ALL_METRICS))
+    """Every metric as a plain dict of numbers (JSON-ready), with the sample and reference counts and the
+    protocol. Under torchrun each rank extracts its slice of `samples`; statistics are reduced exactly."""
+    x, n_bad = _finite_samples(samples)
+    opt = dict(
+        metrics=metrics, num_trials=num_trials, trial_mode=trial_mode, kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size, pr_k=pr_k, score_splits=score_splits, batch_size=batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    _check_options(opt, len(x))
+    net = get_feature_net(feature_net, device, protocol)
+    ref = prepare_reference(
+        reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    return _evaluate(x[rank_rows(len(x))], len(x), n_bad, net, ref, opt)
+
+
+def evaluate_generator(
+    gen,  # OneStepGenerator (unconditional), e.g. from `generators.load_generator`
+    num_samples: int,  # samples to draw; the same as `generators.generate(gen, num_samples, seed=...)`
+    reference: str | torch.Tensor | ReferenceStats = DEFAULT_REFERENCE,
+    *,
+    seed: int = 0,  # seeds z (and the metrics' subsets, as in `evaluate_samples`)
+    gen_batch_size: int = 256,  # images per generator forward pass
+    device: str | torch.device = "cpu",  # where the generator and the feature net run
+    feature_net: str | FeatureNet = "mnist",
+    protocol: str | None = None,
+    num_reference: int | None = None,
+    cache_dir: str | Path | None | bool = None,
+    progress: bool = False,
+    **options,  # the metric options of `evaluate_samples` (metrics, num_trials, kid_subsets, ...)
+) -> dict:
+    """`evaluate_samples(generate(gen, num_samples, seed))` without holding other ranks' samples: under
+    torchrun each rank generates and extracts only its slice."""
+    batch_size = options.pop("batch_size", 256)
+    opt = dict(ALL_DEFAULTS, **options, batch_size=batch_size, seed=seed, progress=progress)
+    _check_options(opt, num_samples)
+    net = get_feature_net(feature_net, device, protocol)
+    ref = prepare_reference(
+        reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    from .generators import generate_rows
+
+    rows = rank_rows(num_samples)
+    x = generate_rows(gen, num_samples, rows, seed=seed, batch_size=gen_batch_size, device=device, progress=progress)
+    x, n_bad = _finite_samples(x)
+    counts = torch.tensor([len(x), n_bad], dtype=torch.float64)
+    dist.all_reduce_sum_([counts])
+    return _evaluate(x, int(counts[0]), int(counts[1]), net, ref, opt)
+
+
+ALL_DEFAULTS = dict(
+    metrics=ALL_METRICS, num_trials=1, trial_mode="disjoint", kid_subsets=20, kid_subset_size=1000, pr_k=3,
+    score_splits=10,
+)  # fmt: skip
+
+
+def _check_options(o: dict, n: int) -> None:
+    """User mistakes that must stop an evaluation before any feature is extracted."""
+    bad = sorted(set(o["metrics"]) - set(ALL_METRICS))
     if bad:
         raise ValueError(f"unknown metric(s) {bad}; valid: {list(ALL_METRICS)}")
-    x, n_bad = _finite_samples(samples)
-    min_n = max(2, pr_k + 1) * (num_trials if trial_mode == "disjoint" else 1)
-    if len(x) < min_n:
-        raise ValueError(f"need at least {min_n} finite samples for num_trials={num_trials}, got {len(x)}")
-    net = get_feature_net(feature_net, device)
-    ref_images, identity = load_reference(reference, num_reference=num_reference, seed=seed)
-    ref = reference_stats(
-        ref_images, net, identity=identity, cache_dir=cache_dir, batch_size=batch_size, progress=progress
-    )
+    min_n = max(2, o["pr_k"] + 1) * (o["num_trials"] if o["trial_mode"] == "disjoint" else 1)
+    if n < min_n:
+        raise ValueError(f"need at least {min_n} finite samples for num_trials={o['num_trials']}, got {n}")
+
+
+def _evaluate(x: torch.Tensor, n: int, n_bad: int, net: FeatureNet, ref: ReferenceStats, o: dict) -> dict:
+    """Metrics of this rank's finite samples `x` (n finite ones over all ranks) against `ref`."""
+    t0 = time.time()
+    _check_options(o, n)
+    metrics = set(o["metrics"])
+    skipped = sorted(metrics & {"kid", "pr"}) if ref.features is None else []
+    if skipped:
+        warnings.warn(f"{ref.path} holds mu/sigma only: {skipped} need reference features, skipped", stacklevel=3)
+        metrics -= set(skipped)
     with_logits = net.has_logits and "score" in metrics
-    feats, logits = extract_features(net, x, batch_size=batch_size, with_logits=with_logits, progress=progress)
-    if list(x.shape[1:]) != list(ref_images.shape[1:]):
+    keep = bool(metrics - {"fid"}) or o["num_trials"] > 1
+    sums, feats, logits = sharded_features(
+        net, x, keep=keep, local=True, batch_size=o["batch_size"], with_logits=with_logits,
+        progress=o["progress"], label="samples",
+    )  # fmt: skip
+    ref_shape = ref.key.get("shape", [None])[1:]
+    if ref_shape and list(x.shape[1:]) != ref_shape:
         warnings.warn(
-            f"samples {tuple(x.shape[1:])} and reference {tuple(ref_images.shape[1:])} differ in shape; the "
+            f"samples {tuple(x.shape[1:])} and reference {tuple(ref_shape)} differ in shape; the "
             "feature net resizes both, but padding or scale differences still move the numbers",
-            stacklevel=2,
+            stacklevel=3,
         )
-    opt = {
-        "metrics": set(metrics), "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
-        "pr_k": pr_k, "score_splits": score_splits, "num_trials": num_trials, "trial_mode": trial_mode,
-        "score_name": "inception_score" if net.name == "inception" else "classifier_score",
-        "ref_perm": torch.randperm(ref.num_images, generator=torch.Generator().manual_seed(seed)),
-    }  # fmt: skip
+    seed, n_ref = o["seed"], ref.num_images
+    opt = dict(
+        o, metrics=metrics, score_name="inception_score" if net.name == "inception" else "classifier_score",
+        ref_perm=torch.randperm(n_ref, generator=torch.Generator().manual_seed(seed)) if n_ref else None,
+    )  # fmt: skip
     out = {
-        "feature_net": net.name, "feature_fingerprint": ref.key["feature_fingerprint"][:16],
-        "feature_dim": int(feats.shape[1]), "reference": identity,
-        "n_samples": len(x), "n_nonfinite": n_bad, "n_reference": ref.num_images,
-        "sample_shape": list(x.shape[1:]), "reference_shape": list(ref_images.shape[1:]),
-        "reference_from_cache": ref.from_cache, "seed": seed, "num_trials": num_trials,
-        "kid_subset_size": min(kid_subset_size, len(x), ref.num_images),
-        "pr_reference_size": min(len(x), ref.num_images),
+        "protocol": ref.protocol, "feature_net": net.name, "feature_fingerprint": net.fingerprint[:16],
+        "feature_dim": net.dim, "reference": ref.key.get("identity", str(ref.path)),
+        "n_samples": n, "n_nonfinite": n_bad, "n_reference": n_ref,
+        "sample_shape": list(x.shape[1:]), "reference_shape": ref_shape or None,
+        "reference_from_cache": ref.from_cache, "seed": seed, "num_trials": o["num_trials"],
+        "world_size": dist.world_size(), "device": str(net.device),
     }  # fmt: skip
+    if "protocol_source" in ref.key:
+        out["reference_protocol_source"] = ref.key["protocol_source"]
+    if skipped:
+        out["metrics_skipped"] = skipped
+    if "kid" in metrics:
+        out["kid_subset_size"] = min(o["kid_subset_size"], n, n_ref)
+    if "pr" in metrics:
+        out["pr_reference_size"] = min(n, n_ref)
     gen = torch.Generator().manual_seed(seed)
-    out.update(_metrics(feats, logits, ref, opt, gen))
-    if num_trials > 1:
-        out["trial_mode"] = trial_mode
+    out.update(_metrics(feats, logits, ref, opt, gen, mu_sigma=sums.mu_sigma()))
+    if o["num_trials"] > 1:
+        out["trial_mode"] = o["trial_mode"]
         out.update(_trials(feats, logits, ref, opt, gen))
     out["seconds"] = round(time.time() - t0, 2)
     return out
@@ -266,7 +381,9 @@ def evaluate_path(path: str | Path, reference: str | torch.Tensor = DEFAULT_REFE
 
 def format_summary(result: dict) -> str:
     """One human-readable line of the headline numbers of `evaluate_samples`."""
-    parts = [f"{result['feature_net']}: n={result['n_samples']} vs {result['n_reference']} ref"]
+    net, protocol = result["feature_net"], result.get("protocol", result["feature_net"])
+    tag = f"{net}/{protocol}" if protocol != net else net
+    parts = [f"{tag}: n={result['n_samples']} vs {result['n_reference']} ref"]
     for key in ("fid", "kid", "precision", "recall", "classifier_score", "inception_score"):
         if key in result:
             mean = result.get(f"{key}_trial_mean")

@@ -7,11 +7,13 @@ Loading never executes code from a file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import dist
 from .networks.generator import OneStepGenerator
 from .networks.mlp import MLPConfig, MLPDenoiser
 from .networks.unet import EDMDenoiser, UNetConfig, build_unet
@@ -90,6 +92,25 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
     return gen.to(device).eval().requires_grad_(False), meta
 
 
+EMA_SNAPSHOT = re.compile(r"^ema-(\d+)\.safetensors$")
+
+
+def export_ema_snapshot(trainer) -> Path | None:
+    """Keep the EMA generator as `<run_dir>/ema-<num_images>.safetensors` (+ .json, an export `load_generator`
+    reads) whenever `run.keep_ema_every_kimg` > 0 and a multiple of it was crossed since the newest snapshot;
+    called at each checkpoint (rank 0). A few MB each, never pruned: the FID-versus-images curve of
+    `dibregman eval --run RUN --every-ckpt` reads them."""
+    every = int((trainer.cfg.run.keep_ema_every_kimg or 0) * 1000)
+    if every <= 0 or trainer.m.conditions is not None or dist.rank() != 0:
+        return None
+    n = trainer.state.num_images
+    done = [int(m.group(1)) for p in trainer.run_dir.glob("ema-*.safetensors") if (m := EMA_SNAPSHOT.match(p.name))]
+    if n // every <= max(done, default=0) // every:
+        return None
+    meta = generator_meta(trainer.ema, trainer.cfg, n)
+    return ckpt.export_safetensors(trainer.ema.state_dict(), meta, trainer.run_dir / f"ema-{n:012d}")
+
+
 @torch.no_grad()
 def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 256, cond=None, device="cpu"):
     """n one-step samples G(z), z ~ N(0, I), deterministic in `seed`; [n, *shape] on CPU."""
@@ -119,3 +140,22 @@ def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 
     prompts = [prompts[i % len(prompts)] for i in range(max(num, len(prompts)))]
     x = sample_images(gen, prompts, seed=seed, batch_size=min(batch_size, 16), device=device)
     return x, min(len(set(prompts)), 16)
+
+
+@torch.no_grad()
+def generate_rows(gen, n: int, rows: slice, *, seed: int, batch_size: int, device, progress: bool) -> torch.Tensor:
+    """Rows `rows` of `generate(gen, n, seed=seed, batch_size=batch_size)` (the same z stream; the generator
+    runs on those rows only: a torchrun rank's share), on the CPU, with a progress line."""
+    from .metrics.progress import Progress
+
+    shape = tuple(gen.denoiser.shape)
+    g = torch.Generator().manual_seed(seed)
+    bar = Progress("generation", rows.stop - rows.start, enabled=progress)
+    out = []
+    for i in range(0, n, batch_size):
+        z = torch.randn((min(batch_size, n - i), *shape), generator=g)
+        lo, hi = max(rows.start - i, 0), min(rows.stop - i, len(z))
+        if lo < hi:
+            out.append(gen(z[lo:hi].to(device), None).float().cpu())
+            bar.update(hi - lo)
+    return torch.cat(out) if out else torch.empty(0, *shape)

@@ -27,6 +27,7 @@ from .build import build_models, objective
 from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
 from .distill import bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
+from .generators import export_ema_snapshot
 from .monitor import Monitor
 from .rewards import build_target
 
@@ -348,6 +349,7 @@ class Trainer:
                 mon.sample_grid(self, s.num_images)
             if crossed["ckpt"] or done:
                 self.save()
+                export_ema_snapshot(self)  # run.keep_ema_every_kimg > 0: ema-<images>.safetensors for FID curves
         mon.close()
         export = self.export() if s.num_images >= total else None
         return {

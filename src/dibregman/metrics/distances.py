@@ -34,6 +34,39 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, fc.T @ fc / (len(f) - 1)
 
 
+class FeatureSums:
+    """n, sum f and sum f f^T in float64 (EDM `fid.py`): batches added in any order, or summed over ranks
+    (`all_reduce`), give the mu and sigma of the whole feature set (sigma with 1/(n - 1), as `feature_stats`)."""
+
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)  # [D]
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # [D, D]
+
+    def add(self, features: torch.Tensor) -> FeatureSums:  # [B, D]
+        f = features.detach().to(self.sum.device, torch.float64)
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+        return self
+
+    def all_reduce(self) -> FeatureSums:
+        """Sum over the ranks of a torchrun job (a no-op with one process)."""
+        from .. import dist
+
+        dist.all_reduce_sum_([self.n, self.sum, self.outer])
+        return self
+
+    def mu_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu [D], sigma [D, D]) float64 on the CPU."""
+        n = float(self.n)
+        if n < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {int(n)}")
+        mu = self.sum / n
+        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu(), ((sigma + sigma.T) / 2).cpu()
+
+
 def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(s)
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T

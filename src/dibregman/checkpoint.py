@@ -136,6 +136,23 @@ def all_finite(*state_dicts: dict) -> bool:
     return all(ok(s) for s in state_dicts)
 
 
+def describe_mismatch(weights: dict, model: dict, limit: int = 3) -> str | None:
+    """One line saying how a state dict `weights` differs from a model's `model` state dict (keys, shapes), or None."""
+    missing = [k for k in model if k not in weights]
+    unexpected = [k for k in weights if k not in model]
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} in the file vs {tuple(model[k].shape)} in the model"
+        for k in model
+        if k in weights and tuple(weights[k].shape) != tuple(model[k].shape)
+    ]
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+            parts.append(f"{what}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) or None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Checkpoints `ckpt-<kimg>.pt` in `run_dir`, oldest first."""
     run_dir = Path(run_dir)

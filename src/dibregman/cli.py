@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,7 +37,7 @@ def cmd_train_teacher(args) -> None:
 
     kwargs = {"data": args.data} if args.data else {}
     kwargs.update(_overrides(args.set))
-    out = train_teacher(teacher_config(**kwargs), args.run_dir)
+    out = train_teacher(teacher_config(**kwargs), _writable(args.run_dir, "--run-dir", folder=True))
     print(f"teacher EMA weights: {out}")
 
 
@@ -57,6 +58,9 @@ def resolve_config(args):
     from .config import get_preset, override, validate
 
     cfg = get_preset(args.preset)
+    for flag in ("kimg", "batch"):  # 0 or less is a mistake, not "use the preset's value"
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be > 0, got {getattr(args, flag):g}; omit it for the preset's value")
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
     pairs.update(_overrides(args.set))
     if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
@@ -71,7 +75,7 @@ def cmd_distill(args) -> None:
     from .loop import distill
 
     cfg = resolve_config(args)
-    run_dir = args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}"
+    run_dir = _writable(args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}", "--run-dir", folder=True)
     if args.print_config:
         print(cfg.to_json())
         return
@@ -86,6 +90,8 @@ def cmd_sample(args) -> None:
     from .generators import generate, load_generator
     from .viz import save_image_grid, save_scatter
 
+    _positive(args, "num", "batch")
+    _writable(args.out, "--out")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gen, meta = load_generator(args.checkpoint, device)
     prompts = _sample_prompts(args)
@@ -129,6 +135,9 @@ def cmd_eval(args) -> None:
 
     if bool(args.samples) == bool(args.checkpoint):
         raise ValueError("give exactly one of --samples PATH or --checkpoint PATH")
+    _positive(args, "num", "trials")
+    if args.out:
+        _writable(args.out, "--out")
     if args.checkpoint:
         from .generators import generate, load_generator
 
@@ -155,7 +164,7 @@ def cmd_divergences(args) -> None:
 def cmd_import_edm(args) -> None:
     from .teachers.edm import import_edm_state_dict
 
-    out = import_edm_state_dict(args.state_dict, args.kwargs, args.out)
+    out = import_edm_state_dict(args.state_dict, args.kwargs, _writable(args.out, "--out"))
     print(f"imported EDM teacher: {out}")
 
 
@@ -188,8 +197,40 @@ COMMANDS = {
 }
 
 
+def _positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+
+
+def _writable(path: str, flag: str, folder: bool = False) -> str:
+    """`path` if it can be written: ValueError naming `flag` if it (for a folder) or a parent is a file."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ValueError(
+            f"{flag} {path} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}"
+        )
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    text = lines[0] + (" ..." if len(lines) > 1 else "")
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
+    p = _Parser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-teacher", help="train a native EDM U-Net teacher on a local dataset")
@@ -203,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", default="", help="teacher spec, e.g. edm:teacher.safetensors, diffusers:DIR")
     d.add_argument("--data", default="", help="real side of the discriminator: KIND:PATH or 'teacher'")
     d.add_argument("--prompts", default="", help="text-to-image: prompts file (.txt/.csv/.jsonl)")
-    d.add_argument("--kimg", type=float, default=0, help="training length in thousands of images")
-    d.add_argument("--batch", type=int, default=0, help="global batch size")
+    d.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
+    d.add_argument("--batch", type=int, default=None, help="global batch size")
     d.add_argument(
         "--reward",
         default="",
@@ -253,12 +294,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every failure is one line on stderr: exit 2 for bad input, 1 for a failed run,
+    128 + signal for a stop by SIGINT/SIGTERM (DIBREGMAN_TRACEBACK=1 shows tracebacks of unexpected errors)."""
+    from .runguard import RunInterrupted, TooManyBadSteps
+
     args = build_parser().parse_args(argv)
+    prefix = f"dibregman {args.command}"
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dibregman {args.command}: error: {e}", file=sys.stderr)
+    except RunInterrupted as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except TooManyBadSteps as e:
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if os.environ.get("DIBREGMAN_TRACEBACK") == "1":
+            raise
+        print(f"{prefix}: internal error: {type(e).__name__}: {_one_line(e)} (DIBREGMAN_TRACEBACK=1 shows where)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -7,6 +7,7 @@ The resolved config is written to `<run_dir>/config.json` and into every checkpo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -169,6 +170,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(
             "model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file (--prompts FILE)"
         )
+    for section in fields(cfg):  # NaN/Inf is never valid, also for a parameter the chosen divergence ignores
+        for f in fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section.name}.{f.name}={value!r} must be a finite number")
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params

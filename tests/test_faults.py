@@ -141,6 +141,33 @@ def test_teacher_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [2, 4]
 
 
+def test_teacher_sigint_checkpoints_and_resumes_exactly_also_from_the_old_format(tmp_path, monkeypatch):
+    from dibregman import train_teacher as tt
+
+    cfg = teacher_config(data="digits:", unet="tiny", batch_size=4, total_kimg=0.024, ckpt_every_kimg=0.016)
+    full = ckpt.load_safetensors(train_teacher(cfg, tmp_path / "full"))[0]
+    calls, edm_loss = {"n": 0}, tt.edm_loss
+
+    def ctrl_c_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C during step 3
+        return edm_loss(*a, **k)
+
+    monkeypatch.setattr(tt, "edm_loss", ctrl_c_on_third)
+    with pytest.raises(runguard.RunInterrupted, match="stopped by SIGINT at 0.012 kimg") as e:
+        train_teacher(cfg, tmp_path / "split")
+    assert e.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    (path,) = ckpt.list_checkpoints(tmp_path / "split")
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 3
+    for key in (ckpt.CHECKSUM_KEY, ckpt.HEALTHY_KEY, "bad_steps", "bad_in_row"):
+        del state[key]  # the format of the teacher runs in progress before issue 15
+    torch.save(state, path)
+    split = ckpt.load_safetensors(train_teacher(cfg, tmp_path / "split"))[0]
+    assert all(torch.equal(full[k], split[k]) for k in full)
+
+
 # ---- the run folder ---------------------------------------------------------------------------------------------
 def test_stale_tmp_removed_and_log_cut_back_on_resume(tmp_path):
     pairs = {"run.total_kimg": steps_kimg(4), "run.ckpt_every_kimg": steps_kimg(2), "run.keep_ckpts": 5}
@@ -216,8 +243,17 @@ def test_second_process_stops_at_once_and_sigint_checkpoints(tmp_path):
     (path,) = ckpt.list_checkpoints(run)
     state = ckpt.load(path)
     assert state["step"] >= 1 and state[ckpt.HEALTHY_KEY] and not list(run.glob("*.tmp"))
+    k = state["step"] + 2  # resume to two more steps: bitwise equal to an uninterrupted run, each record once
+    pairs = {"run.total_kimg": steps_kimg(k), "run.log_every_kimg": steps_kimg(1)}
+    resumed = Trainer(gmm_cfg(**pairs), run)
+    resumed.train()
+    full = Trainer(gmm_cfg(**pairs), tmp_path / "full")
+    full.train()
+    for a, b in ((full.m.generator, resumed.m.generator), (full.ema, resumed.ema), (full.m.fake, resumed.m.fake)):
+        a, b = a.state_dict(), b.state_dict()
+        assert all(torch.equal(a[key], b[key]) for key in a)
     kimg = [json.loads(line)["kimg"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert max(kimg) <= state["num_images"] / 1000
+    assert kimg == [steps_kimg(i) for i in range(1, k + 1)]
 
 
 SLOW_SAVE = """import sys, time, pathlib

@@ -26,6 +26,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: i
     """Run (or resume) Di-Bregman distillation (Algorithm 1) in `run_dir`; returns a summary dict.
 
     hooks: callables `hook(trainer, num_images) -> dict` run at every log interval; what they return is logged.
+    Raises `runguard.RunLocked` if another process holds `run_dir`, `runguard.TooManyBadSteps` after
+    `run.max_bad_steps` NaN/Inf steps in a row, `runguard.RunInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
     return _distill(cfg, run_dir, hooks=hooks, max_steps=max_steps)
 

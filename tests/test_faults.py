@@ -384,6 +384,28 @@ BAD_INPUTS = {  # name: (argv with {d} for the inputs folder, exit code, words t
     ),  # fmt: skip
     "import-edm missing": ("import-edm {d}/nothing.pt {d}/edm.json --out {d}/new.safetensors", 2, "not found"),
     "unknown command": ("distil", 2, "invalid choice"),
+    "teacher overrides type": ("train-teacher --run-dir {d}/new --set unet_overrides=5", 2, "unet_overrides=5"),
+    "teacher bool": ("train-teacher --run-dir {d}/new --set conditional=maybe", 2, "conditional='maybe'"),
+    "teacher data kind": ("train-teacher --run-dir {d}/new --data nosuch:", 2, "unknown dataset kind"),
+    "distill ckpt period": ("distill --set run.ckpt_every_kimg=-1 --run-dir {d}/new", 2, "run.ckpt_every_kimg=-1.0"),
+    "distill max bad 0": ("distill --set run.max_bad_steps=0 --run-dir {d}/new", 2, "run.max_bad_steps=0 must"),
+    "distill mlp depth": ("distill --set model.mlp_depth=0 --run-dir {d}/new", 2, "model.mlp_depth=0 must"),
+    "distill threads": ("distill --set run.threads=-1 --run-dir {d}/new", 2, "run.threads=-1 must"),
+    "distill lr": ("distill --set optim.gen_lr=-1 --run-dir {d}/new", 2, "optim.gen_lr=-1.0 must"),
+    "distill beta": ("distill --set optim.beta2=1.5 --run-dir {d}/new", 2, "optim.beta2=1.5"),
+    "distill teacher kind": ("distill --teacher nosuch:x --run-dir {d}/new", 2, "unknown teacher spec"),
+    "distill reward": ("distill --reward nosuch --run-dir {d}/new", 2, "unknown reward 'nosuch'"),
+    "distill teacher missing": (
+        "distill --preset mnist --teacher edm:{d}/no.safetensors --run-dir {d}/new",
+        2,
+        "weights not found",
+    ),  # fmt: skip
+    "eval missing npz": ("eval --samples {d}/nothing.npz", 2, "samples not found"),
+    "eval not samples": ("eval --samples {d}/afile", 2, "must be a .npz, .npy or an image folder"),
+    "demo out file": ("demo --out {d}/afile", 2, "--out {d}/afile is a file"),
+    "sample device": ("sample --checkpoint {d}/run --device tpu --out {d}/new.png", 2, "--device: invalid choice"),
+    "sample out folder": ("sample --checkpoint {d}/run --out {d}/run", 2, "is a folder; give a file"),
+    "plot under file": ("divergences --plot {d}/afile/x.png", 2, "--plot"),
 }
 
 

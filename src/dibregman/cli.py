@@ -93,6 +93,8 @@ def cmd_sample(args) -> None:
     _positive(args, "num", "batch")
     _writable(args.out, "--out")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available; use --device cpu or auto")
     gen, meta = load_generator(args.checkpoint, device)
     prompts = _sample_prompts(args)
     text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
@@ -155,6 +157,8 @@ def cmd_eval(args) -> None:
 def cmd_divergences(args) -> None:
     from . import divergences
 
+    if args.plot:
+        _writable(args.plot, "--plot")
     print(divergences.describe())
     if args.plot:
         divergences.plot_log_weights(args.plot)
@@ -171,7 +175,7 @@ def cmd_import_edm(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(_writable(args.out, "--out", folder=True), quick=args.quick)
 
 
 def cmd_bench(args) -> None:
@@ -263,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--out", default="samples.png", help=".png grid/scatter or .npz array")
     s.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeatable)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto | cpu | cuda")
     s.add_argument("--prompts", default="", help="text-to-image: prompts file (--num images cycle)")
 
     e = sub.add_parser("eval", help="FID/KID/precision-recall of samples against a reference set")

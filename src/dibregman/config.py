@@ -143,6 +143,15 @@ CHOICES = {
 }
 
 
+AT_LEAST = {  # lower bounds of counts, rates and periods (0 = off where the field says so)
+    **dict.fromkeys(("model.teacher_pool", "model.teacher_pool_steps", "model.mlp_hidden", "model.mlp_depth"), 1),
+    **dict.fromkeys(("model.init_steps", "optim.gen_lr", "optim.fake_lr", "optim.head_lr_mult"), 0),
+    **dict.fromkeys(("optim.weight_decay", "optim.grad_clip", "optim.ema_halflife_kimg", "run.threads"), 0),
+    **dict.fromkeys(("run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg"), 0),
+    "run.max_bad_steps": 1,
+}
+
+
 def validate(cfg: DistillConfig) -> DistillConfig:
     """Raise ValueError for a config that cannot run; returns it unchanged otherwise."""
     for key, allowed in CHOICES.items():
@@ -175,6 +184,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{section.name}.{f.name}={value!r} must be a finite number")
+    for key, low in AT_LEAST.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < low:
+            raise ValueError(f"{key}={getattr(getattr(cfg, section), name)!r} must be >= {low}")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ValueError(f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must lie in [0, 1)")
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params

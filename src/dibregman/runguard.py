@@ -157,7 +157,7 @@ class StopSignals:
 
 def interrupted(signum: int, where: str, path) -> RunInterrupted:
     name = signal.Signals(signum).name
-    saved = f"checkpoint {path} written" if path else "no checkpoint needed"
+    saved = f"checkpoint {path} written" if path else "no new checkpoint written"
     return RunInterrupted(signum, f"stopped by {name} at {where}; {saved}; run the same command to resume")
 
 

@@ -49,10 +49,10 @@ def evaluate(samples: torch.Tensor, reference="mnist:data/mnist:test", **kwargs)
 
 def train_teacher(run_dir: str | Path, **options) -> Path:
     """Train a native EDM teacher (options: fields of `TeacherConfig`); returns the EMA safetensors path."""
-    from .train_teacher import TeacherConfig
+    from .train_teacher import teacher_config
     from .train_teacher import train_teacher as _train
 
-    return _train(TeacherConfig(**options), run_dir)
+    return _train(teacher_config(**options), run_dir)  # ValueError naming an unknown or invalid option
 
 
 __all__ = ["preset", "distill", "sample", "evaluate", "train_teacher"]

@@ -194,6 +194,18 @@ def test_run_lock_names_the_holder_and_is_released(tmp_path):
         pass
 
 
+def test_sigterm_in_process_checkpoints_and_raises_a_typed_exception(tmp_path):
+    def sigterm_at_step_2(trainer, num_images):
+        if trainer.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler's preemption
+
+    pairs = {"run.total_kimg": steps_kimg(10), "run.log_every_kimg": steps_kimg(1)}
+    with pytest.raises(runguard.RunInterrupted, match="stopped by SIGTERM at 0.064 kimg") as e:
+        Trainer(gmm_cfg(**pairs), tmp_path, hooks=[sigterm_at_step_2]).train()
+    assert e.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [2]
+
+
 def _distill_cmd(run_dir: Path, steps: int, **pairs) -> list[str]:
     sets = {**GMM_SMALL, "run.total_kimg": steps_kimg(steps), "run.log_every_kimg": steps_kimg(1), **pairs}
     return ["distill", "--preset", "gmm", "--run-dir", str(run_dir), *[f"--set={k}={v}" for k, v in sets.items()]]

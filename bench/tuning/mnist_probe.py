@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dibregman.config import override
+from dibregman.config import get_preset, override
 from dibregman.evaluate import evaluate_samples
 from dibregman.generators import generate
 from dibregman.loop import Trainer
-from dibregman.presets import get_preset
 
 REFERENCE = "mnist:data/mnist:test"
 
@@ -36,7 +35,8 @@ def _fid(gen, n: int) -> float:
 def run_one(name: str, pairs: dict, out: Path, every: float, n: int) -> dict:
     base = {"run.tensorboard": False, "run.sample_every_kimg": 0.0, "run.threads": 1, "run.device": "cpu"}
     cfg = override(get_preset("mnist"), {**base, **pairs})
-    cfg = override(cfg, {"run.log_every_kimg": every, "run.ckpt_every_kimg": cfg.run.total_kimg})
+    ckpt_every = pairs.get("run.ckpt_every_kimg", cfg.run.total_kimg)  # a long run gives its own: it resumes
+    cfg = override(cfg, {"run.log_every_kimg": every, "run.ckpt_every_kimg": ckpt_every})
     hist = []
 
     def hook(trainer, num_images: int) -> dict:

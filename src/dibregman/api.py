@@ -28,6 +28,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: i
     """Run (or resume) Di-Bregman distillation (Algorithm 1) in `run_dir`; returns a summary dict.
 
     hooks: callables `hook(trainer, num_images) -> dict` run at every log interval; what they return is logged.
+    Raises `runguard.RunLocked` if another process holds `run_dir`, `runguard.TooManyBadSteps` after
+    `run.max_bad_steps` NaN/Inf steps in a row, `runguard.RunInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
     return _distill(cfg, run_dir, hooks=hooks, max_steps=max_steps)
 
@@ -49,10 +51,10 @@ def evaluate(samples: torch.Tensor, reference="mnist:data/mnist:test", **kwargs)
 
 def train_teacher(run_dir: str | Path, **options) -> Path:
     """Train a native EDM teacher (options: fields of `TeacherConfig`); returns the EMA safetensors path."""
-    from .train_teacher import TeacherConfig
+    from .train_teacher import teacher_config
     from .train_teacher import train_teacher as _train
 
-    return _train(TeacherConfig(**options), run_dir)
+    return _train(teacher_config(**options), run_dir)  # ValueError naming an unknown or invalid option
 
 
 __all__ = ["preset", "distill", "sample", "evaluate", "train_teacher"]

@@ -1,46 +1,156 @@
-"""Checkpoints: atomic writes, integrity checks, newest-valid loading, safetensors export.
+"""Checkpoints: atomic writes, content checksums, healthy flags, newest-valid loading, safetensors export.
 
-A checkpoint is a `torch.save` dict written to `<name>.tmp` then renamed, so a crash never leaves a half-written
-file under the final name. Loading uses `weights_only=True`: nothing in a file is ever executed. Every
-checkpoint carries the resolved config; `load_latest` skips files that fail to load (truncated, corrupt) and
-falls back to the previous one.
+A checkpoint is a `torch.save` dict written to a uniquely named `<name>.<pid>-<random>.tmp`, fsync'd, then
+renamed, so a crash never leaves a half-written file under the final name and two writers never share a temp
+file. Each dict carries `checksum`, a SHA-256 over its whole content (every tensor's dtype, shape and bytes, every
+other value's repr), verified on load: a flipped byte is a corrupt checkpoint, skipped with a warning by
+`load_latest`, which then falls back to the previous one. Files written before checksums existed load unverified.
+Loading uses `weights_only=True`: nothing in a file is ever executed.
+
+A writer marks a checkpoint `healthy` (finite weights, no NaN/Inf step pending); `prune` never deletes the newest
+healthy one, so a run that goes bad can always be resumed from the last good state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
 _PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+CHECKSUM_KEY = "checksum"  # SHA-256 hex digest of the rest of the dict (`content_checksum`)
+HEALTHY_KEY = "healthy"  # bool: weights finite and no NaN/Inf steps in a row (absent in old files = healthy)
 
 
-def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
-    """Write `obj` to `path` atomically (write-then-rename, fsync'd)."""
+def content_checksum(obj) -> str:
+    """SHA-256 over a nested dict/list of tensors and plain values (independent of how it is serialised)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A temp name beside `path`, unique per process and call: `<name>.<pid>-<hex>.tmp`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _replace_from_temp(path: Path, write) -> Path:
+    """write(tmp) then fsync and rename to `path`; the temp file is removed if anything fails."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
+def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
+    """Write `obj` plus its `checksum` to `path` atomically (unique temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    body[CHECKSUM_KEY] = content_checksum(body)
+    return _replace_from_temp(path, lambda f: torch.save(body, f))
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint without executing code; a clear error for a missing or corrupt file."""
+    """Load and verify a checkpoint without executing code; ValueError for a corrupt file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, foreign pickle
-        raise ValueError(f"checkpoint {path} is corrupt or not a dibregman checkpoint: {type(e).__name__}: {e}") from e
+        raise ValueError(f"checkpoint {path} is corrupt or not a dibregman checkpoint ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dibregman checkpoint")
+    expected = state.pop(CHECKSUM_KEY, None)
+    if expected is not None and content_checksum(state) != expected:
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match its checksum")
+    if map_location != "cpu":
+        state = _to(state, map_location)
+    return state
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def peek(path: str | os.PathLike) -> dict | None:
+    """The checkpoint's dict with tensors memory-mapped (cheap, unverified); None if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+
+
+def is_healthy(path: str | os.PathLike) -> bool:
+    """The checkpoint's `healthy` flag (files written before the flag existed count as healthy)."""
+    state = peek(path)
+    return isinstance(state, dict) and bool(state.get(HEALTHY_KEY, True))
+
+
+def all_finite(*state_dicts: dict) -> bool:
+    """True if every floating-point tensor in the (nested) state dicts is finite."""
+
+    def ok(obj) -> bool:
+        if isinstance(obj, torch.Tensor):
+            return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        if isinstance(obj, dict):
+            return all(ok(v) for v in obj.values())
+        return True
+
+    return all(ok(s) for s in state_dicts)
+
+
+def describe_mismatch(weights: dict, model: dict, limit: int = 3) -> str | None:
+    """One line saying how a state dict `weights` differs from a model's `model` state dict (keys, shapes), or None."""
+    missing = [k for k in model if k not in weights]
+    unexpected = [k for k in weights if k not in model]
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} in the file vs {tuple(model[k].shape)} in the model"
+        for k in model
+        if k in weights and tuple(weights[k].shape) != tuple(model[k].shape)
+    ]
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+            parts.append(f"{what}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) or None
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -56,21 +166,33 @@ def checkpoint_path(run_dir: str | os.PathLike, num_images: int) -> Path:
     return Path(run_dir) / f"ckpt-{num_images:012d}.pt"
 
 
-def load_latest(run_dir: str | os.PathLike, map_location="cpu") -> tuple[dict, Path] | None:
-    """Newest checkpoint that loads; corrupt ones are reported and skipped. None if there is none."""
+def load_latest(run_dir: str | os.PathLike, map_location="cpu", check=None) -> tuple[dict, Path] | None:
+    """Newest checkpoint that loads, verifies and passes `check(state) -> error or None`; the others are reported
+    (a warning each) and skipped. None if there is none."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load(path, map_location), path
+            state = load(path, map_location)
+            problem = check(state) if check is not None else None
+            if problem:
+                raise ValueError(f"checkpoint {path} {problem}")
+            return state, path
         except ValueError as e:
-            warnings.warn(f"skipping {e}", stacklevel=2)
+            warnings.warn(f"skipping {e}; trying the previous checkpoint", stacklevel=2)
     return None
 
 
 def prune(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything), never the newest healthy one."""
     if keep <= 0:
         return
-    for path in list_checkpoints(run_dir)[:-keep]:
+    paths = list_checkpoints(run_dir)
+    old = paths[:-keep]
+    if not old:
+        return
+    if not any(is_healthy(p) for p in paths[-keep:]):  # the kept ones are all unhealthy: keep the last good one
+        protect = next((p for p in reversed(old) if is_healthy(p)), None)
+        old = [p for p in old if p != protect]
+    for path in old:
         path.unlink(missing_ok=True)
 
 
@@ -81,17 +203,23 @@ def export_safetensors(state_dict: dict, config: dict, path: str | os.PathLike) 
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"config": json.dumps(config)})
-    os.replace(tmp, path.with_suffix(".safetensors"))
-    tmpj = path.with_name(path.name + ".json.tmp")
-    tmpj.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmpj, path.with_suffix(".json"))
+    tmp = temp_path(path.with_suffix(".safetensors"))
+    try:
+        save_file(tensors, str(tmp), metadata={"config": json.dumps(config)})
+        os.replace(tmp, path.with_suffix(".safetensors"))
+    finally:
+        tmp.unlink(missing_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True).encode()
+    _replace_from_temp(path.with_suffix(".json"), lambda f: f.write(text))
     return path.with_suffix(".safetensors")
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Read `(state_dict, config)` written by `export_safetensors`."""
+    """Read `(state_dict, config)` written by `export_safetensors`; ValueError naming the file if it is not one."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -102,8 +230,17 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
         raise FileNotFoundError(f"weights not found: {path}")
     json_path = path.with_suffix(".json")
     if json_path.is_file():
-        config = json.loads(json_path.read_text())
-    else:
-        with safe_open(str(path), "pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "{}"))
-    return load_file(str(path)), config
+        try:
+            config = json.loads(json_path.read_text())
+        except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{json_path} is not readable JSON ({_first_line(e)})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{json_path} must hold a JSON object, not a {type(config).__name__}")
+    try:
+        if not json_path.is_file():
+            with safe_open(str(path), "pt") as f:
+                config = json.loads((f.metadata() or {}).get("config", "{}"))
+        state = load_file(str(path))
+    except Exception as e:  # SafetensorError (text file, renamed image, truncated), bad metadata JSON
+        raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    return state, config

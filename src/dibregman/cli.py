@@ -9,22 +9,18 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def cmd_train_teacher(args) -> None:
     from .config import parse_set
-    from .train_teacher import TeacherConfig, train_teacher
+    from .train_teacher import teacher_config, train_teacher
 
     kwargs = {"data": args.data} if args.data else {}
     kwargs.update(parse_set(args.set))
-    valid = {f.name for f in fields(TeacherConfig)}
-    bad = sorted(set(kwargs) - valid)
-    if bad:
-        raise ValueError(f"unknown teacher option(s) {bad}; valid: {sorted(valid)}")
-    out = train_teacher(TeacherConfig(**kwargs), args.run_dir)
+    out = train_teacher(teacher_config(**kwargs), _writable(args.run_dir, "--run-dir", folder=True))
     print(f"teacher EMA weights: {out}")
 
 
@@ -45,6 +41,9 @@ def resolve_config(args):
     from .config import parse_set
     from .presets import from_preset
 
+    for flag in ("kimg", "batch"):  # 0 or less is a mistake, not "use the preset's value"
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be > 0, got {getattr(args, flag):g}; omit it for the preset's value")
     pairs = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None)}
     return from_preset(args.preset, {**pairs, **parse_set(args.set)})
 
@@ -59,7 +58,7 @@ def cmd_distill(args) -> None:
         print(describe_keys(get_preset(args.preset)))
         return
     cfg = resolve_config(args)
-    run_dir = args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}"
+    run_dir = _writable(args.run_dir or f"runs/{args.preset}-{cfg.divergence.name}", "--run-dir", folder=True)
     if args.print_config:
         print(cfg.to_json())
         return
@@ -74,7 +73,11 @@ def cmd_sample(args) -> None:
     from .generators import load_generator, sample_export
     from .viz import save_image_grid, save_scatter
 
+    _positive(args, "num", "batch")
+    _writable(args.out, "--out")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available; use --device cpu or auto")
     gen, meta = load_generator(args.checkpoint, device)
     x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
     out = args.out
@@ -112,6 +115,9 @@ def cmd_eval(args) -> None:
 def _eval(args, device) -> None:
     from . import dist, evaluate
 
+    _positive(args, "num", "trials")
+    if args.out:
+        _writable(args.out, "--out")
     kw = dict(feature_net=args.features, protocol=args.protocol, device=device, progress=not args.quiet)
     kw["num_reference"] = args.num_reference or None
     opts = dict(metrics=args.metrics.split(","), num_trials=args.trials, batch_size=args.batch)
@@ -153,6 +159,8 @@ def _eval(args, device) -> None:
 def cmd_divergences(args) -> None:
     from . import divergences, viz
 
+    if args.plot:
+        _writable(args.plot, "--plot")
     print(divergences.describe())
     if args.plot:
         viz.plot_log_weights(args.plot)
@@ -162,14 +170,14 @@ def cmd_divergences(args) -> None:
 def cmd_import_edm(args) -> None:
     from .teachers.edm import import_edm_state_dict
 
-    out = import_edm_state_dict(args.state_dict, args.kwargs, args.out)
+    out = import_edm_state_dict(args.state_dict, args.kwargs, _writable(args.out, "--out"))
     print(f"imported EDM teacher: {out}")
 
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(_writable(args.out, "--out", folder=True), quick=args.quick)
 
 
 def cmd_bench(args) -> None:
@@ -204,8 +212,40 @@ COMMANDS = {
 }
 
 
+def _positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+
+
+def _writable(path: str, flag: str, folder: bool = False) -> str:
+    """`path` if it can be written: ValueError naming `flag` if it (for a folder) or a parent is a file."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ValueError(
+            f"{flag} {path} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}"
+        )
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    text = lines[0] + (" ..." if len(lines) > 1 else "")
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
+    p = _Parser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-teacher", help="train a native EDM U-Net teacher on a local dataset")
@@ -219,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", default="", help="teacher spec, e.g. edm:teacher.safetensors, diffusers:DIR")
     d.add_argument("--data", default="", help="real side of the discriminator: KIND:PATH or 'teacher'")
     d.add_argument("--prompts", default="", help="text-to-image: prompts file (.txt/.csv/.jsonl)")
-    d.add_argument("--kimg", type=float, default=0, help="training length in thousands of images")
-    d.add_argument("--batch", type=int, default=0, help="global batch size")
+    d.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
+    d.add_argument("--batch", type=int, default=None, help="global batch size")
     d.add_argument(
         "--reward",
         default="",
@@ -239,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--out", default="samples.png", help=".png grid/scatter or .npz array")
     s.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeatable)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto | cpu | cuda")
     s.add_argument("--prompts", default="", help="text-to-image: prompts file (--num images cycle)")
 
     e = sub.add_parser("eval", help="FID/KID/precision-recall of samples, a generator or a run's snapshots")
@@ -284,12 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every failure is one line on stderr: exit 2 for bad input, 1 for a failed run,
+    128 + signal for a stop by SIGINT/SIGTERM (DIBREGMAN_TRACEBACK=1 shows tracebacks of unexpected errors)."""
+    from .runguard import RunInterrupted, TooManyBadSteps
+
     args = build_parser().parse_args(argv)
+    prefix = f"dibregman {args.command}"
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dibregman {args.command}: error: {e}", file=sys.stderr)
+    except RunInterrupted as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except TooManyBadSteps as e:
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if os.environ.get("DIBREGMAN_TRACEBACK") == "1":
+            raise
+        print(f"{prefix}: internal error: {type(e).__name__}: {_one_line(e)} (DIBREGMAN_TRACEBACK=1 shows where)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -179,6 +179,15 @@ def describe_keys(cfg: DistillConfig) -> str:
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]]) for r in rows)
 
 
+AT_LEAST = {  # lower bounds of counts, rates and periods (0 = off where the field says so)
+    **dict.fromkeys(("model.teacher_pool", "model.teacher_pool_steps", "model.mlp_hidden", "model.mlp_depth"), 1),
+    **dict.fromkeys(("model.init_steps", "optim.gen_lr", "optim.fake_lr", "optim.head_lr_mult"), 0),
+    **dict.fromkeys(("optim.weight_decay", "optim.grad_clip", "optim.ema_halflife_kimg", "run.threads"), 0),
+    **dict.fromkeys(("run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg"), 0),
+    "run.max_bad_steps": 1,
+}
+
+
 def validate(cfg: DistillConfig) -> DistillConfig:
     """Raise ValueError for a config that cannot run; returns it unchanged otherwise."""
     for sec in fields(cfg):
@@ -215,6 +224,18 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(
             "model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file (--prompts FILE)"
         )
+    for section in fields(cfg):  # NaN/Inf is never valid, also for a parameter the chosen divergence ignores
+        for f in fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section.name}.{f.name}={value!r} must be a finite number")
+    for key, low in AT_LEAST.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < low:  # None: off
+            raise ValueError(f"{key}={value!r} must be >= {low}")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ValueError(f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must lie in [0, 1)")
     from . import divergences
 
     divergences.get(cfg.divergence.name, **divergence_params(cfg.divergence))  # raises on bad name/params

@@ -26,6 +26,10 @@ Weighting = Literal["dmd", "unit", "score"]  # choices of w(t), see `time_weight
 WEIGHTINGS = get_args(Weighting)
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf appeared in a quantity the step depends on; the engine skips and counts the step."""
+
+
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-sample [N] tensor shaped to broadcast against x [N, *shape]."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))

@@ -320,6 +320,8 @@ def _evaluate(x: torch.Tensor, n: int, n_bad: int, net: FeatureNet, ref: Referen
 
 def _array_to_images(a: np.ndarray, source: str) -> torch.Tensor:
     """uint8 (0..255) or float ([-1, 1]) array [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, C, H, W]."""
+    if a.ndim == 0 or len(a) == 0:
+        raise ValueError(f"{source}: holds 0 samples")
     x = torch.from_numpy(np.ascontiguousarray(a))
     if x.ndim == 3:
         x = x[:, None]
@@ -362,15 +364,23 @@ def load_samples(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"samples not found: {path}")
     if path.suffix == ".npy":
-        return _array_to_images(np.load(path, allow_pickle=False), str(path))
+        return _array_to_images(_np_load(path), str(path))
     if path.suffix != ".npz":
         raise ValueError(f"samples must be a .npz, .npy or an image folder, got {path}")
-    with np.load(path, allow_pickle=False) as z:
+    with _np_load(path) as z:
         keys = list(z.keys())
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise ValueError(f"{path}: no array named {' / '.join(NPZ_KEYS)} among {keys}")
-        return _array_to_images(z[key], f"{path}[{key}]")
+        return _array_to_images(_np_load(path, z, key), f"{path}[{key}]")
+
+
+def _np_load(path: Path, z=None, key=None):
+    """np.load(path) (or z[key]); ValueError naming the file if it is empty, truncated or not NumPy."""
+    try:
+        return np.load(path, allow_pickle=False) if z is None else z[key]
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable {path.suffix} file ({type(e).__name__})") from None
 
 
 def evaluate_path(path: str | Path, reference: str | torch.Tensor = DEFAULT_REFERENCE, **kwargs) -> dict:

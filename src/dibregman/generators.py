@@ -78,7 +78,9 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
     state, meta = ckpt.load_safetensors(path)
     if meta.get("kind") != "dibregman-one-step-generator":
         raise ValueError(f"{path} is not a dibregman generator export (kind={meta.get('kind')!r})")
-    net_meta = meta["network"]
+    net_meta = meta.get("network") or {}
+    if net_meta.get("type") not in ("edm-unet", "mlp", "teacher-copy") or "sigma_init" not in meta:
+        raise ValueError(f"{path}: its JSON lacks a valid network description (type edm-unet | mlp | teacher-copy)")
     if net_meta["type"] == "edm-unet":
         net = build_unet(UNetConfig.from_dict(net_meta["config"]))
     elif net_meta["type"] == "mlp":
@@ -88,6 +90,9 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
 
         net = load_teacher(net_meta["teacher"])
     gen = OneStepGenerator(net, meta["sigma_init"])
+    problem = ckpt.describe_mismatch(state, gen.state_dict())
+    if problem:
+        raise ValueError(f"{path} and its JSON do not belong together ({problem})")
     gen.load_state_dict(state)
     return gen.to(device).eval().requires_grad_(False), meta
 

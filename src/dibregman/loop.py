@@ -21,19 +21,15 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import dist, divergences, optim
+from . import dist, divergences, optim, runguard
 from . import distill as losses
 from .build import build_models, objective
 from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
-from .distill import bcast, per_sample_mean
+from .distill import NonFiniteError, bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
 from .generators import export_ema_snapshot
 from .monitor import Monitor
 from .rewards import build_target
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf appeared in a quantity the step depends on; the step is skipped and counted."""
 
 
 @dataclass
@@ -45,12 +41,16 @@ class State:
 
 
 def _apply(opt, params, clip: float | None, name: str, mon: Monitor) -> bool:
-    """`optim.guarded_step`, logged: False (and a skip) on a non-finite gradient."""
+    """`optim.guarded_step`, logged: False (and a skip) on a non-finite gradient, or on non-finite weights after the
+    step (e.g. a corrupt optimiser state: a bad step, never saved, see Trainer.save)."""
     ok, grad_norm = optim.guarded_step(opt, params, clip)
     if not ok:
         mon.add({f"skipped/{name}": 1.0})
     elif grad_norm is not None:
         mon.add({f"{name}/grad_norm": grad_norm})
+    if ok and not optim.all_finite(params):
+        mon.add({f"skipped/{name}_weights": 1.0})
+        return False
     return ok
 
 
@@ -116,12 +116,16 @@ class Trainer:
             "num_images": s.num_images,
             "bad_steps": s.bad_steps,
             "bad_in_row": s.bad_in_row,
+            ckpt.HEALTHY_KEY: s.bad_in_row == 0,  # weights are finite: save() writes nothing otherwise
             "rng_cpu": torch.get_rng_state(),
             **({"reward_z": self.target.state_dict()} if self.target else {}),
         }
 
     def _resume(self) -> None:
-        found = ckpt.load_latest(self.run_dir)
+        if dist.rank() == 0:  # another process on this folder: stop before reading it
+            runguard.RunLock(self.run_dir).probe()
+        self._newest_ckpt = (ckpt.list_checkpoints(self.run_dir) or [None])[-1]
+        found = ckpt.load_latest(self.run_dir, check=_weights_problem)
         if found is None:
             return
         state, path = found
@@ -166,10 +170,17 @@ class Trainer:
         dist.print0(f"resumed from {path} at {s.num_images / 1000:.1f} kimg (step {s.step})")
 
     def save(self) -> Path | None:
+        """Checkpoint (rank 0), unless the weights are non-finite: a bad state never replaces a good one."""
         path = None
         if dist.rank() == 0:
-            path = ckpt.save_atomic(self._state_dict(), ckpt.checkpoint_path(self.run_dir, self.state.num_images))
-            ckpt.prune(self.run_dir, self.cfg.run.keep_ckpts)
+            state = self._state_dict()
+            problem = _weights_problem(state)
+            if problem:
+                print(f"warning: no checkpoint at step {self.state.step}: the model {problem}", flush=True)
+            else:
+                path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.run_dir, self.state.num_images))
+                ckpt.prune(self.run_dir, self.cfg.run.keep_ckpts)
+                self._newest_ckpt = ckpt.list_checkpoints(self.run_dir)[-1]
         dist.barrier()
         return path
 
@@ -299,11 +310,17 @@ class Trainer:
             mon.add({"optim/lr_mult": lr_mult})
         gen_now = s.step % cfg.optim.gen_every == 0 and s.num_images / 1000 >= cfg.loss.gen_warmup_kimg
         ok = True
-        if cfg.optim.order == "generator_first" and gen_now:
-            ok &= self._generator_step(mon)
-        ok &= self._critic_step(mon)
-        if cfg.optim.order == "critic_first" and gen_now:
-            ok &= self._generator_step(mon)
+        try:
+            if cfg.optim.order == "generator_first" and gen_now:
+                ok &= self._generator_step(mon)
+            ok &= self._critic_step(mon)
+            if cfg.optim.order == "critic_first" and gen_now:
+                ok &= self._generator_step(mon)
+        except NonFiniteError:  # e.g. a reward returning NaN/Inf on some samples: the rest of the step is skipped
+            self.opt_g.zero_grad(set_to_none=True)
+            self.opt_c.zero_grad(set_to_none=True)
+            mon.add({"skipped/non_finite": 1.0})
+            ok = False
         if ok:
             s.bad_in_row = 0
         else:  # a NaN/Inf step is skipped, counted and logged, never absorbed
@@ -314,21 +331,54 @@ class Trainer:
                 f"({s.bad_in_row} in a row, {s.bad_steps} in total)"
             )
             if s.bad_in_row >= cfg.run.max_bad_steps:
-                raise RuntimeError(
+                raise runguard.TooManyBadSteps(
                     f"aborting: {s.bad_in_row} consecutive non-finite steps (run.max_bad_steps="
-                    f"{cfg.run.max_bad_steps}); lower the learning rates or check the teacher"
+                    f"{cfg.run.max_bad_steps}); lower the learning rates or check the teacher; "
+                    "a resume starts from the newest healthy checkpoint"
                 )
         s.step += 1
         s.num_images += cfg.optim.batch_size
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> dict:
+        """Train to `run.total_kimg` (or `max_steps` more steps) holding the run folder's lock; SIGINT/SIGTERM
+        finish the step, checkpoint and raise `runguard.RunInterrupted`."""
+        lock = runguard.RunLock(self.run_dir)
+        if dist.rank() == 0:
+            lock.acquire()
+        try:
+            with runguard.StopSignals() as stop:
+                return self._train(max_steps, stop)
+        finally:
+            lock.release()
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 holding the lock: refuse a stale state, remove stale temp files, cut the log back to the state."""
+        newest = (ckpt.list_checkpoints(self.run_dir) or [None])[-1]
+        if newest != self._newest_ckpt:
+            raise ValueError(
+                f"{newest} appeared after this Trainer read {self.run_dir}: another process trained there since; "
+                "build a new Trainer to resume from it"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        runguard.clean_stale_tmp(self.run_dir)
+        runguard.truncate_log(self.run_dir / "log.jsonl", self.state.num_images)
+        (self.run_dir / "config.json").write_text(self.cfg.to_json())
+
+    def _stop_requested(self, stop: runguard.StopSignals) -> int:
+        """The signal number if any rank was signalled (all ranks agree, so they stop at the same step), else 0."""
+        if dist.world_size() == 1:
+            return stop.signum or 0
+        flag = torch.tensor([float(stop.signum or 0)], device=self.device)
+        dist.all_reduce_sum_([flag])
+        return int(flag.item() > 0) and (stop.signum or 15)
+
+    def _train(self, max_steps: int | None, stop: runguard.StopSignals) -> dict:
         cfg, s = self.cfg, self.state
         total = int(cfg.run.total_kimg * 1000)
-        mon = Monitor(self.run_dir, cfg, enabled=dist.rank() == 0, initial=s.num_images, total=total)
         if dist.rank() == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+            self._prepare_run_dir()
+        mon = Monitor(self.run_dir, cfg, enabled=dist.rank() == 0, initial=s.num_images, total=total)
         every = {k: int((getattr(cfg.run, f"{k}_every_kimg") or 0) * 1000) for k in ("log", "ckpt", "sample")}
         steps_done, t_start = 0, time.time()
         while s.num_images < total and (max_steps is None or steps_done < max_steps):
@@ -347,9 +397,13 @@ class Trainer:
                 mon.flush(s.num_images, s.step, {"bad_steps_total": s.bad_steps, **extra})
             if crossed["sample"] or (done and every["sample"] > 0):
                 mon.sample_grid(self, s.num_images)
-            if crossed["ckpt"] or done:
-                self.save()
-                export_ema_snapshot(self)  # run.keep_ema_every_kimg > 0: ema-<images>.safetensors for FID curves
+            signum = self._stop_requested(stop)
+            path = self.save() if crossed["ckpt"] or done or signum else None
+            if path is not None:
+                export_ema_snapshot(self)  # run.keep_ema_every_kimg: ema-<images>.safetensors for FID curves
+            if signum and not done:
+                mon.close()
+                raise runguard.interrupted(signum, f"{s.num_images / 1000:g} kimg (step {s.step})", path)
         mon.close()
         export = self.export() if s.num_images >= total else None
         return {
@@ -366,6 +420,13 @@ class Trainer:
         if dist.rank() != 0:
             return None
         return str(self.m.export(self.ema, self.cfg, self.run_dir, self.state.num_images))
+
+
+def _weights_problem(state: dict) -> str | None:
+    """Why a checkpoint's networks cannot be used (non-finite weights), or None."""
+    if not ckpt.all_finite(*(state.get(k, {}) for k in ("generator", "ema", "fake", "disc"))):
+        return "has non-finite weights"
+    return None
 
 
 def distill(

@@ -36,13 +36,18 @@ def cosine_factor(
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def _finite_grads(params) -> bool:
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+def all_finite(tensors) -> bool:
+    """True if every tensor is finite on every rank (an all-reduce under torchrun)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
     ok = torch.stack(flags).all().float() if flags else torch.ones(())
     if dist.world_size() > 1:
         dist.all_reduce_sum_([ok])
         return bool(ok.item() == dist.world_size())
     return bool(ok.item())
+
+
+def _finite_grads(params) -> bool:
+    return all_finite(p.grad for p in params)
 
 
 def guarded_step(opt: torch.optim.Optimizer, params: list, clip: float | None) -> tuple[bool, float | None]:

@@ -50,11 +50,17 @@ import torch
 from torch import Tensor, nn
 
 from . import divergences
+from .distill import NonFiniteError
 from .draws import generator_for
 
 LogRewardFn = Callable[[Tensor, Tensor, object], Tensor]  # (x [N, *shape], sigma [N], cond) -> log R [N]
 TARGETS = ("auto", "sigma", "denoised", "noisy")
 ESTIMATORS = ("mean", "ema", "fixed")
+
+
+class NonFiniteReward(NonFiniteError, ValueError):
+    """A reward returned NaN/+Inf on some samples: a ValueError when called directly, a skipped and counted step
+    inside the engine (a NonFiniteError)."""
 
 
 @dataclass
@@ -77,7 +83,7 @@ class Reward:
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         out = _checked(self.name, self.log_fn(x, s, cond), x.shape[0])
         if torch.isposinf(out).any():
-            raise ValueError(f"reward {self.name!r} returned {int(torch.isposinf(out).sum())} infinite values")
+            raise NonFiniteReward(f"reward {self.name!r} returned {int(torch.isposinf(out).sum())} infinite values")
         return out.clamp_min(math.log(self.floor))
 
     def __call__(self, x: Tensor, sigma: Tensor | float = 0.0, cond=None) -> Tensor:
@@ -89,7 +95,7 @@ def _checked(name: str, out, n: int) -> Tensor:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"reward {name!r} must return a tensor of shape [{n}], got {got}")
     if torch.isnan(out).any():
-        raise ValueError(f"reward {name!r} returned {int(torch.isnan(out).sum())} NaN values")
+        raise NonFiniteReward(f"reward {name!r} returned {int(torch.isnan(out).sum())} NaN values")
     return out
 
 

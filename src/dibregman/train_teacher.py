@@ -6,16 +6,18 @@ images, ramped up as in EDM), atomic checkpoints, automatic resume and a safeten
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
-from . import optim
+from . import optim, runguard
 from .data import load_dataset
-from .networks.unet import build_unet
+from .networks.unet import UNET_PRESETS, build_unet
 from .noise import edm_training_sigma
 from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved to teachers/edm.py
 
@@ -41,6 +43,7 @@ class TeacherConfig:
     export: str = ""  # also write EMA weights to this .safetensors path at every checkpoint
     seed: int = 0  # RNG seed
     threads: int = 0  # torch CPU threads (0 = torch default)
+    max_bad_steps: int = 20  # abort after this many consecutive NaN/Inf steps (each one is skipped and counted)
 
 
 def lr_at(cfg: TeacherConfig, kimg: float) -> float:
@@ -56,10 +59,61 @@ def edm_loss(net, x0: torch.Tensor, cond, cfg: TeacherConfig, generator=None) ->
     return (weight.view(-1, 1, 1, 1) * (denoised - x0).square()).mean()
 
 
+def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
+    """ValueError naming the field and what is allowed for a TeacherConfig that cannot run; returns it otherwise."""
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), type(f.default) if f.default is not MISSING else dict
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue  # an int where a float is expected is fine
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{f.name}={value!r} must be of type {kind.__name__}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value!r} must be a finite number")
+    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be > 0")
+    non_negative = ("lr_warmup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "grad_clip", "keep_ckpts", "threads")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be >= 0")
+    if not 0 <= cfg.lr_final_ratio <= 1:
+        raise ValueError(f"lr_final_ratio={cfg.lr_final_ratio!r} must lie in [0, 1]")
+    if int(cfg.ckpt_every_kimg * 1000) < 1:
+        raise ValueError(f"ckpt_every_kimg={cfg.ckpt_every_kimg!r} must be at least 0.001 (one image)")
+    if cfg.unet not in UNET_PRESETS:
+        raise ValueError(f"unet={cfg.unet!r} is not a U-Net preset; valid: {sorted(UNET_PRESETS)}")
+    return cfg
+
+
+def teacher_config(**options) -> TeacherConfig:
+    """TeacherConfig from `field=value` options (strings from the command line converted), validated."""
+    valid = {f.name: f for f in fields(TeacherConfig)}
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(f"unknown teacher option(s) {bad}; valid: {sorted(valid)}")
+    out = {}
+    for name, value in options.items():
+        default = valid[name].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(default) is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        out[name] = value
+    return validate_teacher(TeacherConfig(**out))
+
+
 def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
-    """Train (or resume) a teacher in `run_dir`; returns the path of the exported EMA safetensors."""
+    """Train (or resume) a teacher in `run_dir`; returns the path of the exported EMA safetensors.
+
+    Holds the folder's lock; SIGINT/SIGTERM finish the step, checkpoint and raise `runguard.RunInterrupted`; a
+    NaN/Inf loss, gradient or weight skips the step (counted; `max_bad_steps` in a row raise TooManyBadSteps)."""
+    cfg = validate_teacher(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} is a file; give a folder")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -71,73 +125,112 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
             raise ValueError(f"conditional=True but dataset {cfg.data!r} has no labels")
         overrides["label_dim"] = int(labels.max()) + 1
     net = build_unet(cfg.unet, **overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with runguard.RunLock(run_dir), runguard.StopSignals() as stop:
+        runguard.clean_stale_tmp(run_dir)
+        return _train(cfg, run_dir, net, images, labels, stop)
+
+
+def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | None]:
+    """Counters {num_images, step, bad_steps, bad_in_row} and the data sampler state from the newest good checkpoint."""
+    counters = dict(num_images=0, step=0, bad_steps=0, bad_in_row=0)
+    found = ckpt.load_latest(
+        run_dir, check=lambda st: None if ckpt.all_finite(st["net"], st["ema"]) else "has non-finite weights"
+    )
+    if found is None:
+        return counters, None
+    state, path = found
+    if state["config"]["unet"] != resolved["unet"]:
+        raise ValueError(f"{path} was written for another U-Net config: {state['config']['unet']}")
+    net.load_state_dict(state["net"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    counters.update({k: state.get(k, 0) for k in counters})  # bad_* absent in checkpoints before they were kept
+    torch.set_rng_state(state["rng_cpu"])
+    print(f"resumed from {path} at {counters['num_images'] / 1000:.1f} kimg")
+    return counters, state.get("rng_data")  # rng_data absent in checkpoints written before exact resume
+
+
+def _train(cfg: TeacherConfig, run_dir: Path, net, images, labels, stop) -> Path:
     ema = build_unet(net.cfg)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    num_images, step, data_rng = 0, 0, None
     resolved = {"teacher": asdict(cfg), "unet": net.cfg.to_dict()}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-
-    found = ckpt.load_latest(run_dir)
-    if found is not None:
-        state, path = found
-        if state["config"]["unet"] != resolved["unet"]:
-            raise ValueError(f"{path} was written for another U-Net config: {state['config']['unet']}")
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        num_images, step = state["num_images"], state["step"]
-        torch.set_rng_state(state["rng_cpu"])
-        data_rng = state.get("rng_data")  # absent in checkpoints written before exact resume
-        print(f"resumed from {path} at {num_images / 1000:.1f} kimg")
-
-    g = torch.Generator().manual_seed(cfg.seed + step)
-    if found is not None and data_rng is not None:
+    c, data_rng = _resume(run_dir, resolved, net, ema, opt)
+    g = torch.Generator().manual_seed(cfg.seed + c["step"])
+    if data_rng is not None:
         g.set_state(data_rng)
-    total = int(cfg.total_kimg * 1000)
-    next_ckpt = (num_images // int(cfg.ckpt_every_kimg * 1000) + 1) * int(cfg.ckpt_every_kimg * 1000)
-    log = open(run_dir / "log.jsonl", "a")
+    runguard.truncate_log(run_dir / "log.jsonl", c["num_images"])
+    total, every = int(cfg.total_kimg * 1000), int(cfg.ckpt_every_kimg * 1000)
+    next_ckpt = (c["num_images"] // every + 1) * every
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=num_images, unit="img", unit_scale=True, desc="teacher", smoothing=0.05)
+    bar = tqdm(total=total, initial=c["num_images"], unit="img", unit_scale=True, desc="teacher", smoothing=0.05)
     t0, loss_acc, n_acc = time.time(), 0.0, 0
-    while num_images < total:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-        x0 = images[idx]
-        cond = labels[idx] if cfg.conditional else None
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, num_images / 1000)
-        loss = edm_loss(net, x0, cond, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        if torch.isfinite(loss):
-            opt.step()
-        num_images += cfg.batch_size
-        step += 1
-        halflife = min(cfg.ema_halflife_kimg * 1000, num_images * cfg.ema_rampup_ratio)
-        optim.update_ema(ema, net, optim.ema_beta(cfg.batch_size, halflife))
-        loss_acc, n_acc = loss_acc + float(loss.detach()), n_acc + 1
-        bar.update(cfg.batch_size)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
-            rec = {
-                "kimg": num_images / 1000,
-                "loss": loss_acc / n_acc,
-                "lr": lr_at(cfg, num_images / 1000),
-                "sec": time.time() - t0,
-            }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            loss_acc, n_acc = 0.0, 0
-        if num_images >= next_ckpt or num_images >= total:
-            _save(run_dir, cfg, resolved, net, ema, opt, num_images, step, g)
-            next_ckpt += int(cfg.ckpt_every_kimg * 1000)
+    save = partial(_save, run_dir, cfg, resolved, net, ema, opt)
+    with open(run_dir / "log.jsonl", "a") as log:
+        while c["num_images"] < total:
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
+            loss = _step(cfg, net, ema, opt, images[idx], labels[idx] if cfg.conditional else None, c)
+            if loss is not None:
+                loss_acc, n_acc = loss_acc + loss, n_acc + 1
+            bar.update(cfg.batch_size)
+            if c["step"] % 50 == 0 and n_acc:
+                kimg = c["num_images"] / 1000
+                rec = {"kimg": kimg, "loss": loss_acc / n_acc, "lr": lr_at(cfg, kimg), "sec": time.time() - t0}
+                log.write(json.dumps({**rec, "bad_steps": c["bad_steps"]}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
+                loss_acc, n_acc = 0.0, 0
+            if c["num_images"] >= next_ckpt or c["num_images"] >= total or stop.requested:
+                path = save(c, g)
+                next_ckpt += every * (c["num_images"] >= next_ckpt)
+                if stop.requested and c["num_images"] < total:
+                    bar.close()
+                    raise runguard.interrupted(stop.signum, f"{c['num_images'] / 1000:g} kimg", path)
     bar.close()
-    log.close()
-    return _export(run_dir, cfg, resolved, ema, num_images)
+    return _export(run_dir, cfg, resolved, ema, c["num_images"])
+
+
+def _step(cfg: TeacherConfig, net, ema, opt, x0, cond, c: dict) -> float | None:
+    """One Adam step and EMA update; a NaN/Inf loss, gradient or resulting weight skips both (counted in `c`).
+    Returns the loss, or None for a skipped step."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, c["num_images"] / 1000)
+    loss = edm_loss(net, x0, cond, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = list(net.parameters())
+    ok = bool(torch.isfinite(loss)) and _finite(p.grad for p in params if p.grad is not None)
+    if ok:
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        ok = _finite(params)  # a corrupt optimiser state: the weights are not saved (see _save)
+    c["num_images"] += cfg.batch_size
+    c["step"] += 1
+    if not ok:
+        opt.zero_grad(set_to_none=True)
+        c["bad_steps"] += 1
+        c["bad_in_row"] += 1
+        print(f"warning: non-finite loss/gradient/weights at step {c['step'] - 1}: skipped ({c['bad_in_row']} in a "
+              f"row, {c['bad_steps']} in total)")  # fmt: skip
+        if c["bad_in_row"] >= cfg.max_bad_steps:
+            raise runguard.TooManyBadSteps(
+                f"aborting: {c['bad_in_row']} consecutive non-finite steps (max_bad_steps={cfg.max_bad_steps}); "
+                "lower lr or check the data; a resume starts from the newest healthy checkpoint"
+            )
+        return None
+    c["bad_in_row"] = 0
+    halflife = min(cfg.ema_halflife_kimg * 1000, c["num_images"] * cfg.ema_rampup_ratio)
+    optim.update_ema(ema, net, optim.ema_beta(cfg.batch_size, halflife))
+    return float(loss.detach())
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: int) -> Path:
@@ -153,20 +246,28 @@ def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: 
     return out
 
 
-def _save(run_dir, cfg, resolved, net, ema, opt, num_images, step, data_rng) -> None:
+def _save(run_dir, cfg, resolved, net, ema, opt, c: dict, data_rng) -> Path | None:
+    """Checkpoint + export, unless the weights are non-finite (a bad state never replaces a good one)."""
+    if not ckpt.all_finite(net.state_dict(), ema.state_dict()):
+        print(f"warning: no checkpoint at {c['num_images'] / 1000:g} kimg: the weights are non-finite")
+        return None
     state = {
         "net": net.state_dict(),
         "ema": ema.state_dict(),
         "opt": opt.state_dict(),
         "config": resolved,
-        "num_images": num_images,
-        "step": step,
+        "num_images": c["num_images"],
+        "step": c["step"],
+        "bad_steps": c["bad_steps"],
+        "bad_in_row": c["bad_in_row"],
+        ckpt.HEALTHY_KEY: c["bad_in_row"] == 0,
         "rng_cpu": torch.get_rng_state(),
         "rng_data": data_rng.get_state(),
     }
-    ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, num_images))
+    path = ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, c["num_images"]))
     ckpt.prune(run_dir, cfg.keep_ckpts)
-    _export(run_dir, cfg, resolved, ema, num_images)
+    _export(run_dir, cfg, resolved, ema, c["num_images"])
+    return path
 
 
-__all__ = ["TeacherConfig", "train_teacher", "load_teacher", "edm_loss"]
+__all__ = ["TeacherConfig", "teacher_config", "validate_teacher", "train_teacher", "load_teacher", "edm_loss"]

@@ -111,24 +111,28 @@ def import_edm_state_dict(
             kwargs = json.loads(json_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{json_path} is not valid JSON: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{json_path} must hold a JSON object of init_kwargs, not a {type(kwargs).__name__}")
     cfg = edm_kwargs_to_config(kwargs)
     try:
         state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickled network (code) or a corrupt file
         raise ValueError(
-            f"{state_dict_path} is not a plain state dict of tensors ({type(e).__name__}: {e}); "
+            f"{state_dict_path} is not a plain state dict of tensors ({type(e).__name__}); "
             "export it with `torch.save(net.state_dict(), ...)` as shown in dibregman.teachers.edm"
-        ) from e
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{state_dict_path} holds a {type(state).__name__}, not a state dict")
     if state and not any(k.startswith("model.") for k in state):
         state = {f"model.{k}": v for k, v in state.items()}  # a bare SongUNet state dict
     state = {k: v for k, v in state.items() if k != "model.map_augment.weight"}
     net = EDMDenoiser(cfg)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{state_dict_path} does not match the architecture from its kwargs ({cfg}): {e}") from e
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{state_dict_path} holds non-tensor values, not a state dict of tensors")
+    problem = ckpt.describe_mismatch(state, net.state_dict())
+    if problem:
+        raise ValueError(f"{state_dict_path} does not match the architecture from its kwargs ({problem})")
+    net.load_state_dict(state, strict=True)
     meta = {
         "kind": "edm-unet",
         "unet": cfg.to_dict(),

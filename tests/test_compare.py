@@ -27,10 +27,16 @@ def test_seeds_form_one_setting_with_a_band(tmp_path):
     c = _run(tmp_path / "c", 0, 5e-4, [40.0, 45.0, 70.0])
     r = compare([a, b, c], tmp_path / "out" / "cmp")
     rows = {row["setting"]: row for row in r["rows"]}
-    assert set(rows) == {"gen_lr=0.0001", "gen_lr=0.0005"}
-    two = rows["gen_lr=0.0001"]
+    assert set(rows) == {"base", "gen_lr=0.0005"}  # labelled by what differs from the most common setting
+    two = rows["base"]
     assert two["seeds"] == 2 and two["fid_final"] == {"mean": 22.0, "min": 20.0, "max": 24.0, "n": 2}
     assert two["fid_best"]["mean"] == 20.0 and rows["gen_lr=0.0005"]["fid_best"]["mean"] == 40.0
+    b0 = _run(tmp_path / "b0", 2, 1e-4, [1.0])
+    (b0 / "config.json").write_text(json.dumps({"optim": {"gen_lr": 1e-4, "gen_sigma_max": None}, "run": {"seed": 2}}))
+    cfgs = [json.loads((p / "config.json").read_text()) for p in (a, b0)]
+    from dibregman.compare import setting_label
+
+    assert setting_label(cfgs[1], cfgs) == "base"  # a key missing or None reads as "off", like 0
     md = (tmp_path / "out" / "cmp.md").read_text()
     assert "22 [20, 24]" in md and (tmp_path / "out" / "cmp.png").stat().st_size > 1000
     x, mean, lo, hi = band([[(1.0, 1.0), (2.0, 4.0)], [(1.0, 3.0), (2.0, 2.0), (3.0, 9.0)]])

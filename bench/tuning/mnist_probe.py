@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from dibregman.config import get_preset, override
+from dibregman.config import override
 from dibregman.evaluate import evaluate_samples
 from dibregman.generators import generate
 from dibregman.loop import Trainer
+from dibregman.presets import get_preset
 
 REFERENCE = "mnist:data/mnist:test"
 

@@ -56,10 +56,22 @@ def fid_key(curves: dict) -> str | None:
 
 
 def setting_label(cfg: dict, others: list[dict]) -> str:
-    """The config keys in which this run differs from the others (seed and run.* excluded)."""
-    flat = _flatten(cfg)
-    diff = sorted(k for k in flat if not k.startswith("run.") and any(_flatten(o).get(k) != flat[k] for o in others))
+    """The config keys in which this run differs from the most common value among all runs (`run.*`, i.e. the seed
+    and reporting keys, excluded; None, 0 and '' all read as "off")."""
+    flat, all_flat = _flatten(cfg), [_flatten(o) for o in others]
+    diff = []
+    for k in sorted(flat):
+        if k.startswith("run."):
+            continue
+        values = [_off(f.get(k)) for f in all_flat]
+        common = max(set(map(repr, values)), key=lambda v: [repr(x) for x in values].count(v))
+        if repr(_off(flat[k])) != common:
+            diff.append(k)
     return ", ".join(f"{k.split('.', 1)[1]}={flat[k]}" for k in diff) or "base"
+
+
+def _off(v):
+    return None if v in (None, 0, 0.0, "") and not isinstance(v, bool) else v
 
 
 def group(runs: list[Path]) -> list[Setting]:

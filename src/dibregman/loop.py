@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import dist, divergences, optim, runguard
+from . import dist, divergences, optim, runguard, trainer_state
 from . import distill as losses
 from .build import build_models, objective
-from .config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
+from .config import DistillConfig, validate
 from .distill import NonFiniteError, bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
 from .generators import export_ema_snapshot
@@ -103,86 +103,14 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _state_dict(self) -> dict:
-        s = self.state
-        return {
-            "generator": self.m.generator.state_dict(),
-            "ema": self.ema.state_dict(),
-            "fake": self.m.fake.state_dict(),
-            "disc": self.m.disc.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
-            "config": self.cfg.to_dict(),
-            "step": s.step,
-            "num_images": s.num_images,
-            "bad_steps": s.bad_steps,
-            "bad_in_row": s.bad_in_row,
-            ckpt.HEALTHY_KEY: s.bad_in_row == 0,  # weights are finite: save() writes nothing otherwise
-            "rng_cpu": torch.get_rng_state(),
-            **({"reward_z": self.target.state_dict()} if self.target else {}),
-        }
+        return trainer_state.state_dict(self)
 
     def _resume(self) -> None:
-        if dist.rank() == 0:  # another process on this folder: stop before reading it
-            runguard.RunLock(self.run_dir).probe()
-        self._newest_ckpt = (ckpt.list_checkpoints(self.run_dir) or [None])[-1]
-        found = ckpt.load_latest(self.run_dir, check=_weights_problem)
-        if found is None:
-            return
-        state, path = found
-        try:  # sections/keys added since the checkpoint was written take their defaults
-            old = DistillConfig.from_dict(state["config"]).to_dict()
-        except ValueError:
-            old = state["config"]
-        diff = config_diff(old, self.cfg.to_dict())
-        if "run.total_kimg" in diff and self.cfg.optim.lr_schedule != "constant":
-            raise ValueError(
-                f"{path}: run.total_kimg differs from the checkpoint's, and the {self.cfg.optim.lr_schedule} "
-                "lr schedule is a function of it; keep run.total_kimg or use lr_schedule=constant"
-            )
-        diff -= RESUMABLE_CHANGES
-        if diff:
-            raise ValueError(
-                f"{path} was written by a different config (differs in {sorted(diff)}); "
-                f"use another --run-dir or the same settings"
-            )
-        try:
-            for name, module in (
-                ("generator", self.m.generator),
-                ("ema", self.ema),
-                ("fake", self.m.fake),
-                ("disc", self.m.disc),
-            ):
-                module.load_state_dict(state[name])
-            self.opt_g.load_state_dict(state["opt_g"])
-            self.opt_c.load_state_dict(state["opt_c"])
-            if self.target is not None:
-                self.target.load_state_dict(state["reward_z"])
-        except (RuntimeError, KeyError) as e:
-            raise ValueError(f"{path} does not match this model: {e}") from e
-        s = self.state
-        s.step, s.num_images, s.bad_steps, s.bad_in_row = (
-            state["step"],
-            state["num_images"],
-            state["bad_steps"],
-            state["bad_in_row"],
-        )
-        torch.set_rng_state(state["rng_cpu"])
-        dist.print0(f"resumed from {path} at {s.num_images / 1000:.1f} kimg (step {s.step})")
+        trainer_state.resume(self)
 
     def save(self) -> Path | None:
         """Checkpoint (rank 0), unless the weights are non-finite: a bad state never replaces a good one."""
-        path = None
-        if dist.rank() == 0:
-            state = self._state_dict()
-            problem = _weights_problem(state)
-            if problem:
-                print(f"warning: no checkpoint at step {self.state.step}: the model {problem}", flush=True)
-            else:
-                path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.run_dir, self.state.num_images))
-                ckpt.prune(self.run_dir, self.cfg.run.keep_ckpts)
-                self._newest_ckpt = ckpt.list_checkpoints(self.run_dir)[-1]
-        dist.barrier()
-        return path
+        return trainer_state.save(self)
 
     # ---- one optimisation step ---------------------------------------------------------------------------
     def _global(self, fn, *local: torch.Tensor):
@@ -420,13 +348,6 @@ class Trainer:
         if dist.rank() != 0:
             return None
         return str(self.m.export(self.ema, self.cfg, self.run_dir, self.state.num_images))
-
-
-def _weights_problem(state: dict) -> str | None:
-    """Why a checkpoint's networks cannot be used (non-finite weights), or None."""
-    if not ckpt.all_finite(*(state.get(k, {}) for k in ("generator", "ema", "fake", "disc"))):
-        return "has non-finite weights"
-    return None
 
 
 def distill(

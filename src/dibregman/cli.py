@@ -194,7 +194,7 @@ def cmd_bench(args) -> None:
 def cmd_compare(args) -> None:
     from .compare import compare
 
-    r = compare(args.runs, args.out)
+    r = compare(args.runs, args.out, fid=args.fid or None)
     print(open(r["md"]).read(), end="")
     print(f"curves: {r['png']}  table: {r['md']}")
 
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="curves of several runs in one PNG + Markdown table (seeds as a band)")
     c.add_argument("runs", nargs="+", help="run folders (with log.jsonl); same config but the seed = one band")
     c.add_argument("--out", default="compare", help="output path without suffix: writes OUT.png and OUT.md")
+    c.add_argument("--fid", default="", help="logged FID key to draw (default: the first key starting with fid)")
 
     b = sub.add_parser("bench", help="run the benchmark scripts under bench/ (source checkout)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

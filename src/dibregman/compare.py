@@ -50,21 +50,24 @@ def read_run(run: Path) -> tuple[dict, dict[str, list[tuple[float, float]]]]:
     return cfg, curves
 
 
-def fid_key(curves: dict) -> str | None:
+def fid_key(curves: dict, chosen: str | None = None) -> str | None:
+    """The FID key to read: `chosen` if this run logged it, else fid_ema or the first logged key starting with fid."""
+    if chosen is not None:
+        return chosen if chosen in curves else None
     keys = sorted(k for k in curves if k.startswith("fid") and not k.endswith("_n"))
     return "fid_ema" if "fid_ema" in keys else (keys[0] if keys else None)
 
 
 def setting_label(cfg: dict, others: list[dict]) -> str:
-    """The config keys in which this run differs from the most common value among all runs (`run.*`, i.e. the seed
-    and reporting keys, excluded; None, 0 and '' all read as "off")."""
+    """The config keys in which this run differs from the most common value among all runs that have the key
+    (`run.*`, i.e. the seed and reporting keys, excluded; None, 0 and '' all read as "off")."""
     flat, all_flat = _flatten(cfg), [_flatten(o) for o in others]
     diff = []
     for k in sorted(flat):
         if k.startswith("run."):
             continue
-        values = [_off(f.get(k)) for f in all_flat]
-        common = max(set(map(repr, values)), key=lambda v: [repr(x) for x in values].count(v))
+        values = [repr(_off(f[k])) for f in all_flat if k in f]  # runs written before a key existed: not counted
+        common = max(sorted(set(values)), key=values.count)  # ties: the first in sorted order (deterministic)
         if repr(_off(flat[k])) != common:
             diff.append(k)
     return ", ".join(f"{k.split('.', 1)[1]}={flat[k]}" for k in diff) or "base"
@@ -94,10 +97,10 @@ def band(curves: list[list[tuple[float, float]]]) -> tuple[list[float], list[flo
     return common, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
 
 
-def summary(settings: list[Setting]) -> list[dict]:
+def summary(settings: list[Setting], fid: str | None = None) -> list[dict]:
     rows = []
     for s in settings:
-        fk = [fid_key(c) for c in s.curves]
+        fk = [fid_key(c, fid) for c in s.curves]
         fids = [c[k] for c, k in zip(s.curves, fk, strict=True) if k]
         row = {"setting": s.label, "seeds": len(s.runs), "kimg": max(c["kimg"][-1][1] for c in s.curves if "kimg" in c)}
         if fids:
@@ -123,7 +126,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def plot(settings: list[Setting], path: Path) -> Path:
+def plot(settings: list[Setting], path: Path, fid: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +135,7 @@ def plot(settings: list[Setting], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for ax, (title, key) in zip(axes, PANELS.items(), strict=True):
         for s in settings:
-            keys = [key or fid_key(c) for c in s.curves]
+            keys = [key or fid_key(c, fid) for c in s.curves]
             curves = [c[k] for c, k in zip(s.curves, keys, strict=True) if k and k in c]
             if not curves:
                 continue
@@ -140,7 +143,7 @@ def plot(settings: list[Setting], path: Path) -> Path:
             (line,) = ax.plot(x, mean, label=f"{s.label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
-        ax.set_title(title)
+        ax.set_title(title if key or not fid else f"FID ({fid})")
         ax.set_xlabel("thousands of images seen")
         if title == "FID":
             ax.set_yscale("log")
@@ -152,14 +155,15 @@ def plot(settings: list[Setting], path: Path) -> Path:
     return path
 
 
-def compare(runs: list[str | Path], out: str | Path) -> dict:
-    """Write `<out>.png` and `<out>.md` for the given run folders; returns the summary rows."""
+def compare(runs: list[str | Path], out: str | Path, fid: str | None = None) -> dict:
+    """Write `<out>.png` and `<out>.md` for the given run folders; returns the summary rows. fid: the logged FID key
+    to draw (e.g. `fid_raw`); default the first key starting with `fid`."""
     if not runs:
         raise ValueError("compare needs at least one run folder")
     settings = group([Path(r) for r in runs])
-    rows = summary(settings)
+    rows = summary(settings, fid)
     out = Path(out)
-    plot(settings, out.with_suffix(".png"))
+    plot(settings, out.with_suffix(".png"), fid)
     out.with_suffix(".md").write_text(markdown(rows))
     return {"rows": rows, "png": str(out.with_suffix(".png")), "md": str(out.with_suffix(".md"))}
 

@@ -133,15 +133,17 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({e})") from e
 
 
-def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PNG/JPEG files of one size; `root/<class>/*.png` gives labels (sorted class names), `root/*.png` none.
+def read_image_folder(root: str | Path) -> tuple[list[Path], torch.Tensor]:
+    """The one image-folder reader (training's `folder:` data and `eval --samples DIR` both use it).
 
-    A `root/train` + `root/test` layout selects the split. Grayscale stays 1 channel unless any image is
-    colour, then all become RGB. Hidden files are skipped; any other non-image file is an error.
+    Files under `root`, searched recursively and sorted by path -> (files, float32 [N, C, H, W] in [-1, 1]).
+    Hidden files are skipped; any other file without an image suffix (`IMAGE_SUFFIXES`) is an error naming it.
+    16-bit grayscale is rescaled to 8 bits (v / 257, rounded); grayscale stays 1 channel unless any image is
+    colour, then all become RGB; all images must share one size.
     """
-    root = _split_dir(Path(root), split)
+    root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root}: an image-folder dataset must be a directory")
+        raise ValueError(f"{root}: an image folder must be a directory")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{root}: no image files found")
@@ -157,7 +159,14 @@ def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Ten
             )
     if any(a.ndim == 3 for a in arrays):
         arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
-    images = _to_tensor(np.stack(arrays), root)
+    return files, _to_tensor(np.stack(arrays), root)
+
+
+def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PNG/JPEG files of one size (`read_image_folder`); `root/<class>/*.png` gives labels (sorted class
+    names), `root/*.png` none. A `root/train` + `root/test` layout selects the split."""
+    root = _split_dir(Path(root), split)
+    files, images = read_image_folder(root)
     classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     if not classes:
         return images, None

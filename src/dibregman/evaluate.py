@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .data import load_dataset
+from .data import load_dataset, read_image_folder
 from .metrics.distances import frechet_distance, inception_score, kid, precision_recall
 from .metrics.features import FeatureNet, get_feature_net, rank_rows, sharded_features
 from .metrics.gmm_metrics import exact_metrics
@@ -56,7 +56,6 @@ __all__ = [
 
 DEFAULT_REFERENCE = "mnist:data/mnist:test"
 ALL_METRICS = ("fid", "kid", "pr", "score")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 NPZ_KEYS = ("samples", "images", "x")
 
 
@@ -340,27 +339,12 @@ def _array_to_images(a: np.ndarray, source: str) -> torch.Tensor:
     return x
 
 
-def _load_image_folder(folder: Path) -> torch.Tensor:
-    from PIL import Image
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    images = [Image.open(p) for p in files]
-    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
-    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in images]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"{folder}: images have different sizes {sorted(shapes)}")
-    return _array_to_images(np.stack(arrays), str(folder))
-
-
 def load_samples(path: str | Path) -> torch.Tensor:
     """Samples from `.npz` (key samples / images / x, or its only array), `.npy`, or a folder of images
-    (searched recursively, sorted by path) -> float32 [N, C, H, W] in [-1, 1]."""
+    (`data.read_image_folder`, the reader training uses) -> float32 [N, C, H, W] in [-1, 1]."""
     path = Path(path)
     if path.is_dir():
-        return _load_image_folder(path)
+        return read_image_folder(path)[1]  # the reader training uses (data.py)
     if not path.is_file():
         raise FileNotFoundError(f"samples not found: {path}")
     if path.suffix == ".npy":

@@ -325,3 +325,10 @@ def test_evaluation_and_training_share_one_image_reader(tmp_path):
     for load in (load_samples, load_image_folder):
         with pytest.raises(ValueError, match=r"notes\.txt"):
             load(tmp_path)
+    from dibregman.data import load_npz
+
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    np.savez(arrays / "s.npz", images=np.round(values / 257.0).astype(np.uint8)[..., None])  # NHWC uint8
+    assert torch.equal(load_samples(arrays / "s.npz"), load_npz(arrays / "s.npz")[0])  # one array reader too
+    assert torch.equal(load_samples(arrays / "s.npz"), x_train)

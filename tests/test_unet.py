@@ -185,4 +185,8 @@ def test_train_teacher_presets_print_config_and_list_keys(tmp_path, capsys):
     assert main(["train-teacher", "--run-dir", str(run), "--preset", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown teacher preset 'nope'" in err and "digits" in err
+    from dibregman import api
+
+    with pytest.raises(ValueError, match="unknown teacher preset"):
+        api.train_teacher(run, preset="nope")
     assert list(tmp_path.iterdir()) == []  # nothing created

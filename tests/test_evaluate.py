@@ -301,3 +301,34 @@ def test_mnist_classifier_reads_real_digits():
         p3 = net.class_probability(x, 3)
     assert f.shape == (200, net.dim) and (logits.argmax(1) == y).float().mean() >= 0.97
     assert p3.shape == (200,) and (p3[y == 3] > 0.5).all()
+
+
+def test_evaluation_and_training_share_one_image_reader(tmp_path):
+    """A 16-bit PNG folder gives the same tensor to `eval` and to training (it was saturated by eval); a
+    hidden file is skipped and any other non-image file is refused by both, naming the file."""
+    from PIL import Image
+
+    from dibregman.data import load_image_folder
+
+    values = np.random.default_rng(1).integers(0, 65536, size=(3, 6, 6), dtype=np.uint16)
+    for i, a in enumerate(values):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")  # mode I;16
+    assert Image.open(tmp_path / "0.png").mode.startswith("I;16")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    x_eval = load_samples(tmp_path)
+    x_train, labels = load_image_folder(tmp_path)
+    assert labels is None and torch.equal(x_eval, x_train)
+    expected = torch.from_numpy(np.round(values / 257.0)).float()[:, None] / 127.5 - 1
+    torch.testing.assert_close(x_eval, expected)
+    assert x_eval.min() < 0.9  # not saturated to white
+    (tmp_path / "notes.txt").write_text("hello")
+    for load in (load_samples, load_image_folder):
+        with pytest.raises(ValueError, match=r"notes\.txt"):
+            load(tmp_path)
+    from dibregman.data import load_npz
+
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    np.savez(arrays / "s.npz", images=np.round(values / 257.0).astype(np.uint8)[..., None])  # NHWC uint8
+    assert torch.equal(load_samples(arrays / "s.npz"), load_npz(arrays / "s.npz")[0])  # one array reader too
+    assert torch.equal(load_samples(arrays / "s.npz"), x_train)

@@ -337,6 +337,7 @@ BAD_INPUTS = {  # name: (argv with {d} for the inputs folder, exit code, words t
     "teacher unet": ("train-teacher --run-dir {d}/new --set unet=huge", 2, "unet='huge'"),
     "teacher run-dir file": ("train-teacher --run-dir {d}/afile --data digits:", 2, "--run-dir"),
     "teacher no data": ("train-teacher --run-dir {d}/new --data mnist:{d}/nodata", 2, "nodata"),
+    "teacher preset": ("train-teacher --run-dir {d}/new --preset nope --print-config", 2, "unknown teacher preset"),
     "distill batch 0": ("distill --batch 0 --run-dir {d}/new", 2, "--batch must be > 0"),
     "distill kimg 0": ("distill --kimg 0 --run-dir {d}/new", 2, "--kimg must be > 0"),
     "distill kimg -1": ("distill --kimg -1 --run-dir {d}/new", 2, "--kimg must be > 0"),

@@ -161,3 +161,32 @@ def test_train_teacher_resume_is_exact(tmp_path):
 
     a, b = load_file(str(full)), load_file(str(split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_teacher_presets_print_config_and_list_keys(tmp_path, capsys):
+    """`train-teacher` takes the distill path: --preset, --set, --print-config (JSON, nothing created),
+    --list-keys; `mnist` is TeacherConfig's defaults (the shipped teacher's recipe)."""
+    from dataclasses import asdict
+
+    from dibregman.cli import main
+    from dibregman.train_teacher import TEACHER_PRESETS, teacher_config
+
+    assert TEACHER_PRESETS["mnist"] == TeacherConfig() == teacher_config()
+    run = tmp_path / "run"
+    assert main(["train-teacher", "--run-dir", str(run), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == asdict(TeacherConfig())
+    argv = ["train-teacher", "--run-dir", str(run), "--preset", "digits", "--set", "seed=3", "--print-config"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == asdict(teacher_config("digits", seed=3)) and printed["data"] == "digits:"
+    assert main(["train-teacher", "--preset", "digits", "--list-keys"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == len(asdict(TeacherConfig())) and rows[4].split()[:3] == ["batch_size", "int", "32"]
+    assert main(["train-teacher", "--run-dir", str(run), "--preset", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown teacher preset 'nope'" in err and "digits" in err
+    from dibregman import api
+
+    with pytest.raises(ValueError, match="unknown teacher preset"):
+        api.train_teacher(run, preset="nope")
+    assert list(tmp_path.iterdir()) == []  # nothing created

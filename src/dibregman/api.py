@@ -49,12 +49,13 @@ def evaluate(samples: torch.Tensor, reference="mnist:data/mnist:test", **kwargs)
     return evaluate_samples(samples, reference, **kwargs)
 
 
-def train_teacher(run_dir: str | Path, **options) -> Path:
-    """Train a native EDM teacher (options: fields of `TeacherConfig`); returns the EMA safetensors path."""
+def train_teacher(run_dir: str | Path, preset: str = "mnist", **options) -> Path:
+    """Train a native EDM teacher (a `TEACHER_PRESETS` name, options: fields of `TeacherConfig`); returns the
+    EMA safetensors path."""
     from .train_teacher import teacher_config
     from .train_teacher import train_teacher as _train
 
-    return _train(teacher_config(**options), run_dir)  # ValueError naming an unknown or invalid option
+    return _train(teacher_config(preset, **options), run_dir)  # ValueError naming an unknown or invalid option
 
 
 __all__ = ["preset", "distill", "sample", "evaluate", "train_teacher"]

@@ -15,12 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def cmd_train_teacher(args) -> None:
-    from .config import parse_set
+    from dataclasses import asdict
+
+    from .config import describe_keys, parse_set
     from .train_teacher import teacher_config, train_teacher
 
-    kwargs = {"data": args.data} if args.data else {}
-    kwargs.update(parse_set(args.set))
-    out = train_teacher(teacher_config(**kwargs), _writable(args.run_dir, "--run-dir", folder=True))
+    if args.list_keys:
+        print(describe_keys(teacher_config(args.preset)))
+        return
+    options = {"data": args.data} if args.data else {}
+    cfg = teacher_config(args.preset, **{**options, **parse_set(args.set)})  # --set wins over --data
+    run_dir = _writable(args.run_dir, "--run-dir", folder=True)
+    if args.print_config:
+        print(json.dumps(asdict(cfg), indent=2))
+        return
+    out = train_teacher(cfg, run_dir)
     print(f"teacher EMA weights: {out}")
 
 
@@ -249,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-teacher", help="train a native EDM U-Net teacher on a local dataset")
+    t.add_argument("--preset", default="mnist", help="named teacher config: mnist | digits (TEACHER_PRESETS)")
     t.add_argument("--data", default="", help="dataset spec KIND:PATH, e.g. mnist:data/mnist")
     t.add_argument("--run-dir", default="runs/teacher", help="run folder (auto-resumes from its newest checkpoint)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TeacherConfig field")
+    t.add_argument("--print-config", action="store_true", help="print the resolved TeacherConfig (JSON) and exit")
+    t.add_argument("--list-keys", action="store_true", help="print every key: type, the preset's value, help")
 
     d = sub.add_parser("distill", help="distil a teacher into a one-step generator (Algorithm 1)")
     d.add_argument("--preset", default="gmm", help="named config: gmm | mnist | cifar10 | sd15")

@@ -10,7 +10,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Literal, get_args, get_origin
 
 from .distill import Weighting
@@ -166,15 +166,22 @@ def _type_name(hint) -> str:
     return " | ".join("None" if a is type(None) else a.__name__ for a in args) if args else hint.__name__
 
 
-def describe_keys(cfg: DistillConfig) -> str:
-    """Every key of `cfg` with its type, value (the preset's default) and help: `dibregman distill --list-keys`."""
+def _key_rows(obj, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    hints = typing.get_type_hints(type(obj))
     rows = []
-    for sec in fields(cfg):
-        section = getattr(cfg, sec.name)
-        hints = typing.get_type_hints(type(section))
-        for f in fields(section):
-            kind = _type_name(hints[f.name])
-            rows.append((f"{sec.name}.{f.name}", kind, repr(getattr(section, f.name)), f.metadata.get("help", "")))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            rows += _key_rows(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, _type_name(hints[f.name]), repr(value), f.metadata.get("help", "")))
+    return rows
+
+
+def describe_keys(cfg) -> str:
+    """Every key of a config dataclass (`DistillConfig`: section.key; `TeacherConfig`: key) with its type, value
+    (the preset's default) and help: `dibregman distill --list-keys`, `dibregman train-teacher --list-keys`."""
+    rows = _key_rows(cfg)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]]) for r in rows)
 

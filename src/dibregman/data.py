@@ -52,32 +52,43 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
-def _to_tensor(images: np.ndarray, source: str | Path = "array") -> torch.Tensor:
-    """uint8 (0..255) or float in [-1, 1], [N, H, W], [N, H, W, C] or [N, C, H, W] -> float32 [N, C, H, W]."""
+def to_images(images: np.ndarray, source: str | Path = "array", *, samples: bool = False) -> torch.Tensor:
+    """uint8 (0..255) or float in [-1, 1], [N, H, W], [N, H, W, C] or [N, C, H, W] -> float32 [N, C, H, W]:
+    the one array reader of training data and of `eval`'s samples.
+
+    Training data (samples=False): float images must be finite and lie in [-1, 1]. Samples under evaluation
+    (samples=True): 1 or 3 channels (what the feature nets take); non-finite values are kept (`eval` counts and
+    excludes them) and out-of-range ones too (the feature nets clamp). Float images that look like [0, 1] warn."""
+    if images.ndim == 0 or len(images) == 0:
+        raise ValueError(f"{source}: holds 0 samples")
     x = torch.from_numpy(np.array(images, copy=True))
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)
-    if x.ndim != 4:
+    if x.ndim != 4 or (samples and x.shape[1] not in (1, 3)):
+        channels = " with 1 or 3 channels" if samples else ""
         raise ValueError(
-            f"{source}: images must have shape [N, H, W], [N, H, W, C] or [N, C, H, W], got {tuple(x.shape)}"
+            f"{source}: images must have shape [N, H, W], [N, H, W, C] or [N, C, H, W]{channels}, "
+            f"got {tuple(images.shape)}"
         )
     if images.dtype == np.uint8:
         return (x.float() / 127.5 - 1).contiguous()
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"{source}: images must be uint8 (0..255) or float in [-1, 1], got dtype {images.dtype}")
-    x = x.float()
-    if x.numel() and not torch.isfinite(x).all():
+    x = x.float().contiguous()
+    if not samples and not torch.isfinite(x).all():
         raise ValueError(f"{source}: images contain NaN or inf")
-    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
-    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+    finite = x[torch.isfinite(x)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
+    if not samples and (lo < -1 - 1e-3 or hi > 1 + 1e-3):
         raise ValueError(f"{source}: float images must lie in [-1, 1], got range [{lo:.3g}, {hi:.3g}]")
-    if lo >= 0 and hi > 0.5:
+    if lo >= 0 and 0.5 < hi <= 1 + 1e-3:
         warnings.warn(
-            f"{source}: float images lie in [{lo:.3g}, {hi:.3g}]; expected [-1, 1] (not [0, 1])", stacklevel=3
+            f"{source}: float images lie in [{lo:.3g}, {hi:.3g}]; expected [-1, 1] (not [0, 1]: x * 2 - 1)",
+            stacklevel=3,
         )
-    return x.contiguous()
+    return x
 
 
 def load_idx(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +108,7 @@ def load_idx(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torc
     labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or len(images) != len(labels):
         raise ValueError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
-    return _to_tensor(images, root), torch.from_numpy(labels.astype(np.int64))
+    return to_images(images, root), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,15 +144,17 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({e})") from e
 
 
-def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PNG/JPEG files of one size; `root/<class>/*.png` gives labels (sorted class names), `root/*.png` none.
+def read_image_folder(root: str | Path) -> tuple[list[Path], torch.Tensor]:
+    """The one image-folder reader (training's `folder:` data and `eval --samples DIR` both use it).
 
-    A `root/train` + `root/test` layout selects the split. Grayscale stays 1 channel unless any image is
-    colour, then all become RGB. Hidden files are skipped; any other non-image file is an error.
+    Files under `root`, searched recursively and sorted by path -> (files, float32 [N, C, H, W] in [-1, 1]).
+    Hidden files are skipped; any other file without an image suffix (`IMAGE_SUFFIXES`) is an error naming it.
+    16-bit grayscale is rescaled to 8 bits (v / 257, rounded); grayscale stays 1 channel unless any image is
+    colour, then all become RGB; all images must share one size.
     """
-    root = _split_dir(Path(root), split)
+    root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root}: an image-folder dataset must be a directory")
+        raise ValueError(f"{root}: an image folder must be a directory")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{root}: no image files found")
@@ -157,7 +170,14 @@ def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Ten
             )
     if any(a.ndim == 3 for a in arrays):
         arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
-    images = _to_tensor(np.stack(arrays), root)
+    return files, to_images(np.stack(arrays), root)
+
+
+def load_image_folder(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PNG/JPEG files of one size (`read_image_folder`); `root/<class>/*.png` gives labels (sorted class
+    names), `root/*.png` none. A `root/train` + `root/test` layout selects the split."""
+    root = _split_dir(Path(root), split)
+    files, images = read_image_folder(root)
     classes = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     if not classes:
         return images, None
@@ -193,7 +213,7 @@ def load_npz(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torc
     label_key = next((k for k in _NPZ_LABEL_KEYS if k in arrays), None)
     image_key = next((k for k in _NPZ_IMAGE_KEYS if k in arrays), None)
     image_key = image_key or next(k for k in arrays if k != label_key)
-    images = _to_tensor(arrays[image_key], f"{path}[{image_key!r}]")
+    images = to_images(arrays[image_key], f"{path}[{image_key!r}]")
     if label_key is None:
         return images, None
     labels = arrays[label_key].reshape(-1)
@@ -251,7 +271,7 @@ def load_cifar10(root: str | Path, split: str = "train") -> tuple[torch.Tensor, 
         raise FileNotFoundError(f"{root}: missing {want} (CIFAR-10 python version)")
     parts = [_read_cifar_batch(p) for p in files]
     images = np.concatenate([d for d, _ in parts])
-    return _to_tensor(images, root), torch.from_numpy(np.concatenate([lab for _, lab in parts]))
+    return to_images(images, root), torch.from_numpy(np.concatenate([lab for _, lab in parts]))
 
 
 LOADERS = {

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .data import load_dataset
+from .data import load_dataset, read_image_folder, to_images
 from .metrics.distances import frechet_distance, inception_score, kid, precision_recall
 from .metrics.features import FeatureNet, get_feature_net, rank_rows, sharded_features
 from .metrics.gmm_metrics import exact_metrics
@@ -56,7 +56,6 @@ __all__ = [
 
 DEFAULT_REFERENCE = "mnist:data/mnist:test"
 ALL_METRICS = ("fid", "kid", "pr", "score")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 NPZ_KEYS = ("samples", "images", "x")
 
 
@@ -318,53 +317,18 @@ def _evaluate(x: torch.Tensor, n: int, n_bad: int, net: FeatureNet, ref: Referen
     return out
 
 
-def _array_to_images(a: np.ndarray, source: str) -> torch.Tensor:
-    """uint8 (0..255) or float ([-1, 1]) array [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, C, H, W]."""
-    if a.ndim == 0 or len(a) == 0:
-        raise ValueError(f"{source}: holds 0 samples")
-    x = torch.from_numpy(np.ascontiguousarray(a))
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.permute(0, 3, 1, 2)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W], got {tuple(a.shape)}")
-    if a.dtype == np.uint8:
-        return (x.float() / 127.5 - 1).contiguous()
-    if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"{source}: images must be uint8 (0..255) or float ([-1, 1]), got dtype {a.dtype}")
-    x = x.float().contiguous()
-    finite = x[torch.isfinite(x)]
-    if finite.numel() and finite.min() >= 0 and finite.max() <= 1:
-        warnings.warn(f"{source}: float images lie in [0, 1]; dibregman expects [-1, 1] (x * 2 - 1)", stacklevel=3)
-    return x
-
-
-def _load_image_folder(folder: Path) -> torch.Tensor:
-    from PIL import Image
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    images = [Image.open(p) for p in files]
-    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
-    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in images]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"{folder}: images have different sizes {sorted(shapes)}")
-    return _array_to_images(np.stack(arrays), str(folder))
-
-
 def load_samples(path: str | Path) -> torch.Tensor:
     """Samples from `.npz` (key samples / images / x, or its only array), `.npy`, or a folder of images
-    (searched recursively, sorted by path) -> float32 [N, C, H, W] in [-1, 1]."""
+    (`data.read_image_folder`) -> float32 [N, C, H, W] in [-1, 1]. Training's readers: arrays go through
+    `data.to_images(..., samples=True)` (non-finite samples kept, then counted and excluded), folders through
+    `data.read_image_folder`."""
     path = Path(path)
     if path.is_dir():
-        return _load_image_folder(path)
+        return read_image_folder(path)[1]  # the reader training uses (data.py)
     if not path.is_file():
         raise FileNotFoundError(f"samples not found: {path}")
     if path.suffix == ".npy":
-        return _array_to_images(_np_load(path), str(path))
+        return to_images(_np_load(path), str(path), samples=True)
     if path.suffix != ".npz":
         raise ValueError(f"samples must be a .npz, .npy or an image folder, got {path}")
     with _np_load(path) as z:
@@ -372,7 +336,7 @@ def load_samples(path: str | Path) -> torch.Tensor:
         key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise ValueError(f"{path}: no array named {' / '.join(NPZ_KEYS)} among {keys}")
-        return _array_to_images(_np_load(path, z, key), f"{path}[{key}]")
+        return to_images(_np_load(path, z, key), f"{path}[{key}]", samples=True)
 
 
 def _np_load(path: Path, z=None, key=None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import optim, runguard
+from .config import opt
 from .data import load_dataset
 from .networks.unet import UNET_PRESETS, build_unet
 from .noise import edm_training_sigma
@@ -24,26 +25,43 @@ from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved t
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    data: str = "mnist:data/mnist"  # dataset spec KIND:PATH (see dibregman.data.load_dataset)
-    unet: str = "mnist"  # U-Net preset name
-    unet_overrides: dict = field(default_factory=dict)  # per-field overrides of the U-Net preset
-    conditional: bool = False  # train with class labels (label_dim = number of classes)
-    batch_size: int = 128  # images per step
-    lr: float = 2e-3  # peak Adam learning rate
-    lr_warmup_kimg: float = 10.0  # linear warm-up length, thousands of images
-    lr_final_ratio: float = 0.05  # cosine decay to lr * ratio at total_kimg
-    total_kimg: float = 1000.0  # training length, thousands of images
-    ema_halflife_kimg: float = 50.0  # EMA half-life, thousands of images
-    ema_rampup_ratio: float = 0.05  # EMA half-life <= this ratio * images seen (EDM)
-    p_mean: float = -1.2  # ln(sigma) mean of the training noise
-    p_std: float = 1.2  # ln(sigma) std of the training noise
-    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    ckpt_every_kimg: float = 50.0  # checkpoint period, thousands of images
-    keep_ckpts: int = 2  # checkpoints kept on disk
-    export: str = ""  # also write EMA weights to this .safetensors path at every checkpoint
-    seed: int = 0  # RNG seed
-    threads: int = 0  # torch CPU threads (0 = torch default)
-    max_bad_steps: int = 20  # abort after this many consecutive NaN/Inf steps (each one is skipped and counted)
+    data: str = opt("mnist:data/mnist", "dataset spec KIND:PATH (see dibregman.data.load_dataset)")
+    unet: str = opt("mnist", "U-Net preset name")
+    unet_overrides: dict = field(default_factory=dict, metadata={"help": "per-field overrides of the U-Net preset"})
+    conditional: bool = opt(False, "train with class labels (label_dim = number of classes)")
+    batch_size: int = opt(128, "images per step")
+    lr: float = opt(2e-3, "peak Adam learning rate")
+    lr_warmup_kimg: float = opt(10.0, "linear warm-up length, thousands of images")
+    lr_final_ratio: float = opt(0.05, "cosine decay to lr * ratio at total_kimg")
+    total_kimg: float = opt(1000.0, "training length, thousands of images")
+    ema_halflife_kimg: float = opt(50.0, "EMA half-life, thousands of images")
+    ema_rampup_ratio: float = opt(0.05, "EMA half-life <= this ratio * images seen (EDM)")
+    p_mean: float = opt(-1.2, "ln(sigma) mean of the training noise")
+    p_std: float = opt(1.2, "ln(sigma) std of the training noise")
+    grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)")
+    ckpt_every_kimg: float = opt(50.0, "checkpoint period, thousands of images")
+    keep_ckpts: int = opt(2, "checkpoints kept on disk")
+    export: str = opt("", "also write EMA weights to this .safetensors path at every checkpoint")
+    seed: int = opt(0, "RNG seed")
+    threads: int = opt(0, "torch CPU threads (0 = torch default)")
+    max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps (each one is skipped and counted)")
+
+
+# Named starting points of `dibregman train-teacher --preset NAME` (then --data / --set key=value on top).
+TEACHER_PRESETS: dict[str, TeacherConfig] = {
+    # The shipped MNIST teacher's recipe (assets/mnist_teacher.json): full MNIST (make data), 28x28 EDM U-Net.
+    "mnist": TeacherConfig(),
+    # scikit-learn's 8x8 digits (no fetch) on the tiny U-Net: a seconds-long smoke run, not a usable teacher.
+    "digits": TeacherConfig(
+        data="digits:",
+        unet="tiny",
+        batch_size=32,
+        total_kimg=2.0,
+        lr_warmup_kimg=0.2,
+        ema_halflife_kimg=0.5,
+        ckpt_every_kimg=1.0,
+    ),  # fmt: skip
+}
 
 
 def lr_at(cfg: TeacherConfig, kimg: float) -> float:
@@ -86,8 +104,11 @@ def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
     return cfg
 
 
-def teacher_config(**options) -> TeacherConfig:
-    """TeacherConfig from `field=value` options (strings from the command line converted), validated."""
+def teacher_config(preset: str = "mnist", **options) -> TeacherConfig:
+    """TeacherConfig: the named preset (`TEACHER_PRESETS`) with `field=value` options on top (strings from the
+    command line converted), validated; ValueError naming an unknown preset or option."""
+    if preset not in TEACHER_PRESETS:
+        raise ValueError(f"unknown teacher preset {preset!r}; valid: {sorted(TEACHER_PRESETS)}")
     valid = {f.name: f for f in fields(TeacherConfig)}
     bad = sorted(set(options) - set(valid))
     if bad:
@@ -102,7 +123,7 @@ def teacher_config(**options) -> TeacherConfig:
         elif isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         out[name] = value
-    return validate_teacher(TeacherConfig(**out))
+    return validate_teacher(replace(TEACHER_PRESETS[preset], **out))
 
 
 def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """Teachers: anything implementing `D(x, sigma, cond=None) -> x0_hat` (see `base.Denoiser`), grouped in families.
 
 `load_teacher(spec)` is the one entry point: `edm:PATH.safetensors` (native U-Net, `edm.py`), `gmm:ring8`
-(exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`). The adapters for
+(exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`), `python:MODULE:FUNCTION`
+(a user's own network, `custom.py`; rectified-flow networks wrapped by `flow.FlowDenoiser`). The adapters for
 foreign formats are imported only when asked for, so their optional dependencies stay optional.
 
 A family (`TeacherFamily`) is what the rest of the package knows of a `KIND:` spec: its loader and, if the
@@ -54,6 +55,12 @@ def _sd(arg, **kwargs):
     return StableDiffusionTeacher.from_folder(arg, **kwargs)
 
 
+def _python(arg, **kwargs):
+    from .custom import load_python_teacher
+
+    return load_python_teacher(arg, **kwargs)
+
+
 def _t2i_models(cfg, teacher, device):
     from .t2i import build_t2i_models
 
@@ -65,6 +72,7 @@ FAMILIES: dict[str, TeacherFamily] = {
     "gmm": TeacherFamily(_gmm),
     "diffusers": TeacherFamily(_diffusers),
     "sd": TeacherFamily(_sd, build=_t2i_models),
+    "python": TeacherFamily(_python),
 }
 TEACHER_KINDS = tuple(FAMILIES)
 

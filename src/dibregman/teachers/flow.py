@@ -18,11 +18,15 @@ sigma = t / (1 - t), so `flow_euler_sigmas` reproduces diffusers' `FlowMatchEule
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import checkpoint as ckpt
+from ..networks.unet import SongUNet, UNetConfig
 from .base import as_sigma
 
 PREDICTIONS = ("velocity", "epsilon", "sample")
@@ -143,7 +147,82 @@ class FlowDenoiser(nn.Module):
         return int(self.net.feature_channels)
 
 
+# ---- the native rectified-flow U-Net: `train-teacher` with objective="flow", loaded by `flow:PATH.safetensors` ----
+
+
+class FlowUNet(nn.Module):
+    """The native U-Net (`networks.unet.SongUNet`, EDM's module names) predicting the velocity v = eps - x0 from
+    (x_t, 1000 t, cond) with no preconditioning: x_t and v both have unit-order scale for t in [0, 1]."""
+
+    time_scale = 1000.0  # c_noise = 1000 t, as diffusers' flow-matching timesteps
+
+    def __init__(self, cfg: UNetConfig, model: SongUNet | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.label_dim = cfg.label_dim
+        self.model = model if model is not None else SongUNet(cfg)
+        self.feature_channels = self.model.feature_channels
+
+    def _labels(self, cond: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+        if not self.label_dim:
+            return None
+        if cond is None:
+            return torch.zeros(n, self.label_dim, device=device)
+        if cond.dtype in (torch.int64, torch.int32) or cond.ndim == 1:
+            return F.one_hot(cond.long(), self.label_dim).float()
+        return cond.float()
+
+    def forward(self, x_t: torch.Tensor, time: torch.Tensor, cond=None) -> torch.Tensor:
+        time = torch.as_tensor(time, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return self.model(x_t.float(), time, self._labels(cond, x_t.shape[0], x_t.device)).float()
+
+    def features(self, x_t: torch.Tensor, time: torch.Tensor, cond=None) -> torch.Tensor:
+        """Bottleneck feature map of the encoder, [N, C_feat, H_min, W_min] (for a discriminator head)."""
+        emb = self.model.embed(time.float().flatten(), self._labels(cond, x_t.shape[0], x_t.device))
+        return self.model.encode(x_t.float(), emb)[0]
+
+
+def logit_normal_time(n: int, mean: float, std: float, *, device=None, generator=None) -> torch.Tensor:
+    """Training times t = sigmoid(mean + std n), n ~ N(0, 1) (SD3's logit-normal, Esser et al. 2024, Eq. 19), [n]."""
+    return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+
+
+def flow_loss(net: FlowUNet, x0: torch.Tensor, cond, t_mean: float, t_std: float) -> torch.Tensor:
+    """Rectified-flow loss ||v(x_t, t) - (eps - x0)||^2 at x_t = (1 - t) x0 + t eps, mean over pixels and batch."""
+    t = logit_normal_time(x0.shape[0], t_mean, t_std, device=x0.device)
+    eps = torch.randn_like(x0)
+    tv = t.view(-1, *([1] * (x0.ndim - 1)))
+    v = net((1 - tv) * x0 + tv * eps, t * net.time_scale, cond)
+    return (v - (eps - x0)).square().mean()
+
+
+def flow_unet_teacher(net: FlowUNet) -> FlowDenoiser:
+    """D(x, sigma, cond) of a native flow U-Net (sigma range and sigma_data from its config)."""
+    c = net.cfg
+    shape = (c.img_channels, c.img_resolution, c.img_resolution)
+    kw = dict(sigma_data=c.sigma_data, sigma_min=c.sigma_min, sigma_max=c.sigma_max)
+    return FlowDenoiser(net, shape, time_scale=net.time_scale, **kw)
+
+
+def load_flow_teacher(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> FlowDenoiser:
+    """Load a native flow teacher export (`train-teacher` with objective=flow) as a `FlowDenoiser` in eval mode."""
+    state, meta = ckpt.load_safetensors(path)
+    if meta.get("kind") != "flow-unet" or "unet" not in meta:
+        raise ValueError(f"{path} is not a flow teacher export (kind={meta.get('kind')!r}; edm-unet loads as edm:)")
+    net = FlowUNet(UNetConfig.from_dict(meta["unet"]))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the U-Net config in its JSON: {e}") from e
+    return flow_unet_teacher(net).eval().requires_grad_(False).to(device)
+
+
 __all__ = [
+    "FlowUNet",
+    "flow_loss",
+    "logit_normal_time",
+    "flow_unet_teacher",
+    "load_flow_teacher",
     "FlowDenoiser",
     "PREDICTIONS",
     "shift_time",

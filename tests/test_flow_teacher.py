@@ -140,6 +140,8 @@ def test_flow_teacher_resume_is_exact(tmp_path):
     split = train_teacher(_flow_teacher_config(tmp_path, total_kimg=0.032), tmp_path / "split")
     a, b = load_file(str(full)), load_file(str(split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="trained with objective='flow'"):
+        train_teacher(_flow_teacher_config(tmp_path, total_kimg=0.048, objective="edm"), tmp_path / "split")
 
 
 def test_flow_teacher_trains_exports_loads_and_distils(tmp_path):

@@ -154,6 +154,9 @@ def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | 
     state, path = found
     if state["config"]["unet"] != resolved["unet"]:
         raise ValueError(f"{path} was written for another U-Net config: {state['config']['unet']}")
+    objective = state["config"]["teacher"].get("objective", "edm")  # absent in checkpoints before flow teachers
+    if objective != resolved["teacher"]["objective"]:
+        raise ValueError(f"{path} was trained with objective={objective!r}; resume it with that objective")
     net.load_state_dict(state["net"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["opt"])

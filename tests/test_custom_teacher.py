@@ -106,3 +106,23 @@ def test_python_teacher_import_errors_are_one_line():
         load_teacher("python:no_such_module_xyz:build")
     with pytest.raises(ValueError, match="must read python:MODULE:FUNCTION"):
         load_teacher("python:just_a_module")
+
+
+def test_api_distill_takes_a_teacher_object(user_module, tmp_path):
+    import importlib
+
+    from dibregman import api
+    from test_distill import gmm_cfg, steps_kimg
+
+    teacher = importlib.import_module(user_module).build()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    pairs = {"model.teacher_pool": 64, "model.teacher_pool_steps": 2, "run.total_kimg": steps_kimg(2)}
+    out = api.distill(gmm_cfg(**pairs), tmp_path / "run", teacher=teacher)
+    assert out["steps"] == 2 and out["bad_steps"] == 0
+    x = api.sample(tmp_path / "run", 4)  # the export reloads (in this process) from a copy of the object
+    assert x.shape == (4, 2) and torch.isfinite(x).all()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the original is untouched
+    with pytest.raises(ValueError, match="lacks shape, sigma_min, sigma_max"):
+        api.distill(gmm_cfg(**pairs), tmp_path / "bad", teacher=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="in another process"):
+        load_teacher("object:Gone@0")

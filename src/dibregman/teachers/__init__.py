@@ -68,6 +68,12 @@ def _python(arg, **kwargs):
     return load_python_teacher(arg, **kwargs)
 
 
+def _object(arg, **kwargs):
+    from .custom import load_object_teacher
+
+    return load_object_teacher(arg, **kwargs)
+
+
 def _t2i_models(cfg, teacher, device):
     from .t2i import build_t2i_models
 
@@ -81,6 +87,7 @@ FAMILIES: dict[str, TeacherFamily] = {
     "sd": TeacherFamily(_sd, build=_t2i_models),
     "flow": TeacherFamily(_flow),
     "python": TeacherFamily(_python),
+    "object": TeacherFamily(_object),  # api.distill(cfg, run_dir, teacher=obj), this process only
 }
 TEACHER_KINDS = tuple(FAMILIES)
 

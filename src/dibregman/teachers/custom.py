@@ -7,10 +7,14 @@ defaults to 0.5. Like a native U-Net it is copied into the generator G and the f
 discriminator placement (`fake_score`) it also needs `features(x, sigma, cond) -> [N, C, ...]` and
 `feature_channels`. A rectified-flow network can be wrapped in `teachers.flow.FlowDenoiser` first.
 Exports rebuild the network by calling FUNCTION again, so MODULE must stay importable where they are loaded.
+
+`api.distill(cfg, run_dir, teacher=obj)` hands over the module itself: it is registered here as `object:NAME`
+(the spec the run records) and copied on every load, so it lives only as long as the process that registered it.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 from torch import nn
@@ -48,4 +52,25 @@ def load_python_teacher(arg: str, **kwargs) -> nn.Module:
     return check_teacher(fn(**kwargs), name)
 
 
-__all__ = ["load_python_teacher", "check_teacher"]
+OBJECTS: dict[str, nn.Module] = {}  # teachers handed to api.distill(teacher=...) in this process, by spec name
+
+
+def register_object(obj) -> str:
+    """Check `obj` and register it; returns its spec `object:NAME` for `cfg.model.teacher`."""
+    name = f"{type(obj).__name__}@{id(obj):x}"
+    OBJECTS[name] = check_teacher(obj, f"object:{name}")
+    return f"object:{name}"
+
+
+def load_object_teacher(arg: str, **kwargs) -> nn.Module:
+    """A copy of the module registered as `object:ARG` (a copy: loading an export never touches the original)."""
+    if arg not in OBJECTS:
+        raise ValueError(
+            f"teacher object:{arg} was handed to api.distill(teacher=...) in another process; pass it again, or "
+            "give a loadable spec such as python:MODULE:FUNCTION"
+        )
+    net = copy.deepcopy(OBJECTS[arg])
+    return net.to(kwargs["device"]) if "device" in kwargs else net
+
+
+__all__ = ["load_python_teacher", "check_teacher", "register_object", "load_object_teacher", "OBJECTS"]

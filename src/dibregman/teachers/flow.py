@@ -122,14 +122,17 @@ class FlowDenoiser(nn.Module):
         x_t = x.to(torch.float64) * (1 - t).view(view)  # x / (1 + sigma), with the clamped t
         return x_t, self.model_time(t), t.view(view), sigma_of_time(t).view(view)
 
-    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+    def _dtypes(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """The network's input dtype (its weights', else x's) and the time's (float32 unless float64: 1000 t
+        in bf16 would round to whole timesteps and worse)."""
         p = next(self.net.parameters(), None)
-        return p.dtype if p is not None and p.is_floating_point() else x.dtype
+        dtype = p.dtype if p is not None and p.is_floating_point() else x.dtype
+        return dtype, torch.float64 if dtype == torch.float64 else torch.float32
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond=None) -> torch.Tensor:
         x_t, time, t, s = self.model_input(x, sigma)
-        dtype = self._dtype(x)
-        out = self.net(x_t.to(dtype), time.to(dtype), cond).to(torch.float64)
+        dtype, time_dtype = self._dtypes(x)
+        out = self.net(x_t.to(dtype), time.to(time_dtype), cond).to(torch.float64)
         if self.reverse and self.prediction == "velocity":
             out = -out  # SiT's dx/dtau = x0 - eps
         return x0_from_flow_output(out, x.to(torch.float64), x_t, t, s, self.prediction).to(x.dtype)
@@ -139,8 +142,8 @@ class FlowDenoiser(nn.Module):
         if not hasattr(self.net, "features"):
             raise ValueError(f"{type(self.net).__name__} has no features(x_t, time, cond) method")
         x_t, time, _, _ = self.model_input(x, sigma)
-        dtype = self._dtype(x)
-        return self.net.features(x_t.to(dtype), time.to(dtype), cond)
+        dtype, time_dtype = self._dtypes(x)
+        return self.net.features(x_t.to(dtype), time.to(time_dtype), cond)
 
     @property
     def feature_channels(self) -> int:

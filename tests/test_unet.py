@@ -181,7 +181,7 @@ def test_train_teacher_presets_print_config_and_list_keys(tmp_path, capsys):
     assert printed == asdict(teacher_config("digits", seed=3)) and printed["data"] == "digits:"
     assert main(["train-teacher", "--preset", "digits", "--list-keys"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == len(asdict(TeacherConfig())) and rows[4].split()[:3] == ["batch_size", "int", "32"]
+    assert len(rows) == len(asdict(TeacherConfig())) and rows[5].split()[:3] == ["batch_size", "int", "32"]
     assert main(["train-teacher", "--run-dir", str(run), "--preset", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown teacher preset 'nope'" in err and "digits" in err

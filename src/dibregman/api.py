@@ -24,13 +24,22 @@ def preset(name: str, **overrides) -> DistillConfig:
     return from_preset(name, overrides)
 
 
-def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: int | None = None) -> dict:
+def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: int | None = None, teacher=None) -> dict:
     """Run (or resume) Di-Bregman distillation (Algorithm 1) in `run_dir`; returns a summary dict.
+
+    teacher: a `torch.nn.Module` implementing D(x, sigma, cond) (see `teachers/custom.py`) instead of
+    `cfg.model.teacher`; it is recorded as `object:NAME`, so its exports load only in this process (a
+    `python:MODULE:FUNCTION` spec loads anywhere).
 
     hooks: callables `hook(trainer, num_images) -> dict` run at every log interval; what they return is logged.
     Raises `runguard.RunLocked` if another process holds `run_dir`, `runguard.TooManyBadSteps` after
     `run.max_bad_steps` NaN/Inf steps in a row, `runguard.RunInterrupted` after SIGINT/SIGTERM (checkpoint written).
     """
+    if teacher is not None:
+        from .config import override
+        from .teachers.custom import register_object
+
+        cfg = override(cfg, {"model.teacher": register_object(teacher)})
     return _distill(cfg, run_dir, hooks=hooks, max_steps=max_steps)
 
 

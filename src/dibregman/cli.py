@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distil a teacher into a one-step generator (Algorithm 1)")
     d.add_argument("--preset", default="gmm", help="named config: gmm | mnist | cifar10 | sd15")
     d.add_argument("--divergence", default="", help="registered divergence (see `dibregman divergences`)")
-    d.add_argument("--teacher", default="", help="teacher spec, e.g. edm:teacher.safetensors, diffusers:DIR")
+    d.add_argument("--teacher", default="", help="teacher spec: edm:FILE, diffusers:DIR, python:MODULE:FUNCTION, ...")
     d.add_argument("--data", default="", help="real side of the discriminator: KIND:PATH or 'teacher'")
     d.add_argument("--prompts", default="", help="text-to-image: prompts file (.txt/.csv/.jsonl)")
     d.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")

@@ -1,6 +1,8 @@
 """Train a native EDM teacher (Karras et al. 2022, Sec. 5: preconditioning, log-normal sigma, loss weight
 lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2) on any local dataset, with EMA (half-life in
 images, ramped up as in EDM), atomic checkpoints, automatic resume and a safetensors export of the EMA weights.
+objective="flow" trains the same U-Net as a rectified-flow velocity network instead (`teachers.flow.flow_loss`,
+logit-normal t), exported as kind "flow-unet" and loaded by `flow:PATH.safetensors`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .data import load_dataset
 from .networks.unet import UNET_PRESETS, build_unet
 from .noise import edm_training_sigma
 from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved to teachers/edm.py
+from .teachers.flow import FlowUNet, flow_loss
+
+OBJECTIVES = {"edm": "edm-unet", "flow": "flow-unet"}  # training objective -> the export's kind
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class TeacherConfig:
     unet: str = opt("mnist", "U-Net preset name")
     unet_overrides: dict = field(default_factory=dict, metadata={"help": "per-field overrides of the U-Net preset"})
     conditional: bool = opt(False, "train with class labels (label_dim = number of classes)")
+    objective: str = opt("edm", "edm (EDM denoising loss) | flow (rectified flow: velocity loss, teachers/flow.py)")
     batch_size: int = opt(128, "images per step")
     lr: float = opt(2e-3, "peak Adam learning rate")
     lr_warmup_kimg: float = opt(10.0, "linear warm-up length, thousands of images")
@@ -45,6 +51,8 @@ class TeacherConfig:
     seed: int = opt(0, "RNG seed")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps (each one is skipped and counted)")
+    flow_t_mean: float = opt(0.0, 'objective="flow": logit(t) mean of the training times (SD3\'s logit-normal)')
+    flow_t_std: float = opt(1.0, 'objective="flow": logit(t) std of the training times')
 
 
 # Named starting points of `dibregman train-teacher --preset NAME` (then --data / --set key=value on top).
@@ -87,7 +95,7 @@ def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
             raise ValueError(f"{f.name}={value!r} must be of type {kind.__name__}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{f.name}={value!r} must be a finite number")
-    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps")
+    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps", "flow_t_std")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be > 0")
@@ -99,6 +107,8 @@ def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
         raise ValueError(f"lr_final_ratio={cfg.lr_final_ratio!r} must lie in [0, 1]")
     if int(cfg.ckpt_every_kimg * 1000) < 1:
         raise ValueError(f"ckpt_every_kimg={cfg.ckpt_every_kimg!r} must be at least 0.001 (one image)")
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective={cfg.objective!r} is not valid; choose one of {list(OBJECTIVES)}")
     if cfg.unet not in UNET_PRESETS:
         raise ValueError(f"unet={cfg.unet!r} is not a U-Net preset; valid: {sorted(UNET_PRESETS)}")
     return cfg
@@ -146,6 +156,8 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
             raise ValueError(f"conditional=True but dataset {cfg.data!r} has no labels")
         overrides["label_dim"] = int(labels.max()) + 1
     net = build_unet(cfg.unet, **overrides)
+    if cfg.objective == "flow":
+        net = FlowUNet(net.cfg, model=net.model)  # the same network, read as a velocity v(x_t, t)
     run_dir.mkdir(parents=True, exist_ok=True)
     with runguard.RunLock(run_dir), runguard.StopSignals() as stop:
         runguard.clean_stale_tmp(run_dir)
@@ -163,6 +175,9 @@ def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | 
     state, path = found
     if state["config"]["unet"] != resolved["unet"]:
         raise ValueError(f"{path} was written for another U-Net config: {state['config']['unet']}")
+    objective = state["config"]["teacher"].get("objective", "edm")  # absent in checkpoints before flow teachers
+    if objective != resolved["teacher"]["objective"]:
+        raise ValueError(f"{path} was trained with objective={objective!r}; resume it with that objective")
     net.load_state_dict(state["net"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["opt"])
@@ -173,7 +188,7 @@ def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | 
 
 
 def _train(cfg: TeacherConfig, run_dir: Path, net, images, labels, stop) -> Path:
-    ema = build_unet(net.cfg)
+    ema = type(net)(net.cfg)  # EDMDenoiser or FlowUNet
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -220,7 +235,10 @@ def _step(cfg: TeacherConfig, net, ema, opt, x0, cond, c: dict) -> float | None:
     Returns the loss, or None for a skipped step."""
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, c["num_images"] / 1000)
-    loss = edm_loss(net, x0, cond, cfg)
+    if cfg.objective == "flow":
+        loss = flow_loss(net, x0, cond, cfg.flow_t_mean, cfg.flow_t_std)
+    else:
+        loss = edm_loss(net, x0, cond, cfg)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = list(net.parameters())
@@ -256,7 +274,7 @@ def _finite(tensors) -> bool:
 
 def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: int) -> Path:
     meta = {
-        "kind": "edm-unet",
+        "kind": OBJECTIVES[cfg.objective],
         "unet": ema.cfg.to_dict(),
         "num_images": num_images,
         "teacher_config": resolved,

@@ -1,15 +1,17 @@
 """Teachers: anything implementing `D(x, sigma, cond=None) -> x0_hat` (see `base.Denoiser`), grouped in families.
 
 `load_teacher(spec)` is the one entry point: `edm:PATH.safetensors` (native U-Net, `edm.py`), `gmm:ring8`
-(exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`). The adapters for
-foreign formats are imported only when asked for, so their optional dependencies stay optional.
+(exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`), `flow:PATH.safetensors`
+(native rectified-flow U-Net, `flow.py`), `python:MODULE:FUNCTION` (a user's own network, `custom.py`; a
+rectified-flow network is wrapped in `flow.FlowDenoiser`). The adapters for foreign formats are imported only
+when asked for, so their optional dependencies stay optional.
 
 A family (`TeacherFamily`) is what the rest of the package knows of a `KIND:` spec: its loader and, if the
 native recipe (`build.native_models`: G and psi copy the teacher's network, eta a head, the real side from data
 or teacher samples, a safetensors export, a sample-grid preview) does not fit, its own builder returning
 `models.Models` with its real-side sampler, conditions, `export(...)` and `preview(...)` (text-to-image:
 `t2i.build_t2i_models`). The loop, the monitor and the CLI never branch on the family. Adding one touches this
-folder and one registry line, e.g. a flow-matching teacher exposing D(x, sigma) in `teachers/flow.py`:
+folder and one registry line, as the rectified-flow family (D(x, sigma) in `teachers/flow.py`) shows:
 
     def _flow(arg, **kw):
         from .flow import load_flow_teacher
@@ -54,6 +56,24 @@ def _sd(arg, **kwargs):
     return StableDiffusionTeacher.from_folder(arg, **kwargs)
 
 
+def _flow(arg, **kwargs):
+    from .flow import load_flow_teacher
+
+    return load_flow_teacher(arg, **kwargs)
+
+
+def _python(arg, **kwargs):
+    from .custom import load_python_teacher
+
+    return load_python_teacher(arg, **kwargs)
+
+
+def _object(arg, **kwargs):
+    from .custom import load_object_teacher
+
+    return load_object_teacher(arg, **kwargs)
+
+
 def _t2i_models(cfg, teacher, device):
     from .t2i import build_t2i_models
 
@@ -65,6 +85,9 @@ FAMILIES: dict[str, TeacherFamily] = {
     "gmm": TeacherFamily(_gmm),
     "diffusers": TeacherFamily(_diffusers),
     "sd": TeacherFamily(_sd, build=_t2i_models),
+    "flow": TeacherFamily(_flow),
+    "python": TeacherFamily(_python),
+    "object": TeacherFamily(_object),  # api.distill(cfg, run_dir, teacher=obj), this process only
 }
 TEACHER_KINDS = tuple(FAMILIES)
 

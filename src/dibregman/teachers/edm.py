@@ -55,6 +55,8 @@ def load_edm_teacher(path: str | os.PathLike, *, device: str | torch.device = "c
     state, meta = ckpt.load_safetensors(path)
     if "unet" not in meta:
         raise ValueError(f"{path}: no U-Net config in its JSON/metadata; is this a dibregman teacher export?")
+    if meta.get("kind") == "flow-unet":
+        raise ValueError(f"{path} is a rectified-flow teacher; load it as flow:{path}")
     net = build_unet(UNetConfig.from_dict(meta["unet"]))
     try:
         net.load_state_dict(state)

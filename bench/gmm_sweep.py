@@ -212,7 +212,7 @@ def _report(data: dict, samples: dict, r: dict, x: torch.Tensor) -> None:
     samples.setdefault(r["label"], x)  # the plots show the first seed
     m = r["metrics"]
     print(
-        f"[{NAME}] {r['label']} seed {r['seed']}: modes {m['modes_covered']}/8, within 3 sigma "
+        f"[{NAME}] {r['label']} seed {r['seed']}: modes {m['modes_covered']}/{m['num_modes']}, within 3 sigma "
         f"{m['within_3sigma']:.3f}, MMD2 {m['mmd2']:.2e} (floor {m['mmd2_floor']:.2e}), {r['wall_sec']} s",
         flush=True,
     )
@@ -250,7 +250,8 @@ def plot_scatter(data: dict, samples: dict, path, seed: int) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(
-        f"GMM ring: {data['sizes']['kimg']:g} kimg per objective, batch {data['sizes']['batch']} "
+        f"GMM {data['preset']['model']['teacher']}: {data['sizes']['kimg']:g} kimg per objective, "
+        f"batch {data['sizes']['batch']}"
         f", seed {data['sizes']['seeds'][0]} (red: EMA student, grey: exact teacher)",
         fontsize=10,
     )

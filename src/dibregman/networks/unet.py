@@ -243,6 +243,18 @@ class SongUNet(nn.Module):
         return out
 
 
+def label_input(cond: torch.Tensor | None, label_dim: int, n: int, device) -> torch.Tensor | None:
+    """The U-Net's class input: None when unconditional, zeros for no label, one-hot for class indices [N], else
+    the given [N, label_dim] (e.g. soft labels)."""
+    if not label_dim:
+        return None
+    if cond is None:
+        return torch.zeros(n, label_dim, device=device)
+    if cond.dtype in (torch.int64, torch.int32) or cond.ndim == 1:
+        return F.one_hot(cond.long(), label_dim).float()
+    return cond.float()
+
+
 class EDMDenoiser(nn.Module):
     """EDM preconditioning (Karras et al. 2022, Table 1): D(x, sigma, cond) -> x0_hat. Same keys as `EDMPrecond`."""
 
@@ -264,13 +276,7 @@ class EDMDenoiser(nn.Module):
         return sigma.expand(x.shape[0], 1, 1, 1)
 
     def _labels(self, cond: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
-        if not self.label_dim:
-            return None
-        if cond is None:
-            return torch.zeros(n, self.label_dim, device=device)
-        if cond.dtype in (torch.int64, torch.int32) or cond.ndim == 1:
-            return F.one_hot(cond.long(), self.label_dim).float()
-        return cond.float()
+        return label_input(cond, self.label_dim, n, device)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float()

@@ -22,11 +22,10 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..networks.unet import SongUNet, UNetConfig
+from ..networks.unet import SongUNet, UNetConfig, label_input
 from .base import as_sigma
 
 PREDICTIONS = ("velocity", "epsilon", "sample")
@@ -167,13 +166,7 @@ class FlowUNet(nn.Module):
         self.feature_channels = self.model.feature_channels
 
     def _labels(self, cond: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
-        if not self.label_dim:
-            return None
-        if cond is None:
-            return torch.zeros(n, self.label_dim, device=device)
-        if cond.dtype in (torch.int64, torch.int32) or cond.ndim == 1:
-            return F.one_hot(cond.long(), self.label_dim).float()
-        return cond.float()
+        return label_input(cond, self.label_dim, n, device)
 
     def forward(self, x_t: torch.Tensor, time: torch.Tensor, cond=None) -> torch.Tensor:
         time = torch.as_tensor(time, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])

@@ -35,3 +35,19 @@ def test_fake_sigma_generator_draws_the_generator_distribution():
     assert torch.equal(default.z, b.z) and torch.equal(default.disc_sigma, b.disc_sigma)  # other draws unchanged
     with pytest.raises(ValueError, match="fake_sigma"):
         validate(override(cfg, {"loss.fake_sigma": "uniform"}))
+
+
+def test_critic_logs_accuracy_and_dsm_per_sigma_bin(tmp_path):
+    import json
+
+    from dibregman.loop import distill
+
+    pairs = {"model.init_steps": 5, "model.mlp_hidden": 16, "model.mlp_depth": 2, "optim.batch_size": 64}
+    pairs.update({"run.total_kimg": 0.128, "run.log_every_kimg": 0.128, "run.tensorboard": False})
+    pairs.update({"loss.gen_warmup_kimg": 0.0, "run.sample_every_kimg": None})
+    distill(override(get_preset("gmm"), pairs), tmp_path)
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    acc = {k: v for k, v in rec.items() if k.startswith("disc_acc_by_sigma/")}
+    dsm = {k: v for k, v in rec.items() if k.startswith("fake_dsm_by_sigma/")}
+    assert len(acc) >= 3 and all(0 <= v <= 1 for v in acc.values())
+    assert len(dsm) >= 3 and all(v >= 0 for v in dsm.values())

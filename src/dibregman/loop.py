@@ -124,13 +124,14 @@ class Trainer:
     def _log_weights(self, logits: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return divergences.stabilized_log_weight(self.div, logits, sigma=sigma, stab=self.stab)
 
-    def _critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict]:
+    def _critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict, dict]:
         """Lines 16-22 for one micro-batch: fake-score DSM on G(z) and Eq. 5's BCE, at the draws of `b`."""
         m = self.m
         with torch.no_grad():
             x_fake = m.generator(b.z, b.cond).float()
         x_psi = x_fake + bcast(b.fake_sigma, x_fake) * b.fake_noise
-        dsm = losses.fake_score_loss(m.fake(x_psi, b.fake_sigma, b.cond).float(), x_fake, b.fake_weight, norm)
+        d_psi = m.fake(x_psi, b.fake_sigma, b.cond).float()
+        dsm = losses.fake_score_loss(d_psi, x_fake, b.fake_weight, norm)
         s = bcast(b.disc_sigma, x_fake)
         real_cond = b.cond if b.real_cond is None else b.real_cond
         l_real = m.disc(real + s * b.disc_noise_real, b.disc_sigma, real_cond).float()
@@ -138,7 +139,13 @@ class Trainer:
         bce, st = losses.discriminator_loss(l_real, l_fake, norm)
         n = len(x_fake)
         stats = {"loss/fake_dsm": float(dsm.detach()) * norm / n, "loss/disc_bce": float(bce.detach()) * norm / n}
-        return dsm + self.cfg.loss.disc_weight * bce, {**stats, **{f"disc/{k}": float(v) for k, v in st.items()}}
+        with torch.no_grad():  # per sigma bin: where the critic lags (logged by the monitor)
+            by_sigma = {
+                "fake_dsm_by_sigma": (b.fake_weight * per_sample_mean((d_psi - x_fake).square()), b.fake_sigma),
+                "disc_acc_by_sigma": (0.5 * ((l_real > 0).float() + (l_fake < 0).float()), b.disc_sigma),
+            }
+        stats = {**stats, **{f"disc/{k}": float(v) for k, v in st.items()}}
+        return dsm + self.cfg.loss.disc_weight * bce, stats, by_sigma
 
     def _critic_step(self, mon: Monitor) -> bool:
         cfg, m, B = self.cfg, self.m, self.cfg.optim.batch_size
@@ -148,9 +155,11 @@ class Trainer:
             if self.target is not None:  # Z = E_p[R] on the real side
                 mon.add(self.target.observe(real, dist.all_gather_cat if dist.world_size() > 1 else None))
             with self._autocast():
-                loss, stats = self._critic_round(b, real, norm=B)
+                loss, stats, by_sigma = self._critic_round(b, real, norm=B)
             loss.backward()
             mon.add(stats)
+            for prefix, (values, sigma) in by_sigma.items():
+                mon.add_by_sigma(prefix, values, sigma)
         return _apply(self.opt_c, self.critic_params, cfg.optim.grad_clip, "critic", mon)
 
     def _generator_round(self, b: Batch, gan_w: float, norm: int) -> tuple[torch.Tensor, dict]:

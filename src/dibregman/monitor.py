@@ -1,7 +1,8 @@
 """Progress bar, JSONL log, TensorBoard scalars and sample grids of a distillation run (rank 0 only).
 
 Logged every `run.log_every_kimg`: losses, discriminator accuracy/logits, Bregman weight mean/max, effective
-sample size ESS = (sum w)^2 / sum w^2 (as a fraction of the batch), logit mean per sigma bin, img/s, skips.
+sample size ESS = (sum w)^2 / sum w^2 (as a fraction of the batch), per sigma bin the generator step's logit mean,
+the discriminator's accuracy and the fake score's weighted DSM loss, img/s, skips.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ class Monitor:
         )
         if "gan" in st:
             self.add({"loss/gen_gan": st["gan"].mean()})
-        for lo, hi in zip(SIGMA_BIN_EDGES[:-1], SIGMA_BIN_EDGES[1:], strict=False):
+        self.add_by_sigma("logit_by_sigma", logits, sigma)
+
+    def add_by_sigma(self, prefix: str, values: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Per-sample values [N] averaged per sigma bin (SIGMA_BIN_EDGES), logged as `<prefix>/<lo>-<hi>`."""
+        values, sigma = values.detach().float().cpu(), sigma.detach().float().cpu()
+        for lo, hi in zip(SIGMA_BIN_EDGES[:-1], SIGMA_BIN_EDGES[1:], strict=True):
             sel = (sigma >= lo) & (sigma < hi)
             if sel.any():
-                self.bins[f"logit_by_sigma/{lo:g}-{hi:g}"].extend(logits[sel].cpu().tolist())
+                self.bins[f"{prefix}/{lo:g}-{hi:g}"].extend(values[sel].tolist())
 
     def progress(self, n: int) -> None:
         if self.bar is not None:

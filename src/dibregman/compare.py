@@ -67,7 +67,8 @@ def setting_label(cfg: dict, others: list[dict]) -> str:
         if k.startswith("run."):
             continue
         values = [repr(_off(f[k])) for f in all_flat if k in f]  # runs written before a key existed: not counted
-        common = max(sorted(set(values)), key=values.count)  # ties: the first in sorted order (deterministic)
+        counts = sorted((values.count(v) for v in set(values)), reverse=True)
+        common = max(set(values), key=values.count) if counts[0] > (counts[1:] or [0])[0] else None  # a tie: none
         if repr(_off(flat[k])) != common:
             diff.append(k)
     return ", ".join(f"{k.split('.', 1)[1]}={flat[k]}" for k in diff) or "base"

@@ -57,12 +57,17 @@ def load_edm_teacher(path: str | os.PathLike, *, device: str | torch.device = "c
         raise ValueError(f"{path}: no U-Net config in its JSON/metadata; is this a dibregman teacher export?")
     if meta.get("kind") == "flow-unet":
         raise ValueError(f"{path} is a rectified-flow teacher; load it as flow:{path}")
-    net = build_unet(UNetConfig.from_dict(meta["unet"]))
+    net = load_unet_weights(build_unet(UNetConfig.from_dict(meta["unet"])), state, path)
+    return net.eval().requires_grad_(False).to(device)
+
+
+def load_unet_weights(net: torch.nn.Module, state: dict, path) -> torch.nn.Module:
+    """`net` with an export's weights loaded strictly; a ValueError naming the file when they do not fit."""
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the U-Net config in its JSON: {e}") from e
-    return net.eval().requires_grad_(False).to(device)
+    return net
 
 
 def edm_kwargs_to_config(kwargs: dict) -> UNetConfig:

@@ -27,6 +27,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..networks.unet import SongUNet, UNetConfig, label_input
 from .base import as_sigma
+from .edm import load_unet_weights
 
 PREDICTIONS = ("velocity", "epsilon", "sample")
 T_MAX = 1 - 1e-7  # t is clamped below 1 (sigma <= 1e7): x_t = x (1 - t) stays finite and consistent
@@ -205,11 +206,7 @@ def load_flow_teacher(path: str | os.PathLike, *, device: str | torch.device = "
     state, meta = ckpt.load_safetensors(path)
     if meta.get("kind") != "flow-unet" or "unet" not in meta:
         raise ValueError(f"{path} is not a flow teacher export (kind={meta.get('kind')!r}; edm-unet loads as edm:)")
-    net = FlowUNet(UNetConfig.from_dict(meta["unet"]))
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the U-Net config in its JSON: {e}") from e
+    net = load_unet_weights(FlowUNet(UNetConfig.from_dict(meta["unet"])), state, path)
     return flow_unet_teacher(net).eval().requires_grad_(False).to(device)
 
 

@@ -20,7 +20,7 @@ from dibregman.draws import draw_batch
 from dibregman.generators import load_generator
 from dibregman.loop import Trainer
 from dibregman.presets import get_preset
-from dibregman.teachers.t2i import META_NAME, sample_images, trainable_unet
+from dibregman.teachers.t2i import META_NAME, sample_images, trainable_copy
 from tiny_hf import tiny_sd_components
 
 PROMPTS = ["a cat", "dog on a mat", "a red house", "two birds"]
@@ -152,7 +152,7 @@ def test_features_are_the_mid_block_output(sd_dir):
     from dibregman.teachers.sd import StableDiffusionTeacher
 
     teacher = StableDiffusionTeacher(*(parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")))
-    fake = trainable_unet(teacher)
+    fake = trainable_copy(teacher)
     x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 0.5])
     seen = []
     hook = fake.unet.mid_block.register_forward_hook(lambda mod, args, out: seen.append(out))
@@ -162,7 +162,7 @@ def test_features_are_the_mid_block_output(sd_dir):
     assert f.shape == (2, fake.feature_channels, 4, 4) and torch.equal(f, seen[0])
     assert not fake.unet.mid_block._forward_hooks  # the early-exit hook is removed again
 
-    lora = trainable_unet(teacher, lora_rank=4)
+    lora = trainable_copy(teacher, lora_rank=4)
     assert torch.equal(lora(x, sigma, PROMPTS[:2]), fake(x, sigma, PROMPTS[:2]))  # B = 0: starts as the copy
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert names and all(n.endswith(("down.weight", "up.weight")) for n in names)

@@ -42,6 +42,13 @@ class ModelConfig:
     fake_lora_rank: int = opt(0, "text-to-image: LoRA rank of psi's attention projections (0 = full weights)")
     teacher_bf16: bool = opt(False, "text-to-image: keep the frozen teacher UNet, VAE and text encoder in bf16")
     real_cache: str | None = opt(None, "text-to-image: file caching the real side's latents (None = off)")
+    resolution: int | None = opt(None, "sd3/flux: image side in pixels (None = SD3's sample_size, FLUX's 1024)")
+    feature_depth: float = opt(
+        0.5,
+        "transformer teachers (sd3, flux, dit): the discriminator reads the image tokens after block "
+        "ceil(feature_depth * num_blocks), in (0, 1] (FastGen taps 0.5/0.75/0.99; 0.5 mirrors a U-Net's "
+        "bottleneck and runs half the blocks); U-Nets always read their bottleneck",
+    )
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ AT_LEAST = {  # lower bounds of counts, rates and periods (0 = off where the fie
     **dict.fromkeys(("optim.weight_decay", "optim.grad_clip", "optim.ema_halflife_kimg", "run.threads"), 0),
     **dict.fromkeys(("run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg"), 0),
     "run.max_bad_steps": 1,
+    "model.resolution": 1,
 }
 
 
@@ -222,14 +230,19 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ValueError(
             f"model.guidance_scale={m.guidance_scale} and model.fake_lora_rank={m.fake_lora_rank} must be >= 0"
         )
+    if not 0 < m.feature_depth <= 1:
+        raise ValueError(f"model.feature_depth={m.feature_depth} must lie in (0, 1] (a fraction of the blocks)")
     if m.disc_placement == "teacher" and m.disc_head == "mean":
         raise ValueError(
             "model.disc_placement='teacher' with model.disc_head='mean' has no trainable parameter (the teacher "
             "is frozen, the head parameter-free): use disc_head='linear' or another placement"
         )
-    if m.teacher.startswith("sd:") and not m.prompts:
+    from .teachers import FAMILIES
+
+    kind = m.teacher.partition(":")[0]
+    if kind in FAMILIES and FAMILIES[kind].prompts and not m.prompts:
         raise ValueError(
-            "model.prompts is empty: a text-to-image teacher (sd:DIR) needs a prompts file (--prompts FILE)"
+            f"model.prompts is empty: a text-to-image teacher ({kind}:DIR) needs a prompts file (--prompts FILE)"
         )
     for section in fields(cfg):  # NaN/Inf is never valid, also for a parameter the chosen divergence ignores
         for f in fields(getattr(cfg, section.name)):

@@ -1,10 +1,10 @@
 """Teachers: anything implementing `D(x, sigma, cond=None) -> x0_hat` (see `base.Denoiser`), grouped in families.
 
 `load_teacher(spec)` is the one entry point: `edm:PATH.safetensors` (native U-Net, `edm.py`), `gmm:ring8`
-(exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`), `flow:PATH.safetensors`
-(native rectified-flow U-Net, `flow.py`), `python:MODULE:FUNCTION` (a user's own network, `custom.py`; a
-rectified-flow network is wrapped in `flow.FlowDenoiser`). The adapters for foreign formats are imported only
-when asked for, so their optional dependencies stay optional.
+(exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`), `sd3:FOLDER` (`sd3.py`),
+`flux:FOLDER` (`flux.py`; both rectified-flow transformers, `mmdit.py`), `flow:PATH.safetensors` (native rectified-flow U-Net, `flow.py`), `python:MODULE:FUNCTION` (a user's
+own network, `custom.py`; a rectified-flow network is wrapped in `flow.FlowDenoiser`). The adapters for foreign
+formats are imported only when asked for, so their optional dependencies stay optional.
 
 A family (`TeacherFamily`) is what the rest of the package knows of a `KIND:` spec: its loader and, if the
 native recipe (`build.native_models`: G and psi copy the teacher's network, eta a head, the real side from data
@@ -36,6 +36,7 @@ from .gmm import GaussianMixture, ring_mixture
 class TeacherFamily:
     load: Callable  # load(arg, **kwargs) -> teacher: the `ARG` of a `KIND:ARG` spec (a path made absolute)
     build: Callable | None = None  # build(cfg, teacher, device) -> models.Models; None: build.native_models
+    prompts: bool = False  # text-to-image: model.prompts is required
 
 
 def _gmm(arg, **kwargs):
@@ -54,6 +55,18 @@ def _sd(arg, **kwargs):
     from .sd import StableDiffusionTeacher
 
     return StableDiffusionTeacher.from_folder(arg, **kwargs)
+
+
+def _sd3(arg, **kwargs):
+    from .sd3 import SD3Teacher
+
+    return SD3Teacher.from_folder(arg, **kwargs)
+
+
+def _flux(arg, **kwargs):
+    from .flux import FluxTeacher
+
+    return FluxTeacher.from_folder(arg, **kwargs)
 
 
 def _flow(arg, **kwargs):
@@ -84,7 +97,9 @@ FAMILIES: dict[str, TeacherFamily] = {
     "edm": TeacherFamily(load_edm_teacher),
     "gmm": TeacherFamily(_gmm),
     "diffusers": TeacherFamily(_diffusers),
-    "sd": TeacherFamily(_sd, build=_t2i_models),
+    "sd": TeacherFamily(_sd, build=_t2i_models, prompts=True),
+    "sd3": TeacherFamily(_sd3, build=_t2i_models, prompts=True),
+    "flux": TeacherFamily(_flux, build=_t2i_models, prompts=True),
     "flow": TeacherFamily(_flow),
     "python": TeacherFamily(_python),
     "object": TeacherFamily(_object),  # api.distill(cfg, run_dir, teacher=obj), this process only

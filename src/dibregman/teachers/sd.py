@@ -8,23 +8,30 @@ Classifier-free guidance (Ho & Salimans 2022, Eq. 6) with scale w:
     D_w(x, sigma, c) = D(x, sigma, u) + w (D(x, sigma, c) - D(x, sigma, u)),
 applied to the network output; x0_hat is affine in the output at fixed (x, sigma) for every prediction type,
 so guiding eps, v or x0 is the same thing. w = 1 is the plain conditional model (no unconditional pass).
+The trainable copies (`unguided(unet)`, a `TextUNetDenoiser`) are the plain conditional model of their UNet, and
+their discriminator features are the UNet's bottleneck (mid-block output); see `teachers/t2i.py` for the
+text-to-image teacher interface this class implements.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .diffusers import DiscreteVPDenoiser
+from .latent import LatentVAE, Shared, check_pipeline_folder, run_to_block, split_text_condition
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class StableDiffusionTeacher(DiscreteVPDenoiser):
+class StableDiffusionTeacher(LatentVAE, DiscreteVPDenoiser):
     """`D(x, sigma, cond=None) -> z0_hat` in SD's scaled latent space, with classifier-free guidance."""
+
+    family = "sd"  # the spec kind an export reloads with
+    network_folder = "unet"  # the trainable network's subfolder of a diffusers folder
+    subfolders = SUBFOLDERS
 
     def __init__(
         self,
@@ -45,16 +52,20 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.guidance_scale = float(guidance_scale)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # image side / latent side
+        self.init_vae(vae, unet.config.in_channels)
         size = unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.shape = (int(unet.config.in_channels), int(h), int(w))
-        if unet.config.in_channels != vae.config.latent_channels:
-            c_unet, c_vae = unet.config.in_channels, vae.config.latent_channels
-            raise ValueError(f"unet in_channels {c_unet} != vae latent_channels {c_vae}")
         self._uncond: torch.Tensor | None = None  # cached empty-prompt embedding [1, L, D]
+
+    @property
+    def network(self) -> nn.Module:
+        """The network the copies G and psi are made of."""
+        return self.unet
+
+    def unguided(self, unet: nn.Module) -> TextUNetDenoiser:
+        """D(x, sigma, c) of `unet` in this teacher's latent space, without guidance, sharing VAE and text encoder."""
+        return TextUNetDenoiser(unet, self)
 
     # ---- text -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -79,16 +90,7 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
 
     def embeddings(self, cond, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond [N, L, D], uncond [N, L, D]) from a tensor, a {"cond", "uncond"} dict, prompts or None."""
-        uncond = None
-        if isinstance(cond, dict):
-            unknown = set(cond) - {"cond", "uncond"}
-            if unknown or "cond" not in cond:
-                raise ValueError(f"cond dict needs key 'cond' and optionally 'uncond', got {sorted(cond)}")
-            cond, uncond = cond["cond"], cond.get("uncond")
-        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str)):
-            cond = self.encode_prompts(cond)
-        uncond = self.uncond_embedding() if uncond is None else uncond
-        cond = uncond if cond is None else cond
+        cond, uncond = split_text_condition(cond, self.encode_prompts, self.uncond_embedding)
         if not (torch.is_tensor(cond) and cond.ndim == 3):
             raise ValueError(f"cond must be a [N, L, D] text embedding, got {type(cond).__name__}")
         return cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
@@ -107,20 +109,20 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
             out = out_u + w * (out_c - out_u)
         return self.to_x0(out, x, s)
 
-    # ---- VAE ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1] (clamped unless clamp=False) from scaled latents [N, C, h, w]."""
-        z = latents / self.scaling_factor + self.shift_factor
-        images = self.vae.decode(z.to(self.vae.dtype)).sample.float()
-        return images.clamp(-1, 1) if clamp else images
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents [N, C, h, w] of images in [-1, 1]: posterior mean, or a sample given a generator."""
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        z = dist.mode() if generator is None else dist.sample(generator)
-        return ((z.float() - self.shift_factor) * self.scaling_factor).float()
+    # ---- export ------------------------------------------------------------------------------------------
+    def export_meta(self, sigma_init: float) -> dict:
+        """How one step of a student UNet runs in plain diffusers (written into the export's dibregman.json)."""
+        sigma = torch.tensor([float(sigma_init)])
+        return {
+            "timestep": float(self.sigma_to_t(sigma)[0]),  # the UNet's (fractional) timestep of sigma_init
+            "input_scale": float(sigma[0] * (1 + sigma[0] ** 2).rsqrt()),  # VP scaling of sigma_init * z
+            "prediction_type": self.prediction_type,
+            "load_kwargs": {"prediction_type": self.prediction_type, "guidance_scale": 1.0},
+            "usage": "z = randn; out = unet(input_scale * z, timestep, text_embeddings).sample (no guidance); "
+            "epsilon: z0 = sigma_init * (z - out) (v/sample: dibregman.teachers.diffusers.x0_from_model_output "
+            "with x = sigma_init * z); image = vae.decode(z0 / scaling_factor). "
+            "Or: dibregman sample --checkpoint DIR --prompt TEXT",
+        }
 
     @classmethod
     def from_folder(
@@ -134,12 +136,7 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"Stable Diffusion folder not found: {root}")
-        missing = [name for name in SUBFOLDERS if not (root / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{root} lacks subfolder(s) {missing}; expected all of {list(SUBFOLDERS)}")
+        root = check_pipeline_folder(path, "sd", SUBFOLDERS, "unet", ("UNet2DConditionModel",))
         kw = dict(local_files_only=True)
         return cls(
             UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **kw),
@@ -149,3 +146,41 @@ class StableDiffusionTeacher(DiscreteVPDenoiser):
             DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw),
             **kwargs,
         )
+
+
+class TextUNetDenoiser(DiscreteVPDenoiser):
+    """D(x, sigma, c) of a trainable UNet2DConditionModel in the teacher's latent space, without guidance."""
+
+    def __init__(self, unet: nn.Module, text: StableDiffusionTeacher):  # text: shared VAE/encoder/schedule
+        abar = (1 + (2 * text.log_sigmas).exp()).reciprocal()
+        super().__init__(abar, text.prediction_type, text.sigma_data, text.snap_tol)
+        self.log_sigmas, self.sigma_min, self.sigma_max = text.log_sigmas, text.sigma_min, text.sigma_max
+        self.unet = unet
+        self.shape = tuple(text.shape)
+        self.feature_channels = int(unet.config.block_out_channels[-1])  # channels of the mid block
+        self._text = Shared(text)
+
+    @property
+    def text(self) -> StableDiffusionTeacher:
+        return self._text.obj
+
+    @property
+    def network(self) -> nn.Module:
+        return self.unet
+
+    def _inputs(self, x, sigma, cond):
+        x_vp, t, s = self.model_input(x, sigma)
+        c, _ = self.text.embeddings(cond, x.shape[0])  # None: the empty prompt (unconditional)
+        dtype = self.unet.dtype
+        return x_vp.to(dtype), t, s, c.to(x.device, dtype)
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        x_vp, t, s, c = self._inputs(x, sigma, cond)
+        return self.to_x0(self.unet(x_vp, t, encoder_hidden_states=c).sample, x, s)
+
+    def features(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """Bottleneck features [N, C, h, w]: the mid block's output; the up-sampling half is never run."""
+        x_vp, t, _, c = self._inputs(x, sigma, cond)
+        block = self.unet.mid_block if self.unet.mid_block is not None else self.unet.down_blocks[-1]
+        out = run_to_block(block, lambda: self.unet(x_vp, t, encoder_hidden_states=c))
+        return out[0] if isinstance(out, tuple) else out

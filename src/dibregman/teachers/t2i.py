@@ -1,19 +1,28 @@
-"""The text-to-image teacher family (Di-Bregman's Stable Diffusion v1.5 experiment, arXiv 2510.16983).
+"""The text-to-image teacher families (Di-Bregman's Stable Diffusion v1.5 experiment, arXiv 2510.16983): `sd`,
+`sd3` and `flux` share this builder, export and loader.
 
 Algorithm 1 with conditions c (text embeddings of prompts):
-- phi: `StableDiffusionTeacher` with classifier-free guidance scale w (`model.guidance_scale`), frozen;
-- G_theta(z, c) = U_theta(sigma_init z, sigma_init, c): a copy of the teacher's UNet (line 1), NOT guided;
+- phi: the teacher with classifier-free guidance scale w (`model.guidance_scale`), frozen;
+- G_theta(z, c) = U_theta(sigma_init z, sigma_init, c): a copy of the teacher's network (line 1), NOT guided;
 - psi(x, sigma, c): another copy without guidance (optionally LoRA, `model.fake_lora_rank`);
-- eta: a head on psi's bottleneck (mid-block) features, `TextUNetDenoiser.features`.
-Only UNets train. The VAE, text encoder and tokenizer stay in the teacher and are shared by reference (never
-copied, never in a state dict). Conditions c ~ D_c come from `model.prompts`; the real side (x_gt, c) ~ D_d is
-either a captioned image folder encoded by the VAE (`model.real=captions:DIR`) or, data-free, a pool of guided
-teacher samples of prompts from D_c (`model.real=teacher`).
+- eta: a head on psi's features (a UNet's bottleneck, a transformer's image tokens at `model.feature_depth`).
+Only the network (UNet or transformer) trains. The VAE, text encoders and tokenizers stay in the teacher and are
+shared by reference (never copied, never in a state dict). Conditions c ~ D_c come from `model.prompts`; the real
+side (x_gt, c) ~ D_d is either a captioned image folder encoded by the VAE (`model.real=captions:DIR`) or,
+data-free, a pool of guided teacher samples of prompts from D_c (`model.real=teacher`).
 
-Export: a diffusers folder (`unet/` of the EMA generator + the teacher's other components, hard-linked or
-copied) with `dibregman.json` giving sigma_init, its timestep t and
-input_scale = sigma_init / sqrt(1 + sigma_init^2), so one step in plain diffusers (no guidance) is, for an
-epsilon model (v / sample: `x0_from_model_output`),
+A text-to-image teacher offers (`sd.StableDiffusionTeacher`, `mmdit.MMDiTTeacher` for sd3 and flux):
+    family, network_folder, subfolders     its spec kind, the trainable network's subfolder, its folder layout
+    network, unguided(network)             the network to copy, and D(x, sigma, c) of a copy without guidance
+                                           (with features / feature_channels, sharing the frozen parts as .text)
+    encode_prompts(prompts), uncond_embedding(), guidance_scale, feature_depth (transformers)
+    encode(images), decode(latents), vae_scale_factor, shape, sigma_data
+    export_meta(sigma_init)                how one student step runs in plain diffusers, and `load_kwargs` with
+                                           which `from_folder` reloads the export as the student
+Export: a diffusers folder (the EMA generator's network in its subfolder + the teacher's other components,
+hard-linked or copied) with `dibregman.json` (sigma_init, the family's one-step recipe, `usage`).
+For `sd`: input_scale = sigma_init / sqrt(1 + sigma_init^2) and, for an epsilon model (v / sample:
+`x0_from_model_output`),
     x_vp = input_scale z,  eps = unet(x_vp, t, text_embedding),  z0 = sigma_init (z - eps),
     image = vae.decode(z0 / scaling_factor).
 """
@@ -37,84 +46,22 @@ from ..models import Models
 from ..networks.discriminator import DiscriminatorHead
 from ..networks.generator import OneStepGenerator
 from ..networks.lora import add_lora
-from . import resolve_path
-from .diffusers import DiscreteVPDenoiser
-from .sd import SUBFOLDERS, StableDiffusionTeacher
+from . import FAMILIES, resolve_path
 
 META_NAME = "dibregman.json"  # the export's description, beside model_index.json
 META_KIND = "dibregman-one-step-text-to-image"
 
 
-class _Shared:
-    """Holds a frozen module by reference: no submodule (no parameters, no state dict); deepcopy keeps it."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class _Stop(Exception):
-    def __init__(self, features: torch.Tensor):
-        super().__init__()
-        self.features = features
-
-
-class TextUNetDenoiser(DiscreteVPDenoiser):
-    """D(x, sigma, c) of a trainable UNet2DConditionModel in the teacher's latent space, without guidance."""
-
-    def __init__(self, unet: torch.nn.Module, text: StableDiffusionTeacher):  # text: shared VAE/encoder/schedule
-        abar = (1 + (2 * text.log_sigmas).exp()).reciprocal()
-        super().__init__(abar, text.prediction_type, text.sigma_data, text.snap_tol)
-        self.log_sigmas, self.sigma_min, self.sigma_max = text.log_sigmas, text.sigma_min, text.sigma_max
-        self.unet = unet
-        self.shape = tuple(text.shape)
-        self.feature_channels = int(unet.config.block_out_channels[-1])  # channels of the mid block
-        self._text = _Shared(text)
-
-    @property
-    def text(self) -> StableDiffusionTeacher:
-        return self._text.obj
-
-    def _inputs(self, x, sigma, cond):
-        x_vp, t, s = self.model_input(x, sigma)
-        c, _ = self.text.embeddings(cond, x.shape[0])  # None: the empty prompt (unconditional)
-        dtype = self.unet.dtype
-        return x_vp.to(dtype), t, s, c.to(x.device, dtype)
-
-    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
-        x_vp, t, s, c = self._inputs(x, sigma, cond)
-        return self.to_x0(self.unet(x_vp, t, encoder_hidden_states=c).sample, x, s)
-
-    def features(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
-        """Bottleneck features [N, C, h, w]: the mid block's output; the up-sampling half is never run."""
-        x_vp, t, _, c = self._inputs(x, sigma, cond)
-        block = self.unet.mid_block if self.unet.mid_block is not None else self.unet.down_blocks[-1]
-
-        def stop(module, args, out):
-            raise _Stop(out[0] if isinstance(out, tuple) else out)
-
-        handle = block.register_forward_hook(stop)
-        try:
-            self.unet(x_vp, t, encoder_hidden_states=c)
-        except _Stop as e:
-            return e.features
-        finally:
-            handle.remove()
-        raise AssertionError("the UNet finished without running its bottleneck block")
-
-
-def trainable_unet(teacher: StableDiffusionTeacher, *, lora_rank: int = 0, grad_checkpointing: bool = False):
-    """A float32 copy of the teacher's UNet as a guidance-free denoiser (full weights or LoRA trainable)."""
-    unet = copy.deepcopy(teacher.unet).float().eval()  # eval(): no dropout, runs are functions of their seed
+def trainable_copy(teacher, *, lora_rank: int = 0, grad_checkpointing: bool = False):
+    """A float32 copy of the teacher's network as a guidance-free denoiser (full weights or LoRA trainable)."""
+    net = copy.deepcopy(teacher.network).float().eval()  # eval(): no dropout, runs are functions of their seed
     if lora_rank > 0:
-        add_lora(unet, lora_rank)
+        add_lora(net, lora_rank)
     else:
-        unet.requires_grad_(True)
+        net.requires_grad_(True)
     if grad_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return TextUNetDenoiser(unet, teacher)
+        net.enable_gradient_checkpointing()
+    return teacher.unguided(net)
 
 
 def _autocast(cfg, device):
@@ -123,21 +70,27 @@ def _autocast(cfg, device):
     return contextlib.nullcontext()
 
 
-def build_t2i_models(cfg, teacher: StableDiffusionTeacher, device) -> Models:
+def build_t2i_models(cfg, teacher, device) -> Models:
     """The networks of Algorithm 1 for a text-to-image teacher, with its real side, conditions, export and
-    preview (the `sd` family's builder in `teachers.FAMILIES`)."""
+    preview (the builder of the `sd`, `sd3` and `flux` families in `teachers.FAMILIES`)."""
     m = cfg.model
     if not m.prompts:
         raise ValueError("a text-to-image teacher needs conditions: set model.prompts (--prompts FILE)")
-    teacher.guidance_scale = m.guidance_scale  # only phi is guided
+    if m.resolution:
+        if not hasattr(teacher, "set_resolution"):
+            raise ValueError(f"model.resolution={m.resolution}: {teacher.family}: teachers keep their network's size")
+        teacher.set_resolution(m.resolution)
+    teacher.guidance_scale = m.guidance_scale  # only phi is guided (before copying: FLUX's embedded guidance)
+    if hasattr(teacher, "feature_depth"):
+        teacher.feature_depth = m.feature_depth  # where the head reads a transformer's tokens
     teacher.uncond_embedding()  # cached once, outside autocast
     conditions = ConditionSet(read_prompts(m.prompts), teacher.encode_prompts)
-    gen = OneStepGenerator(trainable_unet(teacher, grad_checkpointing=m.grad_checkpointing), m.sigma_init)
-    fake = trainable_unet(teacher, lora_rank=m.fake_lora_rank, grad_checkpointing=m.grad_checkpointing)
+    gen = OneStepGenerator(trainable_copy(teacher, grad_checkpointing=m.grad_checkpointing), m.sigma_init)
+    fake = trainable_copy(teacher, lora_rank=m.fake_lora_rank, grad_checkpointing=m.grad_checkpointing)
     if m.disc_placement == "fake_score":
         disc = DiscriminatorHead(fake, m.disc_head)
     elif m.disc_placement == "teacher":
-        disc = DiscriminatorHead(TextUNetDenoiser(teacher.unet, teacher), m.disc_head)
+        disc = DiscriminatorHead(teacher.unguided(teacher.network), m.disc_head)
     else:
         raise ValueError(
             f"model.disc_placement={m.disc_placement!r} is not available for text-to-image teachers;"
@@ -245,43 +198,38 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _pipeline_parts(folder: Path) -> list[str]:
-    """Component folders of a diffusers pipeline: those named in model_index.json, else the SD five."""
+def _pipeline_parts(folder: Path, default: tuple[str, ...]) -> list[str]:
+    """Component folders of a diffusers pipeline: those named in model_index.json, else `default`."""
     index = folder / "model_index.json"
     if index.is_file():
         names = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None]
         return [n for n in names if (folder / n).is_dir()]
-    return list(SUBFOLDERS)
+    return [n for n in default if (folder / n).is_dir()]
 
 
 def export_diffusers(gen: OneStepGenerator, cfg, out_dir: str | Path, num_images: int) -> Path:
-    """Write the generator's UNet + the teacher's other components as a diffusers folder (atomically)."""
+    """Write the generator's network + the teacher's other components as a diffusers folder (atomically)."""
     den = gen.denoiser
+    text = den.text  # the teacher: family, folder layout, one-step recipe
     teacher_dir = Path(resolve_path(cfg.model.teacher).partition(":")[2])
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    den.unet.save_pretrained(tmp / "unet")
-    for name in _pipeline_parts(teacher_dir):
-        if name != "unet":
+    den.network.save_pretrained(tmp / text.network_folder)
+    for name in _pipeline_parts(teacher_dir, text.subfolders):
+        if name != text.network_folder:
             shutil.copytree(teacher_dir / name, tmp / name, copy_function=_link_or_copy)
     if (teacher_dir / "model_index.json").is_file():
         shutil.copy2(teacher_dir / "model_index.json", tmp / "model_index.json")
-    sigma = torch.tensor([gen.sigma_init])
     meta = {
         "kind": META_KIND,
+        "family": text.family,
         "one_step": True,
         "sigma_init": gen.sigma_init,
-        "timestep": float(den.sigma_to_t(sigma)[0]),  # the UNet's (fractional) timestep of sigma_init
-        "input_scale": float(sigma[0] * (1 + sigma[0] ** 2).rsqrt()),  # VP scaling of sigma_init * z
-        "prediction_type": den.prediction_type,
+        **text.export_meta(gen.sigma_init),
         "teacher": cfg.model.teacher,
         "teacher_guidance_scale": cfg.model.guidance_scale,
         "num_images": num_images,
-        "usage": "z = randn; out = unet(input_scale * z, timestep, text_embeddings).sample (no guidance); "
-        "epsilon: z0 = sigma_init * (z - out) (v/sample: dibregman.teachers.diffusers.x0_from_model_output "
-        "with x = sigma_init * z); image = vae.decode(z0 / scaling_factor). "
-        "Or: dibregman sample --checkpoint DIR --prompt TEXT",
         "distill_config": cfg.to_dict(),
     }
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -306,9 +254,10 @@ def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerat
     meta = json.loads((folder / META_NAME).read_text())
     if meta.get("kind") != META_KIND:
         raise ValueError(f"{folder / META_NAME} is not a dibregman text-to-image export (kind={meta.get('kind')!r})")
-    parts = StableDiffusionTeacher.from_folder(folder, prediction_type=meta["prediction_type"], guidance_scale=1.0)
-    parts = parts.to(device)  # the student's UNet (inside `parts`) with the shared VAE and text encoder
-    gen = OneStepGenerator(TextUNetDenoiser(parts.unet, parts), meta["sigma_init"])
+    kind = meta.get("family", "sd")  # exports written before sd3/flux name no family
+    kwargs = meta.get("load_kwargs", {"prediction_type": meta.get("prediction_type"), "guidance_scale": 1.0})
+    parts = FAMILIES[kind].load(str(folder), **kwargs).to(device)  # the student's network + the shared parts
+    gen = OneStepGenerator(parts.unguided(parts.network), meta["sigma_init"])
     return gen.to(device).eval().requires_grad_(False), meta
 
 

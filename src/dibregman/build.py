@@ -1,8 +1,11 @@
 """Build the four networks of Algorithm 1 from a config: teacher phi (frozen), generator G_theta and fake score
 psi (both copies of the teacher's network, line 1), discriminator eta (a head on a backbone), plus the sampler of
-the real side of Eq. 5. Analytic teachers have no network to copy: an MLP denoiser is fitted to their exact
-denoiser and copied instead. A teacher family with its own builder (text-to-image: `teachers/t2i.py`) is
-dispatched to through `teachers.FAMILIES`; nothing here branches on a family.
+the real side of Eq. 5. A class-conditional teacher (`num_classes`, e.g. `dit:`) gets class labels as its
+conditions c (`conditions.LabelSet`), like prompts in the text-to-image recipe, and the guidance
+`model.guidance_scale` if it has one (the copies, made before, stay unguided). Analytic teachers have no network
+to copy: an MLP denoiser is fitted to their exact denoiser and copied instead. A teacher family with its own
+builder (text-to-image: `teachers/t2i.py`) is dispatched to through `teachers.FAMILIES`; nothing here branches on
+a family.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from . import divergences
+from .conditions import LabelSet
 from .config import DistillConfig
 from .draws import generator_for
 from .generators import export_generator, preview_samples
@@ -91,24 +95,47 @@ def _separate_backbone(init: nn.Module) -> nn.Module:
     raise ValueError(f"disc_placement=separate has no small backbone for {type(init).__name__}")
 
 
-def real_sampler(cfg: DistillConfig, teacher, shape, device) -> Callable:
-    """draw(generator, n) -> ([n, *shape] real samples, None): data set, exact teacher samples, or a teacher pool."""
+def real_sampler(cfg: DistillConfig, teacher, shape, device, labels=None) -> Callable:
+    """draw(generator, n) -> ([n, *shape] real samples, their labels [n] or None): data set, exact teacher samples,
+    or a teacher pool. labels: the `LabelSet` of a class-conditional teacher (pool samples of drawn labels, data
+    with its labels), else None."""
     spec = cfg.model.real
     if spec == "teacher" and hasattr(teacher, "sample"):
         return lambda g, n: (teacher.sample(n, generator=g).to(device), None)
+    pool_labels = None
     if spec == "teacher":
         from .sample import sample_teacher
 
         g = generator_for(cfg.run.seed, "teacher_pool")
-        pool = sample_teacher(teacher, cfg.model.teacher_pool, num_steps=cfg.model.teacher_pool_steps, generator=g)
+        num, steps = cfg.model.teacher_pool, cfg.model.teacher_pool_steps
+        pool_labels = labels.draw(g, num) if labels is not None else None
+        pool = sample_teacher(teacher, num, num_steps=steps, generator=g, cond=pool_labels)
     else:
-        from .data import load_dataset
-
-        pool, _ = load_dataset(spec)
+        pool, pool_labels = _real_data(spec, teacher, labels)
     if tuple(pool.shape[1:]) != tuple(shape):
         raise ValueError(f"real data {spec!r} has shape {tuple(pool.shape[1:])} but the teacher makes {tuple(shape)}")
     pool = pool.to(device)
-    return lambda g, n: (pool[torch.randint(len(pool), (n,), generator=g).to(device)], None)
+    if pool_labels is None:
+        return lambda g, n: (pool[torch.randint(len(pool), (n,), generator=g).to(device)], None)
+
+    def draw(g: torch.Generator, n: int):
+        index = torch.randint(len(pool), (n,), generator=g)
+        return pool[index.to(device)], pool_labels[index]
+
+    return draw
+
+
+def _real_data(spec: str, teacher, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A data set's samples (VAE latents for a latent-space teacher) and, for a class-conditional teacher, labels."""
+    from .data import load_dataset
+
+    pool, data_labels = load_dataset(spec)
+    if labels is not None and (data_labels is None or int(data_labels.max()) >= len(labels)):
+        raise ValueError(f"real data {spec!r} needs labels in [0, {len(labels)}) for a class-conditional teacher")
+    if hasattr(teacher, "encode") and pool.ndim == 4 and pool.shape[1] == 3:  # images -> the teacher's latents
+        device = next(teacher.parameters()).device
+        pool = torch.cat([teacher.encode(pool[i : i + 64].to(device)).cpu() for i in range(0, len(pool), 64)])
+    return pool, (data_labels if labels is not None else None)
 
 
 def build_models(cfg: DistillConfig, device: torch.device, *, pretrain: Callable | None = None) -> Models:
@@ -128,10 +155,16 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
     if cfg.model.prompts:
         raise ValueError(f"model.prompts is set but teacher {cfg.model.teacher!r} takes no text conditions")
     shape = tuple(teacher.shape)
+    if hasattr(teacher, "feature_depth"):  # a transformer: where the head reads its tokens (copies inherit it)
+        teacher.feature_depth = cfg.model.feature_depth
     analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
     init = (pretrain or pretrain_mlp)(teacher, cfg, device) if analytic else teacher
     generator = OneStepGenerator(_trainable_copy(init), cfg.model.sigma_init).to(device)
     fake = _trainable_copy(init).to(device)
+    num_classes = int(getattr(teacher, "num_classes", 0) or 0)  # class-conditional: labels are the conditions
+    labels = LabelSet(num_classes) if num_classes else None
+    if labels is not None and hasattr(teacher, "guidance_scale"):
+        teacher.guidance_scale = cfg.model.guidance_scale  # after copying: only phi is guided
     placement = cfg.model.disc_placement
     if placement == "fake_score":
         disc = DiscriminatorHead(fake, cfg.model.disc_head)
@@ -140,9 +173,11 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
     else:
         disc = DiscriminatorHead(_separate_backbone(init).eval(), cfg.model.disc_head, own_backbone=True)
     disc = disc.to(device)
-    real = real_sampler(cfg, teacher, shape, device)
-    preview = functools.partial(preview_samples, real=real, shape=shape)
-    return Models(teacher, generator, fake, disc, shape, float(teacher.sigma_data), real, export_generator, preview)
+    real = real_sampler(cfg, teacher, shape, device, labels)
+    decode = getattr(teacher, "decode", None)  # a latent-space teacher's pictures are decoded
+    preview = functools.partial(preview_samples, real=real, shape=shape, num_classes=num_classes, decode=decode)
+    sd = float(teacher.sigma_data)
+    return Models(teacher, generator, fake, disc, shape, sd, real, export_generator, preview, labels, labels)
 
 
 def objective(cfg: DistillConfig) -> tuple[divergences.Divergence, divergences.Stabilizer]:

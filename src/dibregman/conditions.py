@@ -8,6 +8,7 @@ Local files only.
   `file_name` + `text` (diffusers' ImageFolder layout) or `NAME.png` beside `NAME.txt`.
 - `load_image(path, height, width)`: RGB resized to cover (height, width), centre-cropped, in [-1, 1].
 - `ConditionSet`: prompts drawn by index from a seeded generator, embedded on demand by the text encoder.
+- `LabelSet`: class labels drawn uniformly; a label is its own embedding (class-conditional teachers).
 """
 
 from __future__ import annotations
@@ -141,3 +142,24 @@ class ConditionSet:
     def embed(self, index: torch.Tensor, device) -> torch.Tensor:
         """Text embeddings [len(index), L, D] of the indexed prompts, on `device`."""
         return self.encode([self.prompts[i] for i in index.tolist()]).to(device)
+
+
+class LabelSet:
+    """The classes 0..K-1 of a class-conditional teacher: `draw` takes labels uniformly from a seeded generator,
+    `embed` hands them to the networks as they are (labels [N] int64 are the condition)."""
+
+    def __init__(self, num_classes: int):
+        if num_classes < 1:
+            raise ValueError(f"a label set needs at least one class, got {num_classes}")
+        self.num_classes = int(num_classes)
+
+    def __len__(self) -> int:
+        return self.num_classes
+
+    def draw(self, generator: torch.Generator, n: int) -> torch.Tensor:
+        """n labels c ~ U{0, ..., K-1}, int64 [n] on the CPU."""
+        return torch.randint(self.num_classes, (n,), generator=generator)
+
+    def embed(self, index: torch.Tensor, device) -> torch.Tensor:
+        """The labels themselves, int64 [N] on `device`."""
+        return index.to(device)

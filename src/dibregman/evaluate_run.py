@@ -67,7 +67,8 @@ def load_snapshot(path: str | Path, device="cpu") -> OneStepGenerator:
     state = ckpt.load(path)
     cfg = DistillConfig.from_dict(state["config"])
     teacher = load_teacher(cfg.model.teacher)  # resolves package-relative paths itself
-    if hasattr(teacher, "encode_prompts") or not any(True for _ in teacher.parameters()):
+    latent = hasattr(teacher, "encode_prompts") or hasattr(teacher, "decode")  # text or latent-space teachers
+    if latent or not any(True for _ in teacher.parameters()):
         raise ValueError(f"{path}: FID curves need an unconditional image generator (teacher {cfg.model.teacher!r})")
     gen = OneStepGenerator(teacher, cfg.model.sigma_init)  # the generator is a copy of the teacher network
     gen.load_state_dict(state["ema"])

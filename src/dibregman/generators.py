@@ -43,15 +43,23 @@ def export_generator(gen: OneStepGenerator, cfg, run_dir: str | Path, num_images
     return ckpt.export_safetensors(gen.state_dict(), meta, Path(run_dir) / "generator")
 
 
+def class_grid(n: int, num_classes: int, ncol: int) -> torch.Tensor | None:
+    """Labels [n] putting class j in grid column j (the first `ncol` classes), or None when unconditional."""
+    return torch.arange(n) % min(ncol, num_classes) if num_classes else None
+
+
 @torch.no_grad()
-def preview_samples(gen, path, seed: int, device, *, real, shape, title: str = "") -> None:
-    """A picture of one-step samples at `path`: an 8x8 grid for images, a 2000-point scatter over the real side
-    for vectors (the native families' preview)."""
+def preview_samples(gen, path, seed: int, device, *, real, shape, title: str = "", num_classes=0, decode=None) -> None:
+    """A picture of one-step samples at `path`: an 8x8 grid for images (a class per column for a class-conditional
+    teacher, VAE-decoded for a latent one), a 2000-point scatter over the real side for vectors (the native
+    families' preview)."""
     from .viz import save_image_grid, save_scatter
 
     g = torch.Generator().manual_seed(seed)
     n = 64 if len(shape) == 3 else 2000
-    x = gen(torch.randn((n, *shape), generator=g).to(device)).float().cpu()
+    z, labels = torch.randn((n, *shape), generator=g).to(device), class_grid(n, num_classes, 8)
+    x = gen(z, None if labels is None else labels.to(device)).float()
+    x = (decode(x) if decode is not None else x).cpu()
     if len(shape) == 3:
         save_image_grid(x, path, ncol=8)
     else:
@@ -137,9 +145,14 @@ def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 
     text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
     if text_to_image != bool(prompts):
         raise ValueError("a text-to-image export needs --prompt/--prompts, and only such exports take them")
-    if not text_to_image:
-        x = generate(gen, num, seed=seed, batch_size=batch_size, device=device)
-        return x, min(16, len(x))
+    if not text_to_image:  # a class-conditional generator: a class per column; a latent one: VAE-decoded
+        den, ncol = gen.denoiser, min(16, num)
+        labels = class_grid(num, int(getattr(den, "num_classes", 0) or 0), ncol)
+        ncol = min(ncol, len(set(labels.tolist()))) if labels is not None else ncol
+        x = generate(gen, num, seed=seed, batch_size=batch_size, cond=labels, device=device)
+        if hasattr(den, "decode"):
+            x = torch.cat([den.decode(x[i : i + 16].to(device)).cpu() for i in range(0, len(x), 16)])
+        return x, ncol
     from .teachers.t2i import sample_images
 
     prompts = [prompts[i % len(prompts)] for i in range(max(num, len(prompts)))]

@@ -2,7 +2,8 @@
 
 `load_teacher(spec)` is the one entry point: `edm:PATH.safetensors` (native U-Net, `edm.py`), `gmm:ring8`
 (exact mixture, `gmm.py`), `diffusers:FOLDER` (`diffusers.py`), `sd:FOLDER` (`sd.py`), `sd3:FOLDER` (`sd3.py`),
-`flux:FOLDER` (`flux.py`; both rectified-flow transformers, `mmdit.py`), `flow:PATH.safetensors` (native rectified-flow U-Net, `flow.py`), `python:MODULE:FUNCTION` (a user's
+`flux:FOLDER` (`flux.py`; both rectified-flow transformers, `mmdit.py`), `dit:FOLDER` (class-conditional DiT,
+`dit.py`), `flow:PATH.safetensors` (native rectified-flow U-Net, `flow.py`), `python:MODULE:FUNCTION` (a user's
 own network, `custom.py`; a rectified-flow network is wrapped in `flow.FlowDenoiser`). The adapters for foreign
 formats are imported only when asked for, so their optional dependencies stay optional.
 
@@ -69,6 +70,12 @@ def _flux(arg, **kwargs):
     return FluxTeacher.from_folder(arg, **kwargs)
 
 
+def _dit(arg, **kwargs):
+    from .dit import DiTTeacher
+
+    return DiTTeacher.from_folder(arg, **kwargs)
+
+
 def _flow(arg, **kwargs):
     from .flow import load_flow_teacher
 
@@ -100,6 +107,7 @@ FAMILIES: dict[str, TeacherFamily] = {
     "sd": TeacherFamily(_sd, build=_t2i_models, prompts=True),
     "sd3": TeacherFamily(_sd3, build=_t2i_models, prompts=True),
     "flux": TeacherFamily(_flux, build=_t2i_models, prompts=True),
+    "dit": TeacherFamily(_dit),  # native recipe, class labels as conditions
     "flow": TeacherFamily(_flow),
     "python": TeacherFamily(_python),
     "object": TeacherFamily(_object),  # api.distill(cfg, run_dir, teacher=obj), this process only

@@ -4,7 +4,8 @@
 
 `x` is [N, *shape] float32, `sigma` a float or a [N] tensor, `cond` an optional condition (class labels [N] int64,
 text embeddings, ...). Attributes: `sigma_min`, `sigma_max`, `sigma_data`, and `shape` (the per-sample shape).
-Native U-Nets, analytic Gaussian mixtures, diffusers UNet2DModel and SD-style pipelines all look like this.
+Native U-Nets, analytic Gaussian mixtures, diffusers UNet2DModel, SD-style pipelines, SD3/FLUX flow transformers
+and DiT all look like this.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def build_t2i_models(cfg, teacher, device) -> Models:
             f" choose 'fake_score' or 'teacher'"
         )
     if m.teacher_bf16:
-        teacher.to(torch.bfloat16)  # after copying: the trainable UNets keep the float32 weights
+        teacher.to(torch.bfloat16)  # after copying: the trainable networks keep the float32 weights
     latents, captions = real_side(cfg, teacher, conditions, device)
     real_conditions = ConditionSet(captions, teacher.encode_prompts)
 

@@ -6,8 +6,8 @@
 Heun with N steps costs 2N - 1 evaluations (1 step = 1 evaluation, 3 = 5, 6 = 11, 18 = 35); Euler with N steps
 costs N. Every configuration draws the same latents. FID with the MNIST feature net (n stated) against the 10k
 test set; Inception FID for the Heun rows on the first n_inception samples against as many test images (or
---n-inception-ref of them; 0 = all 10k); a
-real-data row (random training images) gives the floor of each metric at the same n.
+--n-inception-ref of them; 0 = all 10k); a real-data row (random training images) gives the floor of each metric
+at the same n.
 Writes `teacher_quality.json` and `teacher_quality.png`.
 """
 

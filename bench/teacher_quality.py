@@ -5,8 +5,9 @@
 
 Heun with N steps costs 2N - 1 evaluations (1 step = 1 evaluation, 3 = 5, 6 = 11, 18 = 35); Euler with N steps
 costs N. Every configuration draws the same latents. FID with the MNIST feature net (n stated) against the 10k
-test set; Inception FID for the Heun rows on the first n_inception samples against as many test images; a
-real-data row (random training images) gives the floor of each metric at the same n.
+test set; Inception FID for the Heun rows on the first n_inception samples against as many test images (or
+--n-inception-ref of them; 0 = all 10k); a real-data row (random training images) gives the floor of each metric
+at the same n.
 Writes `teacher_quality.json` and `teacher_quality.png`.
 """
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", default="heun,euler", help="comma-separated: heun, euler, ddim")
     p.add_argument("--n-fid", type=int, default=None, help="samples per configuration (2000 x scale)")
     p.add_argument("--n-inception", type=int, default=None, help="Inception FID samples (500 x scale; 0 = off)")
+    p.add_argument(
+        "--n-inception-ref",
+        type=int,
+        default=None,
+        help="Inception reference images (default: as many as samples; 0 = all)",
+    )
     p.add_argument("--sample-batch", type=int, default=256, help="images per denoiser call")
     return common.add_common_args(p)
 
@@ -53,6 +60,7 @@ def run(args) -> dict:
     sizes = {
         "n_fid": common.size(args, "n_fid", 2000, 16),
         "n_inception": common.size(args, "n_inception", 500, 0),
+        "n_inception_ref": args.n_inception_ref,  # None: as many as samples; 0: the whole reference set
         "sample_batch": args.sample_batch,
     }
     data = common.record(NAME, args, device, sizes)
@@ -82,7 +90,7 @@ def run(args) -> dict:
         r["mnist_features"] = common.fid(x, reference, nets["mnist"], None, device)
         if "inception" in nets and r["sampler"] == "heun":
             n = sizes["n_inception"]
-            r["inception"] = common.fid(x[:n], reference, nets["inception"], n, device)
+            r["inception"] = common.fid(x[:n], reference, nets["inception"], inception_ref(sizes), device)
         print(
             f"[{NAME}] {r['sampler']} {r['nfe']} NFE: FID_mnist {r['mnist_features']['fid']:.2f} "
             f"(n={r['mnist_features']['n_samples']}), {r['img_per_sec']:.1f} img/s",
@@ -94,6 +102,12 @@ def run(args) -> dict:
     plot(data, args.out / data["plots"][0])
     common.finish(data, args.out)
     return data
+
+
+def inception_ref(sizes: dict) -> int | None:
+    """Reference images of the Inception rows: as many as samples (the default), or all of them (0)."""
+    ref = sizes.get("n_inception_ref")
+    return sizes["n_inception"] if ref is None else (ref or None)
 
 
 def sample_all(teacher, configs: list, sizes: dict, seed: int, device) -> tuple[dict, list[dict]]:
@@ -138,8 +152,13 @@ def real_floor(sizes: dict, nets: dict, reference: str, seed: int, device) -> di
     }
     if "inception" in nets:
         n = sizes["n_inception"]
-        out["inception"] = common.fid(train[idx[:n]], reference, nets["inception"], n, device)
+        out["inception"] = common.fid(train[idx[:n]], reference, nets["inception"], inception_ref(sizes), device)
     return out
+
+
+def _inception_ref_text(sizes: dict) -> str:
+    ref = sizes.get("n_inception_ref")
+    return "as many" if ref is None else ("all" if ref == 0 else str(ref))
 
 
 def plot(data: dict, path) -> None:
@@ -189,7 +208,8 @@ def render(d: dict, all_data: dict) -> str:
         "",
         f"Teacher `{t['path']}` (sha256 {t.get('sha256')}, trained on {t.get('num_images')} images). "
         f"FID with the MNIST feature net on n={s['n_fid']} samples per row against {d['reference']}; "
-        f"Inception FID on the first n={s['n_inception']} of them against as many reference images. "
+        f"Inception FID on the first n={s['n_inception']} of them against "
+        f"{_inception_ref_text(s)} reference images. "
         "Same latents in every row.",
         "",
         *common.table(head, rows),

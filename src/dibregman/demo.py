@@ -20,6 +20,7 @@ from .loop import Trainer
 from .presets import get_preset
 
 TEACHER = "edm:assets/mnist_teacher.safetensors"
+STUDENT = "assets/mnist_student.safetensors"  # the shipped converged student of TEACHER (assets/README.md)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def measure(trainer, size: DemoSize, reference, out: Path) -> dict:
     for name, x in (("student", student), ("teacher", teach)):
         res[name]["mnist_features"] = _fid(x, ref, "mnist", None)
         res[name]["inception"] = _fid(x[: size.n_inception], ref, "inception", size.n_inception)
+    res["shipped"] = _shipped_student(size, ref, student_seed=2)
     res["speed"] = {
         "student_img_per_sec": student_ips,
         "teacher_img_per_sec": teacher_ips,
@@ -153,6 +155,27 @@ def measure(trainer, size: DemoSize, reference, out: Path) -> dict:
     }
     res["reference"] = reference if isinstance(reference, str) and reference else "teacher samples (no MNIST data)"
     return res
+
+
+def _shipped_student(size: DemoSize, ref, student_seed: int) -> dict | None:
+    """The shipped converged student measured exactly like the demo's (same n, seed and reference), or None when
+    this install has none or it was distilled from another teacher than the demo's."""
+    from .generators import load_generator
+
+    try:
+        gen, meta = load_generator(STUDENT)
+    except FileNotFoundError:
+        return None
+    if meta.get("distill_config", {}).get("model", {}).get("teacher") != TEACHER:
+        return None
+    x = generate(gen, size.n_fid, seed=student_seed)
+    return {
+        "path": STUDENT,
+        "images_seen": meta["num_images"],
+        "divergence": meta["distill_config"]["divergence"]["name"],
+        "mnist_features": _fid(x, ref, "mnist", None),
+        "inception": _fid(x[: size.n_inception], ref, "inception", size.n_inception),
+    }
 
 
 def plot_curves(log_path: Path, fid_curve: list[dict], path: Path) -> None:
@@ -212,6 +235,7 @@ def write_report(s: dict, out: Path) -> None:
             sp["teacher_evaluations"],
             sp["teacher_img_per_sec"],
         ),
+        *_shipped_rows(s),
         "",
         f"Sampling speed-up of the student: **{sp['speedup']:.1f}x** (measured, same machine, same batch).",
         f"Reference set: {s['reference']}. FID at small n is biased upward; compare rows only at equal n.",
@@ -225,6 +249,24 @@ def write_report(s: dict, out: Path) -> None:
         "Reproduce: `make demo` (or `dibregman demo --out runs/demo`). Full numbers: `summary.json`.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _shipped_rows(s: dict) -> list[str]:
+    """The shipped student's table row and how far the demo's budget got next to it (none: a note)."""
+    sh, d = s.get("shipped"), s["distill"]
+    if not sh:
+        return ["", f"(No shipped student of this teacher in this install: `{STUDENT}`.)"]
+    row = _row(
+        f"shipped student ({sh['images_seen']} images, `{sh['divergence']}`)", sh, 1, s["speed"]["student_img_per_sec"]
+    )
+    share = 100 * d["images_seen"] / sh["images_seen"]
+    return [
+        row,
+        "",
+        f"The demo's budget is {d['images_seen']} generator images, {share:.0f} % of the {sh['images_seen']} that "
+        f"made the shipped student (`{sh['path']}`, measured here at the same n, seed and reference); "
+        "its recipe and curve: `src/dibregman/assets/README.md`.",
+    ]
 
 
 def console_summary(s: dict, out: Path) -> str:

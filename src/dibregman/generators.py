@@ -67,11 +67,16 @@ def preview_samples(gen, path, seed: int, device, *, real, shape, title: str = "
 
 
 def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
-    """Rebuild an exported generator (a run folder or its `generator.safetensors`); returns (generator, metadata).
+    """Rebuild an exported generator (a run folder or its `generator.safetensors`; a relative path missing from the
+    working directory may name a package asset such as `assets/mnist_student.safetensors`); returns
+    (generator, metadata).
 
     Text-to-image runs export a diffusers folder (`<run_dir>/diffusers`, see `t2i.export_diffusers`) instead.
     """
     path = Path(path)
+    if not path.exists() and not path.is_absolute():  # a shipped asset, e.g. assets/mnist_student.safetensors
+        packaged = Path(__file__).resolve().parent / path
+        path = packaged if packaged.exists() else path
     if path.is_dir():
         from .teachers.t2i import find_export, load_t2i_generator
 

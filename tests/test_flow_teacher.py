@@ -182,3 +182,30 @@ def test_flow_teacher_trains_exports_loads_and_distils(tmp_path):
     assert meta["network"]["teacher"] == f"flow:{path}"
     x = generate(gen, 4, seed=0)
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("num_steps", [1, 10])
+@torch.no_grad()
+def test_bench_flow_euler_is_euler_on_the_flow_ode_from_pure_noise(num_steps, monkeypatch):
+    """bench/teacher_quality.py's `flow_euler` sampler (sample_teacher on flow_euler_sigmas) is the flow teacher's
+    own Euler-N: x_{t'} = x_t + (t' - t) v(x_t, t) over t = 1, 1 - 1/N, ..., 0, starting at x_1 = noise (where
+    the exact velocity is x_1 - E[x0])."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import teacher_quality
+    from dibregman.sample import sample_teacher
+
+    gmm = ring_mixture()
+    net = ExactFlowNet(gmm)
+    kw = teacher_quality.sampler_args("flow_euler", num_steps)
+    x = sample_teacher(FlowDenoiser(net, (2,)), 64, generator=torch.Generator().manual_seed(0), **kw)
+
+    x_t = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).double()
+    times = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        mean = (gmm.weights[:, None] * gmm.means).sum(0).double()
+        v = x_t - mean if t == 1 else net(x_t, t.expand(64)).double()
+        x_t = x_t + (t_next - t) * v
+    assert teacher_quality.num_steps("flow_euler", num_steps) == num_steps  # N steps = N evaluations
+    assert float((x.double() - x_t).abs().max()) < 1e-4

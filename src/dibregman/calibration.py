@@ -7,10 +7,11 @@ exact log-density), the fake score psi and the discriminator eta are built and t
   `DiscriminatorHead` on psi (`fake_score`), on a small network of its own (`build._separate_backbone`, `separate`)
   or on frozen teacher features (`teacher`). An analytic teacher has no features, so `build_models` refuses that
   placement; here `teacher` reads the *frozen fitted MLP* instead, the stand-in that a network teacher would be;
-- one critic step = `draws.draw_batch` (same sigma samplers: EDM log-normal for the DSM, Karras(t), t ~ U[0,
-  disc_t_max] for the BCE), real side = exact p samples (label 1), fake side = exact q samples (label 0), loss =
-  `fake_score_loss` + disc_weight * `discriminator_loss` (Eq. 5), AdamW with the config's lrs, betas, weight decay,
-  head lr multiplier, lr schedule (mapped onto the calibration's steps) and global grad-norm clip.
+- one critic step = `draws.draw_batch` (same sigma samplers: EDM log-normal for the DSM, S(t) with S the
+  loss.sigma_schedule (Karras by default), t ~ U[0, disc_t_max] for the BCE), real side = exact p samples
+  (label 1), fake side = exact q samples (label 0), loss = `fake_score_loss` + disc_weight *
+  `discriminator_loss` (Eq. 5), AdamW with the config's lrs, betas, weight decay, head lr multiplier, lr schedule
+  (mapped onto the calibration's steps) and global grad-norm clip.
 
 Only psi and eta train; q never moves. The evaluation draws fresh samples x0 ~ p and x0 ~ q, noises them at sigma
 per bin (bins of equal width in t, i.e. of equal mass under the discriminator's sampler) and compares l(x_t, sigma)
@@ -33,7 +34,7 @@ from .distill import bcast, discriminator_loss, fake_score_loss
 from .draws import draw_batch, generator_for
 from .networks.discriminator import DiscriminatorHead
 from .networks.mlp import MLPDenoiser
-from .noise import karras_sigma_at
+from .noise import schedule_of
 from .optim import cosine_factor
 from .teachers.gmm import GaussianMixture
 
@@ -54,7 +55,7 @@ def trainable(placement: str, head: str) -> bool:
 
 
 def sigma_range(cfg: DistillConfig, teacher) -> tuple[float, float]:
-    """(sigma_min, sigma_max) of the Karras schedule the engine draws both generator and discriminator sigma on."""
+    """(sigma_min, sigma_max) of the schedule the engine draws both generator and discriminator sigma on."""
     L = cfg.loss
     return (L.gen_sigma_min or teacher.sigma_min, L.gen_sigma_max or teacher.sigma_max)
 
@@ -149,7 +150,8 @@ def sigma_bins(cfg: DistillConfig, teacher, num_bins: int) -> list[tuple[float, 
     lo, hi = sigma_range(cfg, teacher)
     t_max = max(cfg.loss.disc_t_max, cfg.loss.gen_t_max)
     ts = [t_max * i / num_bins for i in range(num_bins + 1)]
-    sig = [float(karras_sigma_at(torch.tensor(t, dtype=torch.float64), lo, hi)) for t in ts]
+    schedule = schedule_of(cfg.loss)  # the discriminator's sigma map (Karras by default)
+    sig = [float(schedule.sigma_at(torch.tensor(t, dtype=torch.float64), lo, hi)) for t in ts]
     return [(ts[i], ts[i + 1], sig[i + 1], sig[i]) for i in range(num_bins)]
 
 
@@ -170,7 +172,7 @@ def evaluate(
     out = []
     for t_lo, t_hi, s_lo, s_hi in sigma_bins(cfg, p, num_bins):
         t = t_lo + (t_hi - t_lo) * torch.rand(2 * n, generator=g, dtype=torch.float64)
-        sigma = karras_sigma_at(t, lo, hi)
+        sigma = schedule_of(cfg.loss).sigma_at(t, lo, hi)
         x0 = torch.cat([p.sample(n, generator=g), q.sample(n, generator=g)]).double()
         x = (x0 + sigma[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
         device = next(iter(p.buffers())).device

@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train-teacher", help="train a native EDM U-Net teacher on a local dataset")
-    t.add_argument("--preset", default="mnist", help="named teacher config: mnist | digits (TEACHER_PRESETS)")
+    t = sub.add_parser("train-teacher", help="train a native U-Net teacher (EDM or rectified flow) on a local dataset")
+    t.add_argument("--preset", default="mnist", help="named teacher config: mnist | mnist-flow | digits")
     t.add_argument("--data", default="", help="dataset spec KIND:PATH, e.g. mnist:data/mnist")
     t.add_argument("--run-dir", default="runs/teacher", help="run folder (auto-resumes from its newest checkpoint)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TeacherConfig field")

@@ -15,6 +15,7 @@ from typing import Literal, get_args, get_origin
 
 from .distill import Weighting
 from .divergences import Normalize
+from .noise import SigmaScheduleName
 
 
 def opt(default, help: str):  # noqa: A002
@@ -69,11 +70,21 @@ class LossConfig:
     weighting: Weighting = opt("dmd", "w(t): dmd (D_p - D_q over mean|x - D_p|) | unit (D_p - D_q) | score")
     gen_sigma_max: float | None = opt(None, "largest generator-step sigma (None = the teacher's sigma_max)")
     gen_sigma_min: float | None = opt(None, "smallest generator-step sigma (None = the teacher's sigma_min)")
-    gen_t_max: float = opt(0.8, "generator sigma: Karras schedule at t ~ U[0, gen_t_max] (0 = sigma_max)")
-    gen_t_origin: Literal["sigma_max", "sigma_min"] = opt(
-        "sigma_max", "which end t = 0 is: sigma_max (sigma in [Karras(gen_t_max), max]) | sigma_min (SiD's code)"
+    sigma_schedule: SigmaScheduleName = opt(
+        "karras",
+        "sigma of the generator step, the discriminator and fake_sigma=generator: a position t ~ U[0, gen_t_max] "
+        "(disc_t_max) on [gen_sigma_min, gen_sigma_max], 0 = the top, maps to sigma by: karras (EDM, rho 7) | "
+        "flow_uniform (flow time uniform, sigma = t/(1-t)) | flow_logit_normal (logit of flow time ~ "
+        "N(flow_t_mean, flow_t_std^2), SD3); flow_* suit flow teachers (README, Flow-matching teachers)",
     )
-    disc_t_max: float = opt(0.95, "discriminator sigma: Karras schedule at t ~ U[0, disc_t_max] (Algorithm 1)")
+    flow_shift: float = opt(1.0, "flow_* schedules: SD3's shift t -> s t / (1 + (s-1) t) of the draw (>1: noisier)")
+    flow_t_mean: float = opt(0.0, "flow_logit_normal: mean of logit(t) (SD3: 0; < 0 favours low noise)")
+    flow_t_std: float = opt(1.0, "flow_logit_normal: std of logit(t) (SD3: 1; larger spreads to both ends)")
+    gen_t_max: float = opt(0.8, "generator sigma: sigma_schedule at t ~ U[0, gen_t_max] (0 = sigma_max)")
+    gen_t_origin: Literal["sigma_max", "sigma_min"] = opt(
+        "sigma_max", "which end t = 0 is: sigma_max (sigma in [S(gen_t_max), max]) | sigma_min (SiD's code)"
+    )
+    disc_t_max: float = opt(0.95, "discriminator sigma: sigma_schedule at t ~ U[0, disc_t_max] (Algorithm 1)")
     fake_p_mean: float = opt(-1.2, "fake-score DSM: ln(sigma) ~ N(p_mean, p_std^2) (EDM)")
     fake_p_std: float = opt(1.2, "see fake_p_mean")
     fake_sigma: Literal["lognormal", "generator"] = opt(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dist
-from .noise import edm_loss_weight, edm_training_sigma, karras_uniform_sigma
+from .noise import edm_loss_weight, edm_training_sigma, schedule_of
 
 
 def seed_for(seed: int, stream: str, *counters: int) -> int:
@@ -66,12 +66,13 @@ def draw_batch(
     shape = (n, *m.shape)
     lo, hi = sigma_range
     L = cfg.loss
+    schedule = schedule_of(L)  # loss.sigma_schedule: Karras (default) or a flow-time schedule
 
     def noise():
         return torch.randn(shape, generator=g)
 
     z = noise()
-    gen_sigma = karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin)
+    gen_sigma = schedule.draw(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin)
     gen_noise, gan_noise = noise(), noise()
     fake_sigma, fake_weight = edm_training_sigma(n, L.fake_p_mean, L.fake_p_std, m.sigma_data, generator=g)
     b = Batch(
@@ -82,14 +83,14 @@ def draw_batch(
         fake_sigma=fake_sigma,
         fake_weight=fake_weight,
         fake_noise=noise(),
-        disc_sigma=karras_uniform_sigma(n, L.disc_t_max, lo, hi, generator=g),
+        disc_sigma=schedule.draw(n, L.disc_t_max, lo, hi, generator=g),
         disc_noise_real=noise(),
         disc_noise_fake=noise(),
     )
     cond_index = m.conditions.draw(g, n) if m.conditions is not None else None  # c ~ D_c (line 4)
     if L.fake_sigma == "generator":  # the fake score learns where the generator step reads it; drawn after the
         # default's draws, so that those stay the same
-        b.fake_sigma = karras_uniform_sigma(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin)
+        b.fake_sigma = schedule.draw(n, L.gen_t_max, lo, hi, generator=g, origin=L.gen_t_origin)
         b.fake_weight = edm_loss_weight(b.fake_sigma, m.sigma_data)
     x_real, real_index = m.real(g, n) if real else (None, None)  # (x_gt, c) ~ D_d (line 21): critic phase only
     sl = local_slice(n)

@@ -130,8 +130,10 @@ def sample_teacher(
     sigma_max: float = 80.0,  # Karras schedule start (lowered to denoiser.sigma_max if smaller)
     rho: float = 7.0,  # Karras schedule curvature
     progress: bool = False,  # tqdm bar over batches
+    sigmas: torch.Tensor | None = None,  # explicit descending noise levels ending at 0 (e.g. a flow teacher's
+    # Euler chain, `teachers.flow.flow_euler_sigmas`); None: the Karras schedule of num_steps/sigma_*/rho
 ) -> torch.Tensor:
-    """Draw n teacher samples [n, *shape] on the Karras schedule with the chosen ODE sampler."""
+    """Draw n teacher samples [n, *shape] on the Karras schedule (or on `sigmas`) with the chosen ODE sampler."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {list(SAMPLERS)}")
     if n < 1 or batch_size < 1:
@@ -140,7 +142,11 @@ def sample_teacher(
     device = _device_of(denoiser)
     sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))  # as EDM's generate.py
     sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", float("inf"))))
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
+    if sigmas is None:
+        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=device)
+    elif sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise ValueError(f"sigmas must be a descending 1-D sequence of >= 2 noise levels, got {sigmas}")
+    num_steps = len(sigmas) - 1
     fn = _SAMPLER_FNS[sampler]
     gen_device = generator.device if generator is not None else device
     out = []

@@ -69,6 +69,16 @@ TEACHER_PRESETS: dict[str, TeacherConfig] = {
         ema_halflife_kimg=0.5,
         ckpt_every_kimg=1.0,
     ),  # fmt: skip
+    # A native MNIST rectified-flow teacher (velocity loss, SD3's logit-normal t): the 24-channel U-Net of
+    # bench/tuning/teacher_v2.md (0.71 M parameters, a 2.8 MB export); run and measure it: bench/tuning/flow_teacher.md.
+    "mnist-flow": TeacherConfig(
+        objective="flow",
+        unet_overrides={"model_channels": 24},
+        lr=1.5e-3,
+        total_kimg=1500.0,
+        ckpt_every_kimg=25.0,
+        keep_ckpts=3,
+    ),
 }
 
 

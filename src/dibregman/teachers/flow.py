@@ -26,35 +26,11 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..networks.unet import SongUNet, UNetConfig, label_input
+from ..noise import T_MAX, shift_time, sigma_of_time, time_of_sigma, unshift_time  # the flow-time maps
 from .base import as_sigma
 from .edm import load_unet_weights
 
 PREDICTIONS = ("velocity", "epsilon", "sample")
-T_MAX = 1 - 1e-7  # t is clamped below 1 (sigma <= 1e7): x_t = x (1 - t) stays finite and consistent
-
-
-def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor:
-    """SD3's timestep shift s t / (1 + (s - 1) t) (s > 1 moves time towards noise), float64."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def unshift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor:
-    """The inverse of `shift_time`: u = t / (s - (s - 1) t), float64."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return t / (shift - (shift - 1) * t)
-
-
-def sigma_of_time(t: torch.Tensor | float) -> torch.Tensor:
-    """EDM sigma = t / (1 - t) of flow times (t clamped to T_MAX), float64."""
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, T_MAX)
-    return t / (1 - t)
-
-
-def time_of_sigma(sigma: torch.Tensor | float) -> torch.Tensor:
-    """Flow time t = sigma / (1 + sigma) (clamped to T_MAX), float64."""
-    s = torch.as_tensor(sigma, dtype=torch.float64).clamp(0, 1e8)  # also inf
-    return (s / (1 + s)).clamp(max=T_MAX)
 
 
 def flow_euler_sigmas(times: Sequence[float] | torch.Tensor, shift: float = 1.0) -> torch.Tensor:
@@ -218,6 +194,7 @@ __all__ = [
     "load_flow_teacher",
     "FlowDenoiser",
     "PREDICTIONS",
+    "T_MAX",
     "shift_time",
     "unshift_time",
     "sigma_of_time",

@@ -60,7 +60,12 @@ class DivergenceConfig:
     logit_clamp: float | None = opt(10.0, "|l| <= clamp before weighting (None = off)")
     ratio_clip_min: float = opt(0.0, "clip r = e^{-l} to [ratio_clip_min, ratio_clip_max] (0 = no lower clip)")
     ratio_clip_max: float | None = opt(None, "see ratio_clip_min (None = off)")
-    normalize: Normalize = opt("sigma_bins", "self-normalisation of the weights (softmax = batch_mean)")
+    normalize: Normalize = opt(
+        "sigma_bins",
+        "self-normalisation of the weights: sigma_bins divides h''(r) r by its mean within each log-sigma bin (every "
+        "noise level keeps its mean weight w(t)); batch_mean (= softmax) by the batch mean, which let SBA(5) on MNIST "
+        "put the step on the small sigmas and diverge (bench/tuning/results/mnist_recipe_probes)",
+    )
     num_sigma_bins: int = opt(8, "bins in log sigma for normalize=sigma_bins")
     weight_clip: float | None = opt(5.0, "clip normalised weights at this value (None = off)")
 

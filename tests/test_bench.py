@@ -17,6 +17,7 @@ def test_run_all_quick(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the scripts chdir to the repository root; restore the cwd afterwards
     import common
     import run_all
+    import seedstats
 
     out = tmp_path / "results"
     argv = [
@@ -30,7 +31,7 @@ def test_run_all_quick(tmp_path, monkeypatch):
         "--gmm-args",
         "--only rkl,sba(lam=5)",
         "--mnist-args",
-        "--only rkl,sba(lam=5)",
+        "--objectives rkl,sba(lam=5) --seeds 1",
         "--teacher-args",
         "--nfe 1,3 --samplers heun",
     ]
@@ -44,7 +45,7 @@ def test_run_all_quick(tmp_path, monkeypatch):
     md = (out / "BENCHMARKS.md").read_text()
     assert "SMOKE RUN" in md
 
-    f = common.fmt
+    f, fs = common.fmt, seedstats.fmt_stat
     gmm = data["gmm_sweep"]["runs"]
     assert [r["label"] for r in gmm] == ["rkl", "sba(lam=5)"]
     m = gmm[0]["metrics"]
@@ -52,7 +53,7 @@ def test_run_all_quick(tmp_path, monkeypatch):
     assert f(gmm[1]["metrics"]["mmd2"], 3) in md
     mnist = data["mnist_sweep"]["runs"]
     assert [r["images_seen"] for r in mnist] == [16, 16]
-    assert f(mnist[1]["final"]["mnist_features"]["fid"], 4) in md
+    assert fs(data["mnist_sweep"]["summary"][1]["final_fid"], 4) in md
     tq = data["teacher_quality"]["rows"]
     assert [(r["sampler"], r["nfe"]) for r in tq] == [("heun", 1), ("heun", 3)]
     assert f(tq[1]["mnist_features"]["fid"], 4) in md

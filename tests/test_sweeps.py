@@ -1,5 +1,6 @@
-"""The objective sweeps' shared machinery (bench/seedstats.py, bench/sweeprun.py): statistics over seeds on
-synthetic numbers, and bitwise-equal weights training bitwise-equal runs."""
+"""The objective sweeps of bench/ (mnist_sweep.py): statistics over seeds on synthetic numbers, the classifier
+score on synthetic logits, bitwise-equal weights training bitwise-equal runs, a killed sweep resuming exactly and
+skipping finished runs, and a run held by another process skipped."""
 
 import json
 import math
@@ -48,6 +49,49 @@ def test_tail_mean_is_the_second_half_of_training():
     assert ss.tail_mean([]) is None
 
 
+def _one_hot_net():
+    """A feature net whose class is written in the first pixel (tests only): confident one-hot logits."""
+    from dibregman.metrics.features import FeatureNet
+
+    class OneHot(FeatureNet):
+        name, dim, has_logits = "onehot", 4, True
+
+        def features(self, images):
+            return images.flatten(1)[:, :4].float()
+
+        def logits(self, images):
+            k = images.flatten(1)[:, 0].round().long().clamp(0, 9)
+            return 30.0 * torch.nn.functional.one_hot(k, 10).float()
+
+    return OneHot()
+
+
+def test_classifier_score_is_exp_expected_kl_on_synthetic_logits():
+    """The sweep's IS-like score (Fig. 5): exp(E KL(p(y|x) || p(y))) = the number of equally used, confidently
+    classified classes; 1 for a single class."""
+    import mnist_sweep
+    from dibregman.evaluate import prepare_reference
+
+    net = _one_hot_net()
+    g = torch.Generator().manual_seed(0)
+    ref_images = torch.rand(64, 1, 4, 4, generator=g)
+    ctx = {"net": net, "device": torch.device("cpu")}
+    ctx["ref"] = prepare_reference(ref_images, net, cache_dir=False)
+
+    def images_of(classes):
+        x = torch.rand(len(classes), 1, 4, 4, generator=g)
+        x[:, 0, 0, 0] = torch.tensor(classes, dtype=torch.float32)
+        return x
+
+    ten = mnist_sweep.score(images_of([k % 10 for k in range(200)]), ctx, ("fid", "score"), 1)
+    one = mnist_sweep.score(images_of([3] * 200), ctx, ("fid", "score"), 1)
+    five = mnist_sweep.score(images_of([k % 5 for k in range(200)]), ctx, ("score",), 1)
+    assert ten["classifier_score"] == pytest.approx(10.0, rel=1e-6)
+    assert one["classifier_score"] == pytest.approx(1.0, rel=1e-6)
+    assert five["classifier_score"] == pytest.approx(5.0, rel=1e-6)
+    assert math.isfinite(ten["fid"]) and ten["class_proportions"] == pytest.approx([0.1] * 10)
+
+
 def test_bitwise_equal_weights_are_one_run_and_train_bitwise_equal(tmp_path):
     """SBA(lambda = -1) and forward KL share the weight e^l bit for bit: the sweeps train them once. Check that
     they do train identically, and that another weight (reverse KL's 1) does not."""
@@ -69,3 +113,79 @@ def test_bitwise_equal_weights_are_one_run_and_train_bitwise_equal(tmp_path):
             assert min(r["weight/ess_frac"] for r in logs) < 1.0  # the weights are not all equal: a real test
     equal = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert equal(states["sba"], states["fkl"]) and not equal(states["fkl"], states["rkl"])
+
+
+def _mnist_argv(tmp_path, work: str, *extra) -> list[str]:
+    return [
+        "--quick", "--threads", "1", "--objectives", "rkl,sba(lam=5)", "--seeds", "1", "--kimg", "0.032",
+        "--fid-every-kimg", "0.016", "--ckpt-every-kimg", "0.008", "--teacher-nfe", "0",
+        "--out", str(tmp_path / f"out-{work}"), "--work", str(tmp_path / work), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_mnist_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    """SIGINT during the second run: the first run's result stays, the second keeps its checkpoint; the same
+    command again skips the first and resumes the second, which ends equal to an uninterrupted sweep's."""
+    import mnist_sweep
+    from dibregman import runguard
+    from dibregman.loop import Trainer
+
+    monkeypatch.chdir(ROOT)
+    reference = mnist_sweep.main(_mnist_argv(tmp_path, "straight"))
+
+    class KilledOnce(Trainer):
+        fired = False
+
+        def __init__(self, cfg, run_dir, hooks=None, **kw):
+            def kill(trainer, num_images):
+                if cfg.divergence.name == "sba" and num_images >= 16 and not KilledOnce.fired:
+                    KilledOnce.fired = True
+                    os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints this step, then stops
+                return {}
+
+            super().__init__(cfg, run_dir, hooks=[*(hooks or []), kill], **kw)
+
+    monkeypatch.setattr(mnist_sweep, "Trainer", KilledOnce)
+    with pytest.raises(runguard.RunInterrupted):
+        mnist_sweep.main(_mnist_argv(tmp_path, "killed"))
+    runs = tmp_path / "killed" / "mnist_sweep" / "0.032kimg-b8"
+    first, second = runs / "rkl-s0" / sweeprun.RESULT, runs / "sba_lam_5-s0"
+    assert first.is_file() and not (second / sweeprun.RESULT).exists()
+    assert [p.name for p in sorted(second.glob("ckpt-*.pt"))][-1] == "ckpt-000000000016.pt"
+    before = first.stat().st_mtime_ns
+    capsys.readouterr()
+
+    monkeypatch.setattr(mnist_sweep, "Trainer", Trainer)
+    resumed = mnist_sweep.main(_mnist_argv(tmp_path, "killed"))
+    out = capsys.readouterr().out
+    assert "rkl seed 0: finished, skipped" in out and "resumed from" in out
+    assert first.stat().st_mtime_ns == before  # the finished run was not touched
+    assert resumed["missing"] == [] and [r["label"] for r in resumed["runs"]] == ["rkl", "sba(lam=5)"]
+    for a, b in zip(resumed["runs"], reference["runs"], strict=True):
+        assert a["curve"] == b["curve"] and a["final"]["mnist_features"] == b["final"]["mnist_features"]
+        assert [c["kimg"] for c in a["curve"]] == [0.0, 0.016, 0.032]  # kimg 0 = the initial generator
+    log = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
+    assert [r["kimg"] for r in log] == [0.0, 0.016, 0.032]  # cut back to the checkpoint, then continued
+
+
+@pytest.mark.slow
+def test_a_run_held_by_another_process_is_skipped_then_collected(tmp_path, monkeypatch, capsys):
+    """Two processes on one work folder: a run whose lock is held is skipped (listed as missing), the others
+    train; once it is free the same command trains it, and --collect alone rebuilds the complete JSON."""
+    import mnist_sweep
+    from dibregman import runguard
+
+    monkeypatch.chdir(ROOT)
+    held = tmp_path / "w" / "mnist_sweep" / "0.032kimg-b8" / "sba_lam_5-s0"
+    lock = runguard.RunLock(held).acquire()
+    try:
+        d = mnist_sweep.main(_mnist_argv(tmp_path, "w"))
+    finally:
+        lock.release()
+    assert "sba(lam=5) seed 0: skipped" in capsys.readouterr().out
+    assert [r["label"] for r in d["runs"]] == ["rkl"] and d["missing"][0]["label"] == "sba(lam=5)"
+    mnist_sweep.main(_mnist_argv(tmp_path, "w", "--only", "sba(lam=5)"))
+    d = mnist_sweep.main(_mnist_argv(tmp_path, "w", "--collect"))
+    assert [r["label"] for r in d["runs"]] == ["rkl", "sba(lam=5)"] and d["missing"] == []
+    assert (tmp_path / "out-w" / "mnist_sweep.png").stat().st_size > 1000

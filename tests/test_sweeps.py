@@ -1,6 +1,6 @@
-"""The objective sweeps of bench/ (mnist_sweep.py): statistics over seeds on synthetic numbers, the classifier
-score on synthetic logits, bitwise-equal weights training bitwise-equal runs, a killed sweep resuming exactly and
-skipping finished runs, and a run held by another process skipped."""
+"""The objective sweeps of bench/ (mnist_sweep.py, gmm_sweep.py): statistics over seeds on synthetic numbers,
+the classifier score on synthetic logits, bitwise-equal weights training bitwise-equal runs, a killed sweep
+resuming exactly and skipping finished runs, a run held by another process skipped, a diverged run recorded."""
 
 import json
 import math
@@ -189,3 +189,59 @@ def test_a_run_held_by_another_process_is_skipped_then_collected(tmp_path, monke
     d = mnist_sweep.main(_mnist_argv(tmp_path, "w", "--collect"))
     assert [r["label"] for r in d["runs"]] == ["rkl", "sba(lam=5)"] and d["missing"] == []
     assert (tmp_path / "out-w" / "mnist_sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_gmm_sweep_skips_finished_runs_and_trains_only_new_ones(tmp_path, monkeypatch):
+    import gmm_sweep
+    from dibregman.loop import Trainer
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--quick", "--threads", "1", "--seeds", "2", "--teachers", "gmm:ring8", "--out", str(tmp_path / "o")]
+    argv += ["--work", str(tmp_path / "w")]
+    first = gmm_sweep.main([*argv, "--only", "rkl"])
+    assert {(r["label"], r["seed"]) for r in first["runs"]} == {("rkl", 0), ("rkl", 1)}
+    built = []
+
+    class Counting(Trainer):
+        def __init__(self, cfg, *a, **kw):
+            built.append((cfg.divergence.name, cfg.run.seed))
+            super().__init__(cfg, *a, **kw)
+
+    monkeypatch.setattr(gmm_sweep, "Trainer", Counting)
+    second = gmm_sweep.main([*argv, "--only", "rkl,sba(lam=-1)"])
+    assert sorted(built) == [("sba", 0), ("sba", 1)]  # rkl finished: skipped; fkl is sba(lam=-1)'s run
+    fkl = [r for r in second["runs"] if r["label"] == "fkl"]
+    assert len(fkl) == 2 and all(r["alias_of"] == "sba(lam=-1)" for r in fkl)
+    assert {m["label"] for m in second["missing"]} == {"sba(lam=1)", "sba(lam=3)", "sba(lam=5)", "sba(lam=10)",
+                                                       "lr (= js)"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypatch):
+    """`run.max_bad_steps` non-finite steps in a row: the run is recorded as failed (the sweep goes on), the
+    summary over seeds leaves it out and says so, and a rerun does not train it again."""
+    import gmm_sweep
+    from dibregman import runguard
+    from dibregman.loop import Trainer
+
+    class Diverging(Trainer):
+        def train(self, max_steps=None):
+            if self.cfg.divergence.name == "sba":
+                super().train(max_steps=1)
+                raise runguard.TooManyBadSteps("aborting: 20 consecutive non-finite steps")
+            return super().train(max_steps)
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(gmm_sweep, "Trainer", Diverging)
+    argv = ["--quick", "--threads", "1", "--seeds", "2", "--teachers", "gmm:ring8", "--only", "rkl,sba(lam=5)"]
+    argv += ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    d = gmm_sweep.main(argv)
+    failed = [r for r in d["runs"] if r.get("failed")]
+    assert [(r["label"], r["seed"]) for r in failed] == [("sba(lam=5)", 0), ("sba(lam=5)", 1)]
+    assert all(r["images_seen"] < 128 for r in failed)  # stopped after its first step
+    row = next(r for r in d["summary"] if r["label"] == "sba(lam=5)")
+    assert row["seeds"] == [] and row["failed_seeds"] == [0, 1] and row["mmd2"] is None
+    assert "`sba(lam=5)` diverged with seeds [0, 1]: left out." in gmm_sweep.render(d, {})
+    monkeypatch.setattr(gmm_sweep, "Trainer", None)  # a rerun builds no Trainer: every run is finished
+    assert len(gmm_sweep.main(argv)["runs"]) == len(d["runs"])

@@ -43,7 +43,7 @@ def test_run_all_quick(tmp_path, monkeypatch):
         for png in d.get("plots", []):
             assert (out / png).stat().st_size > 1000, png
     md = (out / "BENCHMARKS.md").read_text()
-    assert "SMOKE RUN" in md
+    assert "SMOKE RUN" in md and "## Verdict: each objective against reverse KL at equal images" in md
 
     f, fs = common.fmt, seedstats.fmt_stat
     gmm = data["gmm_sweep"]["runs"]
@@ -104,3 +104,18 @@ def test_gmm_sweep_workers_give_the_same_runs(tmp_path, monkeypatch):
         runs[workers] = [(r["label"], r["metrics"]) for r in d["runs"]]
     assert [label for label, _ in runs[2]] == ["rkl", "sba(lam=5)"]  # job order, not finishing order
     assert runs[1] == runs[2]
+
+
+def test_report_only_renders_the_committed_results(tmp_path, monkeypatch):
+    """`run_all.py --report-only` on the committed result JSON (whatever version of each sweep wrote it)."""
+    import shutil
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    for p in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(p, tmp_path / p.name)
+    assert run_all.main(["--report-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    for name, d in run_all.load_results(tmp_path).items():
+        assert f"(#{run_all.anchor(name, d)})" in md, name

@@ -1,6 +1,7 @@
-"""The objective sweeps of bench/ (mnist_sweep.py, gmm_sweep.py): statistics over seeds on synthetic numbers,
-the classifier score on synthetic logits, bitwise-equal weights training bitwise-equal runs, a killed sweep
-resuming exactly and skipping finished runs, a run held by another process skipped, a diverged run recorded."""
+"""The objective sweeps of bench/ (mnist_sweep.py, gmm_sweep.py) and their verdict: statistics over seeds on
+synthetic numbers, the classifier score on synthetic logits, bitwise-equal weights training bitwise-equal runs,
+a killed sweep resuming exactly and skipping finished runs, a run held by another process skipped, a diverged
+run recorded and left out, and a verdict that follows the numbers (flip them and it flips)."""
 
 import json
 import math
@@ -245,3 +246,46 @@ def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypat
     assert "`sba(lam=5)` diverged with seeds [0, 1]: left out." in gmm_sweep.render(d, {})
     monkeypatch.setattr(gmm_sweep, "Trainer", None)  # a rerun builds no Trainer: every run is finished
     assert len(gmm_sweep.main(argv)["runs"]) == len(d["runs"])
+
+
+# ---- the verdict follows the numbers ----------------------------------------------------------------------
+def _mnist_json(sba_fids: list[float], rkl_fids: list[float]) -> dict:
+    """Two seeds each of rkl and sba(lam=5) with constant in-loop curves at the given final FIDs."""
+    runs = []
+    for label, fids in (("rkl", rkl_fids), ("sba(lam=5)", sba_fids)):
+        for seed, v in enumerate(fids):
+            curve = [{"kimg": k, "fid": v + 100 * (k == 0), "score": 9.0 - v / 100} for k in (0.0, 5.0, 10.0, 20.0)]
+            final = {"mnist_features": {"fid": v, "classifier_score": 9.0 - v / 100}}
+            runs.append({"label": label, "seed": seed, "weight": "1", "curve": curve, "final": final,
+                         "images_seen": 20000, "ess_frac_half": 0.9, "weight_max_half": 2.0})  # fmt: skip
+    return {"runs": runs, "sizes": {"kimg": 20.0, "n_fid": 2000, "seeds": [0, 1]}, "seed": 0}
+
+
+def _gmm_json(sba_tv: list[float], rkl_tv: list[float]) -> dict:
+    runs = []
+    for label, tvs in (("rkl", rkl_tv), ("sba(lam=5)", sba_tv)):
+        for seed, tv in enumerate(tvs):
+            m = {"modes_covered": 8, "within_3sigma": 0.95, "mode_tv": tv, "mmd2": tv / 10, "energy": 0.0,
+                 "num_modes": 8, "mmd2_floor": 0.0, "mmd2_floor_std": 1e-4}  # fmt: skip
+            runs.append({"teacher": "gmm:ring8", "label": label, "seed": seed, "metrics": m, "curve": []})
+    return {"runs": runs, "sizes": {"kimg": 100.0, "seeds": [0, 1]}, "preset": {}}
+
+
+def test_verdict_follows_the_numbers_and_flips_with_them():
+    import verdict
+
+    def block(mnist, gmm):
+        return "\n".join(verdict.markdown({"mnist_sweep": mnist, "gmm_sweep": gmm}))
+
+    md = block(_mnist_json([20.0, 22.0], [30.0, 33.0]), _gmm_json([0.01, 0.02], [0.05, 0.06]))
+    assert "- `sba(lam=5)`: better at FID at 5 kimg, FID at 10 kimg, FID at 20 kimg, final FID (n=2000), " \
+           "classifier score; within seed spread elsewhere" in md  # fmt: skip
+    assert "better at modes" not in md and "better at mode TV, MMD²; within seed spread elsewhere" in md
+    flipped = block(_mnist_json([30.0, 33.0], [20.0, 22.0]), _gmm_json([0.05, 0.06], [0.01, 0.02]))
+    assert "- `sba(lam=5)`: worse at FID at 5 kimg" in flipped and "worse at mode TV, MMD²" in flipped
+    assert "better at" not in flipped
+    tie = block(_mnist_json([20.0, 31.0], [30.0, 33.0]), _gmm_json([0.01, 0.055], [0.05, 0.06]))
+    assert tie.count("within seed spread of reverse KL everywhere") == 2
+    one = block(_mnist_json([20.0], [30.0]), None)
+    assert "fewer than two seeds: no spread to judge by" in one and "GMM" not in one
+    assert verdict.markdown({}) == []

@@ -119,3 +119,34 @@ def test_report_only_renders_the_committed_results(tmp_path, monkeypatch):
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for name, d in run_all.load_results(tmp_path).items():
         assert f"(#{run_all.anchor(name, d)})" in md, name
+
+
+@pytest.mark.slow
+def test_repro_quick_runs_every_stage_and_the_pipeline_composes(tmp_path, monkeypatch):
+    """`bench/repro.py --quick`: teacher, distillation, Figure-4 sweep (two processes, then --collect), GMM
+    sweep and the reports; every JSON holds finite numbers and `dibregman compare` reads the sweep's runs."""
+    import math
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(ROOT)
+    import repro
+
+    out = tmp_path / "repro"
+    rec = repro.main(["--quick", "--threads", "1", "--procs", "2", "--out", str(out)])
+    assert list(rec["stages"]) == ["teacher", "distill", "figure4", "gmm", "report"]
+    saved = json.loads((out / "repro.json").read_text())
+    assert all(math.isfinite(s["wall_sec"]) for s in saved["stages"].values())
+    assert Path(saved["stages"]["teacher"]["spec"].partition(":")[2]).is_file()
+    checks = [("results/mnist_sweep.json", "final_fid"), ("results/mnist_sweep.json", "classifier_score")]
+    checks += [("distill/mnist_sweep.json", "final_fid"), ("results/gmm_sweep.json", "mmd2")]
+    for path, key in checks:
+        d = json.loads((out / path).read_text())
+        assert d["summary"] and all(math.isfinite(r[key]["mean"]) for r in d["summary"]), path
+    fig4 = json.loads((out / "results/mnist_sweep.json").read_text())
+    assert fig4["missing"] == [] and len(fig4["runs"]) == 8  # 4 objectives x 2 seeds, fkl = sba(lam=-1)'s runs
+    assert sorted(p.name for p in (out / "logs").glob("figure4-*.log")) == ["figure4-0.log", "figure4-1.log"]
+    md = (out / "results/BENCHMARKS.md").read_text()
+    assert "## Verdict" in md and "## MNIST objective sweep" in md and "## GMM objective sweep" in md
+    assert (out / "results/verdict.md").read_text().startswith("## Verdict")
+    cmp = (out / "results/compare_figure4.md").read_text()
+    assert "fid_mnist" in cmp and (out / "results/compare_figure4.png").stat().st_size > 1000

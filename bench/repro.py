@@ -19,23 +19,23 @@ Stages, in this order; every one resumes, so after an interruption run the same 
            Figure-4 runs (OUT/results/compare_figure4.png / .md), OUT/repro.json (per stage: wall time, images)
 Evaluation sizes do not scale: final FID and classifier score at n = 2000, in-loop at n = 500, teacher Heun 35.
 
-Why these sizes fit 10 minutes at --scale 20 (an estimate; repro.json measures it on the first GPU run).
-CPU, measured (one core): a distillation step of batch 64 takes 1.25 s with the shipped 16-channel teacher
-(speed.json: 51 img/s) and 1.6 s with the 24-channel one (on a core shared with other jobs); that teacher trains
-at 147 img/s (teacher_v2.md); a GMM step of batch 512 takes 78 ms and the GMM MLP pretraining 71 s. So --scale 1
-takes about 40 min on one CPU core, the GMM sweep (15 min) included. GPU: speed_cifar10.json measures the 55.7 M-parameter CIFAR-10
-distillation step on an H100 at 0.478 s per 256 images; with torch's FlopCounterMode (42.4 GFLOP per forward,
-10.2 forward-equivalents per distilled image) that is 231 TFLOP/s. At that rate an MNIST step (2.7 GFLOP per image
-with 24 channels) would take 0.74 ms per 64 images, but it launches 13.1 k aten operations (counted with a
-TorchDispatchMode; 3.0 k per teacher step of 128, 1.7 k per GMM step): eager PyTorch spends 5-10 us of host time
+Why these sizes fit 10 minutes at --scale 20 (an estimate; repro.json measures it on the first GPU run). CPU,
+measured (one core): a distillation step of batch 64 takes 1.25 s with the shipped 16-channel teacher (speed.json:
+51 img/s) and 1.6 s with the 24-channel one (on a core shared with other jobs); that teacher trains at 147 img/s
+(teacher_v2.md); a GMM step of batch 512 takes 78 ms and the GMM MLP pretraining 71 s. So --scale 1 takes about 40
+min on one CPU core, the GMM sweep (15 min) included. GPU: speed_cifar10.json measures the 55.7 M-parameter
+CIFAR-10 distillation step on an H100 at 0.478 s per 256 images; with torch's FlopCounterMode (42.4 GFLOP per
+forward, 10.2 forward-equivalents per distilled image) that is 231 TFLOP/s. At that rate an MNIST step (2.7 GFLOP
+per image with 24 channels) would take 0.74 ms per 64 images, but it launches 13.1 k aten operations (counted with
+a TorchDispatchMode; 3.0 k per teacher step of 128, 1.7 k per GMM step): eager PyTorch spends 5-10 us of host time
 per operation, so these small nets are host-bound on any GPU. With the conservative 10 us:
   teacher  600 kimg = 4.7 k steps x 30 ms                                              ~ 140 s
-  distill  80 kimg = 1.25 k steps x 131 ms                                             ~ 165 s
+  distill  70 kimg = 1.1 k steps x 131 ms                                              ~ 145 s
   figure4  7 distinct objectives x 2 seeds x 30 kimg (fkl = sba(lam=-1) trains once) = 6.6 k steps x 131 ms
-           = 860 s in one process, ~ 215 s in 4 (host-bound: each keeps the GPU < 15 % busy)      ~ 215 s
+           = 860 s in one process; in 4 (host-bound: each keeps the GPU < 15 % busy) at most 4 runs each ~ 250 s
   evaluations, teacher rows, process starts                                             ~ 60 s
-  = about 580 s on the GPU (about 300 s at 5 us per operation); beside it on 12 CPU cores
-  gmm      42 runs x 800 kimg: 6 pretrainings (71 s, in parallel), then 4 rounds of 1.56 k steps x 78 ms ~ 570 s
+  = about 595 s on the GPU (about 310 s at 5 us per operation); beside it, on 11 of the 16 CPU cores
+  gmm      42 runs x 800 kimg: 6 pretrainings (71 s, in parallel), then 4 rounds of 1.56 k steps x 78 ms ~ 580 s
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sweeprun  # noqa: E402
 
-TEACHER_KIMG, DISTILL_KIMG, FIGURE4_KIMG, GMM_KIMG = 30.0, 4.0, 1.5, 40.0  # x --scale
+TEACHER_KIMG, DISTILL_KIMG, FIGURE4_KIMG, GMM_KIMG = 30.0, 3.5, 1.5, 40.0  # x --scale
 N_FID, N_FID_LOOP = 2000, 500  # not scaled
 STAGES = ("teacher", "distill", "figure4", "gmm", "report")
 QUICK_FIGURE4 = "rkl,sba(lam=5),sba(lam=-1),fkl"  # --quick: an alias pair and a weighted objective
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first seed of every sweep")
     p.add_argument("--teacher", default="", help="distil this teacher spec instead of training one")
     p.add_argument("--procs", type=int, default=None, help="Figure-4 processes (default: 4 on CUDA, 1 on CPU)")
-    p.add_argument("--gmm-workers", type=int, default=None, help="GMM CPU workers (default: cores - procs - 2 on CUDA)")
+    p.add_argument("--gmm-workers", type=int, default=None, help="GMM CPU workers (default: cores - procs - 1 on CUDA)")
     p.add_argument("--skip", default="", help=f"comma-separated stages to leave out, of {list(STAGES)}")
     return p
 
@@ -91,7 +91,7 @@ def plan(args) -> dict:
         "gmm_kimg": None if args.quick else GMM_KIMG * s,
         "procs": args.procs or (1 if args.quick else procs),
         "gmm_background": cuda and not args.quick,
-        "gmm_workers": args.gmm_workers or (max(1, cores - (args.procs or procs) - 2) if cuda else 1),
+        "gmm_workers": args.gmm_workers or (max(1, cores - (args.procs or procs) - 1) if cuda else 1),
     }
 
 

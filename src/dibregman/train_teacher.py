@@ -26,6 +26,7 @@ from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved t
 from .teachers.flow import FlowUNet, flow_loss
 
 OBJECTIVES = {"edm": "edm-unet", "flow": "flow-unet"}  # training objective -> the export's kind
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class TeacherConfig:
     export: str = opt("", "also write EMA weights to this .safetensors path at every checkpoint")
     seed: int = opt(0, "RNG seed")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
+    device: str = opt("cpu", "where to train: cpu | cuda | auto (cuda when available); the export is on the CPU")
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps (each one is skipped and counted)")
     flow_t_mean: float = opt(0.0, 'objective="flow": logit(t) mean of the training times (SD3\'s logit-normal)')
     flow_t_std: float = opt(1.0, 'objective="flow": logit(t) std of the training times')
@@ -121,7 +123,17 @@ def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
         raise ValueError(f"objective={cfg.objective!r} is not valid; choose one of {list(OBJECTIVES)}")
     if cfg.unet not in UNET_PRESETS:
         raise ValueError(f"unet={cfg.unet!r} is not a U-Net preset; valid: {sorted(UNET_PRESETS)}")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device={cfg.device!r} is not valid; choose one of {list(DEVICES)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available on this machine")
     return cfg
+
+
+def teacher_device(cfg: TeacherConfig) -> torch.device:
+    """The device of `cfg.device` ("auto": CUDA when available)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def teacher_config(preset: str = "mnist", **options) -> TeacherConfig:
@@ -168,6 +180,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     net = build_unet(cfg.unet, **overrides)
     if cfg.objective == "flow":
         net = FlowUNet(net.cfg, model=net.model)  # the same network, read as a velocity v(x_t, t)
+    net = net.to(teacher_device(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     with runguard.RunLock(run_dir), runguard.StopSignals() as stop:
         runguard.clean_stale_tmp(run_dir)
@@ -193,12 +206,16 @@ def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | 
     opt.load_state_dict(state["opt"])
     counters.update({k: state.get(k, 0) for k in counters})  # bad_* absent in checkpoints before they were kept
     torch.set_rng_state(state["rng_cpu"])
+    device = _device(ema)
+    if "rng_cuda" in state and device.type == "cuda":  # edm_loss draws its noise on the GPU: exact resume there too
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
     print(f"resumed from {path} at {counters['num_images'] / 1000:.1f} kimg")
     return counters, state.get("rng_data")  # rng_data absent in checkpoints written before exact resume
 
 
 def _train(cfg: TeacherConfig, run_dir: Path, net, images, labels, stop) -> Path:
-    ema = type(net)(net.cfg)  # EDMDenoiser or FlowUNet
+    device = _device(net)
+    ema = type(net)(net.cfg).to(device)  # EDMDenoiser or FlowUNet
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -219,7 +236,8 @@ def _train(cfg: TeacherConfig, run_dir: Path, net, images, labels, stop) -> Path
     with open(run_dir / "log.jsonl", "a") as log:
         while c["num_images"] < total:
             idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-            loss = _step(cfg, net, ema, opt, images[idx], labels[idx] if cfg.conditional else None, c)
+            x0, cond = images[idx].to(device), labels[idx].to(device) if cfg.conditional else None
+            loss = _step(cfg, net, ema, opt, x0, cond, c)
             if loss is not None:
                 loss_acc, n_acc = loss_acc + loss, n_acc + 1
             bar.update(cfg.batch_size)
@@ -278,6 +296,10 @@ def _step(cfg: TeacherConfig, net, ema, opt, x0, cond, c: dict) -> float | None:
     return float(loss.detach())
 
 
+def _device(net) -> torch.device:
+    return next(net.parameters()).device
+
+
 def _finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -312,6 +334,7 @@ def _save(run_dir, cfg, resolved, net, ema, opt, c: dict, data_rng) -> Path | No
         ckpt.HEALTHY_KEY: c["bad_in_row"] == 0,
         "rng_cpu": torch.get_rng_state(),
         "rng_data": data_rng.get_state(),
+        **({"rng_cuda": torch.cuda.get_rng_state(_device(ema))} if _device(ema).type == "cuda" else {}),
     }
     path = ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, c["num_images"]))
     ckpt.prune(run_dir, cfg.keep_ckpts)

@@ -1,0 +1,217 @@
+"""Resumable sweep runs, shared by `mnist_sweep.py` and `gmm_sweep.py`.
+
+Every (setting, seed) is its own run folder under `--work`: the Trainer's checkpoints, `config.json` and
+`log.jsonl` (in-loop metrics are logged there by hooks, so `dibregman compare` reads the runs too) and, once the
+run is trained and evaluated, `result.json` (config, evaluation sizes, final metrics). Running the same sweep
+command again
+
+- skips a run whose `result.json` was written by the same config and evaluation sizes,
+- resumes an unfinished run from its newest checkpoint (the Trainer's resume is bitwise exact),
+- records a run that diverged (`run.max_bad_steps` non-finite steps in a row) as `failed` and goes on; the
+  summaries over seeds leave it out and say so,
+- skips a run another process holds (the Trainer's run lock): two processes given disjoint `--only` subsets
+  may share one work folder; every shared file (result JSON, figures) is written atomically through a temp file of
+  its own process, and the aggregate is rebuilt from all finished runs, so the last process to finish sees them all.
+
+Objectives whose log-weights are bitwise equal (SBA(lambda = -1) and forward KL: both e^l) train bitwise equal
+runs; `identical_weights` finds them, and a sweep trains one and reports it under both names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dibregman import divergences
+from dibregman.config import config_diff
+
+RESULT = "result.json"
+FIGURE4 = (  # (label, divergence, parameters): the paper's Figure 4 (reverse KL, SBA(lambda)), LR (= JS), forward KL
+    ("rkl", "rkl", {}),
+    ("sba(lam=-1)", "sba", {"lam": -1.0}),
+    ("sba(lam=1)", "sba", {"lam": 1.0}),
+    ("sba(lam=3)", "sba", {"lam": 3.0}),
+    ("sba(lam=5)", "sba", {"lam": 5.0}),
+    ("sba(lam=10)", "sba", {"lam": 10.0}),
+    ("lr (= js)", "lr", {}),
+    ("fkl", "fkl", {}),
+)
+# config keys a finished run may differ in and still count (where and how it ran, not what it computed)
+REPORTING_KEYS = {
+    "run.threads",
+    "run.device",
+    "run.tensorboard",
+    "run.keep_ckpts",
+    "run.ckpt_every_kimg",
+    "run.sample_every_kimg",
+    "run.max_bad_steps",
+}
+Spec = tuple[str, str, dict]  # (label, divergence name, its parameters)
+
+
+def slug(label: str) -> str:
+    """A label as a folder name: `sba(lam=-1)` -> `sba_lam_-1`."""
+    out = "".join(c if c.isalnum() or c in "-." else "_" for c in label)
+    return "_".join(filter(None, out.split("_")))
+
+
+def run_folder(work: Path, sizes: dict, label: str, seed: int) -> Path:
+    """`<work>/<kimg>kimg-b<batch>/<label>-s<seed>`: a run of another length is another run (a cosine schedule
+    cannot be stretched), so sweeps of several lengths share one work folder and its teacher row."""
+    return Path(work) / f"{sizes['kimg']:g}kimg-b{sizes['batch']}" / f"{slug(label)}-s{seed}"
+
+
+def select(specs: list[Spec], only: str) -> list[Spec]:
+    """The specs named in the comma-separated `only` (labels or divergence names); all when empty."""
+    keep = [x.strip() for x in only.split(",") if x.strip()]
+    known = {s[0] for s in specs} | {s[1] for s in specs}
+    unknown = [x for x in keep if x not in known]
+    if unknown:
+        raise ValueError(f"{unknown} not among the objectives {[s[0] for s in specs]} (see --objectives)")
+    return [s for s in specs if not keep or s[0] in keep or s[1] in keep]
+
+
+def identical_weights(specs: list[Spec]) -> dict[str, str]:
+    """{label: label of the first spec with a bitwise-equal log-weight} for the specs that repeat an earlier one.
+
+    Equal log-weights on a dense logit grid (float32 and float64, clamped range and beyond) mean equal weights
+    everywhere for these closed forms, hence bitwise equal training (tests/test_sweeps.py checks one pair)."""
+    noise = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grid64 = torch.cat([torch.linspace(-30, 30, 6001, dtype=torch.float64), 5 * noise])
+    seen: list[tuple[str, list[torch.Tensor]]] = []
+    alias = {}
+    for label, name, params in specs:
+        div = divergences.get(name, **params)
+        lw = [div.log_weight(grid64), div.log_weight(grid64.float())]
+        first = next((lab for lab, ref in seen if all(torch.equal(a, b) for a, b in zip(lw, ref, strict=True))), None)
+        if first is None:
+            seen.append((label, lw))
+        else:
+            alias[label] = first
+    return alias
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The records of `<run_dir>/log.jsonl` (a line cut by a kill is skipped)."""
+    path = Path(run_dir) / "log.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def series(logs: list[dict], key: str) -> list[tuple[float, float]]:
+    """[(kimg, value)] of one logged key."""
+    return [(float(r["kimg"]), float(r[key])) for r in logs if isinstance(r.get(key), int | float) and "kimg" in r]
+
+
+def weight_stats(logs: list[dict]) -> dict:
+    """Last logged value and mean over the second half of training of the Bregman weight's ESS fraction, its max
+    and the discriminator's accuracy (None where never logged)."""
+    from seedstats import tail_mean
+
+    out = {}
+    for name, key in (("ess_frac", "weight/ess_frac"), ("weight_max", "weight/max"), ("disc_acc", "disc/disc_acc")):
+        s = series(logs, key)
+        out[f"{name}_last"] = s[-1][1] if s else None
+        out[f"{name}_half"] = tail_mean(s)
+    return out
+
+
+def train_seconds(logs: list[dict]) -> float:
+    """Optimisation time summed over every (resumed) segment of a run: mean step time x steps per log interval
+    (no evaluation, no checkpoint writing)."""
+    total, prev = 0.0, 0
+    for r in logs:
+        if "time/step_sec" in r:
+            total += r["time/step_sec"] * (r["step"] - prev)
+        prev = r.get("step", prev)
+    return total
+
+
+def state_of(trainer) -> dict:
+    """`Trainer.train()`'s counters for a run that stopped early (e.g. `TooManyBadSteps`: its weights are the last
+    healthy ones, so it is still evaluated, and its result is marked `failed`)."""
+    s = trainer.state
+    return {"num_images": s.num_images, "steps": s.step, "bad_steps": s.bad_steps}
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def result_problem(result: dict | None, cfg, eval_sizes: dict, teacher_sha: str | None = None) -> str | None:
+    """Why `result` does not answer this config (and teacher file) at these evaluation sizes (None when it does)."""
+    if result is None:
+        return "not finished"
+    diff = config_diff(result["config"], cfg.to_dict()) - REPORTING_KEYS
+    if diff:
+        return f"finished with another config (differs in {sorted(diff)})"
+    if teacher_sha and result.get("teacher_sha256", teacher_sha) != teacher_sha:
+        return f"trained from another teacher file (sha256 {result['teacher_sha256']}, now {teacher_sha})"
+    if result.get("eval_sizes") != eval_sizes:
+        return f"evaluated at other sizes ({result.get('eval_sizes')} != {eval_sizes})"
+    return None
+
+
+def check_teacher_file(run_dir: Path, sha: str | None) -> None:
+    """A run continues only from the teacher file it started with (a teacher still in training rewrites its
+    export under the same name): `<run_dir>/teacher_sha256` holds that file's hash, written at the start; another
+    hash now is a ValueError."""
+    if not sha:
+        return
+    marker = Path(run_dir) / "teacher_sha256"
+    if marker.is_file() and marker.read_text().strip() != sha:
+        raise ValueError(
+            f"{run_dir} started from a teacher file with sha256 {marker.read_text().strip()}, the file now has "
+            f"{sha}: pass the teacher it started with (a frozen copy), or another --work"
+        )
+    if not marker.is_file():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{sha}\n")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """`fig.savefig(path)` atomically (a temp file of this process, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def absolute_spec(spec: str) -> str:
+    """A `KIND:PATH` spec whose PATH exists relative to the current folder, made absolute (the bench scripts
+    change into the repository root before loading it)."""
+    kind, sep, path = spec.partition(":")
+    if sep and path and Path(path).exists():
+        return f"{kind}:{Path(path).resolve()}"
+    return spec
+
+
+__all__ = [
+    "RESULT",
+    "slug",
+    "run_folder",
+    "select",
+    "identical_weights",
+    "read_log",
+    "series",
+    "weight_stats",
+    "train_seconds",
+    "state_of",
+    "FIGURE4",
+    "read_result",
+    "result_problem",
+    "check_teacher_file",
+    "save_figure",
+    "absolute_spec",
+]

@@ -1,0 +1,309 @@
+"""The objective sweeps of bench/ (mnist_sweep.py, gmm_sweep.py) and their verdict: statistics over seeds on
+synthetic numbers, the classifier score on synthetic logits, bitwise-equal weights training bitwise-equal runs,
+a killed sweep resuming exactly and skipping finished runs, a run held by another process skipped, a diverged
+run recorded and left out, and a verdict that follows the numbers (flip them and it flips)."""
+
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import seedstats as ss  # noqa: E402
+import sweeprun  # noqa: E402
+
+
+def test_band_stat_target_and_compare_on_synthetic_numbers():
+    a = [(0.0, 100.0), (5.0, 40.0), (10.0, 20.0)]
+    b = [(0.0, 110.0), (5.0, 30.0), (10.0, 24.0), (15.0, 9.0)]
+    x, mean, lo, hi = ss.band([a, b])
+    assert x == [0.0, 5.0, 10.0] and mean == [105.0, 35.0, 22.0] and lo == [100.0, 30.0, 20.0] and hi[1] == 40.0
+    assert ss.stat([3.0, None, float("nan"), 1.0, 2.0]) == {"mean": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert ss.stat([None]) is None and ss.fmt_stat(None) == "n/a"
+    assert ss.fmt_stat(ss.stat([20.0, 24.0])) == "22 [20, 24]" and ss.fmt_stat(ss.stat([7.0])) == "7"
+    assert ss.checkpoints([5.0, 10.0, 15.0, 20.0]) == [5.0, 10.0, 20.0]  # nearest to 1/4, 1/2, 1 of the last
+    assert ss.stat_at([a, b], 10.0) == {"mean": 22.0, "min": 20.0, "max": 24.0, "n": 2}
+    assert ss.kimg_to_target(a, 40.0) == 5.0 and ss.kimg_to_target(a, 19.0) is None
+    assert ss.kimg_to_target([(0.0, 1.0), (5.0, 7.5)], 7.0, lower_is_better=False) == 5.0  # a score: >= target
+    r = ss.reach([a, b], 25.0)
+    assert r["per_seed"] == [10.0, 10.0] and r["reached"] == 2 and r["kimg"]["mean"] == 10.0
+    r = ss.reach([a, b], 15.0)
+    assert r["per_seed"] == [None, 15.0] and r["reached"] == 1 and ss.fmt_reach(r) == "15 kimg (1/2 seeds)"
+    assert ss.reach([a], None) is None and ss.fmt_reach(ss.reach([a], 1.0)) == "not reached (0/1)"
+    assert ss.tail_mean(b) == pytest.approx((24 + 9) / 2)  # the second half: kimg >= 7.5
+    low, high, mid = ss.stat([10.0, 12.0]), ss.stat([13.0, 15.0]), ss.stat([11.0, 14.0])
+    assert ss.compare(low, high) == ss.BETTER and ss.compare(high, low) == ss.WORSE
+    assert ss.compare(low, high, lower_is_better=False) == ss.WORSE  # a score: higher is better
+    assert ss.compare(mid, low) == ss.TIE and ss.compare(ss.stat([12.0, 13.0]), high) == ss.TIE  # touching: tie
+    assert ss.compare(ss.stat([1.0]), high) == ss.ONE_SEED and ss.compare(None, high) == "n/a"
+
+
+def test_tail_mean_is_the_second_half_of_training():
+    assert ss.tail_mean([(0.0, 9.0), (5.0, 1.0), (10.0, 2.0), (20.0, 3.0)]) == pytest.approx(2.5)  # kimg >= 10
+    assert ss.tail_mean([]) is None
+
+
+def _one_hot_net():
+    """A feature net whose class is written in the first pixel (tests only): confident one-hot logits."""
+    from dibregman.metrics.features import FeatureNet
+
+    class OneHot(FeatureNet):
+        name, dim, has_logits = "onehot", 4, True
+
+        def features(self, images):
+            return images.flatten(1)[:, :4].float()
+
+        def logits(self, images):
+            k = images.flatten(1)[:, 0].round().long().clamp(0, 9)
+            return 30.0 * torch.nn.functional.one_hot(k, 10).float()
+
+    return OneHot()
+
+
+def test_classifier_score_is_exp_expected_kl_on_synthetic_logits():
+    """The sweep's IS-like score (Fig. 5): exp(E KL(p(y|x) || p(y))) = the number of equally used, confidently
+    classified classes; 1 for a single class."""
+    import mnist_sweep
+    from dibregman.evaluate import prepare_reference
+
+    net = _one_hot_net()
+    g = torch.Generator().manual_seed(0)
+    ref_images = torch.rand(64, 1, 4, 4, generator=g)
+    ctx = {"net": net, "device": torch.device("cpu")}
+    ctx["ref"] = prepare_reference(ref_images, net, cache_dir=False)
+
+    def images_of(classes):
+        x = torch.rand(len(classes), 1, 4, 4, generator=g)
+        x[:, 0, 0, 0] = torch.tensor(classes, dtype=torch.float32)
+        return x
+
+    ten = mnist_sweep.score(images_of([k % 10 for k in range(200)]), ctx, ("fid", "score"), 1)
+    one = mnist_sweep.score(images_of([3] * 200), ctx, ("fid", "score"), 1)
+    five = mnist_sweep.score(images_of([k % 5 for k in range(200)]), ctx, ("score",), 1)
+    assert ten["classifier_score"] == pytest.approx(10.0, rel=1e-6)
+    assert one["classifier_score"] == pytest.approx(1.0, rel=1e-6)
+    assert five["classifier_score"] == pytest.approx(5.0, rel=1e-6)
+    assert math.isfinite(ten["fid"]) and ten["class_proportions"] == pytest.approx([0.1] * 10)
+
+
+def test_bitwise_equal_weights_are_one_run_and_train_bitwise_equal(tmp_path):
+    """SBA(lambda = -1) and forward KL share the weight e^l bit for bit: the sweeps train them once. Check that
+    they do train identically, and that another weight (reverse KL's 1) does not."""
+    from dibregman.config import override
+    from dibregman.loop import Trainer
+    from dibregman.presets import get_preset
+    from test_distill import GMM_SMALL
+
+    assert sweeprun.identical_weights(list(sweeprun.FIGURE4)) == {"fkl": "sba(lam=-1)"}
+    states = {}
+    for name, params in (("sba", {"lam": -1.0}), ("fkl", {}), ("rkl", {})):
+        pairs = {**GMM_SMALL, "divergence.name": name, **{f"divergence.{k}": v for k, v in params.items()}}
+        cfg = override(get_preset("gmm"), {**pairs, "run.total_kimg": 0.256, "run.device": "cpu"})
+        tr = Trainer(cfg, tmp_path / name)
+        tr.train()
+        states[name] = tr.ema.state_dict()
+        logs = sweeprun.read_log(tmp_path / name)
+        if name == "fkl":
+            assert min(r["weight/ess_frac"] for r in logs) < 1.0  # the weights are not all equal: a real test
+    equal = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert equal(states["sba"], states["fkl"]) and not equal(states["fkl"], states["rkl"])
+
+
+def _mnist_argv(tmp_path, work: str, *extra) -> list[str]:
+    return [
+        "--quick", "--threads", "1", "--objectives", "rkl,sba(lam=5)", "--seeds", "1", "--kimg", "0.032",
+        "--fid-every-kimg", "0.016", "--ckpt-every-kimg", "0.008", "--teacher-nfe", "0",
+        "--out", str(tmp_path / f"out-{work}"), "--work", str(tmp_path / work), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_mnist_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    """SIGINT during the second run: the first run's result stays, the second keeps its checkpoint; the same
+    command again skips the first and resumes the second, which ends equal to an uninterrupted sweep's."""
+    import mnist_sweep
+    from dibregman import runguard
+    from dibregman.loop import Trainer
+
+    monkeypatch.chdir(ROOT)
+    reference = mnist_sweep.main(_mnist_argv(tmp_path, "straight"))
+
+    class KilledOnce(Trainer):
+        fired = False
+
+        def __init__(self, cfg, run_dir, hooks=None, **kw):
+            def kill(trainer, num_images):
+                if cfg.divergence.name == "sba" and num_images >= 16 and not KilledOnce.fired:
+                    KilledOnce.fired = True
+                    os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints this step, then stops
+                return {}
+
+            super().__init__(cfg, run_dir, hooks=[*(hooks or []), kill], **kw)
+
+    monkeypatch.setattr(mnist_sweep, "Trainer", KilledOnce)
+    with pytest.raises(runguard.RunInterrupted):
+        mnist_sweep.main(_mnist_argv(tmp_path, "killed"))
+    runs = tmp_path / "killed" / "mnist_sweep" / "0.032kimg-b8"
+    first, second = runs / "rkl-s0" / sweeprun.RESULT, runs / "sba_lam_5-s0"
+    assert first.is_file() and not (second / sweeprun.RESULT).exists()
+    assert [p.name for p in sorted(second.glob("ckpt-*.pt"))][-1] == "ckpt-000000000016.pt"
+    before = first.stat().st_mtime_ns
+    capsys.readouterr()
+
+    monkeypatch.setattr(mnist_sweep, "Trainer", Trainer)
+    resumed = mnist_sweep.main(_mnist_argv(tmp_path, "killed"))
+    out = capsys.readouterr().out
+    assert "rkl seed 0: finished, skipped" in out and "resumed from" in out
+    assert first.stat().st_mtime_ns == before  # the finished run was not touched
+    assert resumed["missing"] == [] and [r["label"] for r in resumed["runs"]] == ["rkl", "sba(lam=5)"]
+    for a, b in zip(resumed["runs"], reference["runs"], strict=True):
+        assert a["curve"] == b["curve"] and a["final"]["mnist_features"] == b["final"]["mnist_features"]
+        assert [c["kimg"] for c in a["curve"]] == [0.0, 0.016, 0.032]  # kimg 0 = the initial generator
+    log = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
+    assert [r["kimg"] for r in log] == [0.0, 0.016, 0.032]  # cut back to the checkpoint, then continued
+
+
+@pytest.mark.slow
+def test_a_run_held_by_another_process_is_skipped_then_collected(tmp_path, monkeypatch, capsys):
+    """Two processes on one work folder: a run whose lock is held is skipped (listed as missing), the others
+    train; once it is free the same command trains it, and --collect alone rebuilds the complete JSON."""
+    import mnist_sweep
+    from dibregman import runguard
+
+    monkeypatch.chdir(ROOT)
+    held = tmp_path / "w" / "mnist_sweep" / "0.032kimg-b8" / "sba_lam_5-s0"
+    lock = runguard.RunLock(held).acquire()
+    try:
+        d = mnist_sweep.main(_mnist_argv(tmp_path, "w"))
+    finally:
+        lock.release()
+    assert "sba(lam=5) seed 0: skipped" in capsys.readouterr().out
+    assert [r["label"] for r in d["runs"]] == ["rkl"] and d["missing"][0]["label"] == "sba(lam=5)"
+    mnist_sweep.main(_mnist_argv(tmp_path, "w", "--only", "sba(lam=5)"))
+    d = mnist_sweep.main(_mnist_argv(tmp_path, "w", "--collect"))
+    assert [r["label"] for r in d["runs"]] == ["rkl", "sba(lam=5)"] and d["missing"] == []
+    assert (tmp_path / "out-w" / "mnist_sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_changed_teacher_file_is_refused(tmp_path, monkeypatch):
+    """A teacher still in training rewrites its export under the same name: runs started from the old file are
+    neither resumed nor counted as finished from the new one."""
+    import common
+    import mnist_sweep
+
+    monkeypatch.chdir(ROOT)
+    argv = _mnist_argv(tmp_path, "t", "--only", "rkl")
+    assert mnist_sweep.main(argv)["runs"][0]["teacher_sha256"]
+    info = common.teacher_info
+    monkeypatch.setattr(common, "teacher_info", lambda spec: {**info(spec), "sha256": "0123456789ab"})
+    with pytest.raises(ValueError, match="started from a teacher file with sha256"):
+        mnist_sweep.main(argv)
+    d = mnist_sweep.main([*argv, "--collect"])
+    assert d["runs"] == [] and "another teacher file" in d["missing"][0]["why"]
+
+
+@pytest.mark.slow
+def test_gmm_sweep_skips_finished_runs_and_trains_only_new_ones(tmp_path, monkeypatch):
+    import gmm_sweep
+    from dibregman.loop import Trainer
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--quick", "--threads", "1", "--seeds", "2", "--teachers", "gmm:ring8", "--out", str(tmp_path / "o")]
+    argv += ["--work", str(tmp_path / "w")]
+    first = gmm_sweep.main([*argv, "--only", "rkl"])
+    assert {(r["label"], r["seed"]) for r in first["runs"]} == {("rkl", 0), ("rkl", 1)}
+    built = []
+
+    class Counting(Trainer):
+        def __init__(self, cfg, *a, **kw):
+            built.append((cfg.divergence.name, cfg.run.seed))
+            super().__init__(cfg, *a, **kw)
+
+    monkeypatch.setattr(gmm_sweep, "Trainer", Counting)
+    second = gmm_sweep.main([*argv, "--only", "rkl,sba(lam=-1)"])
+    assert sorted(built) == [("sba", 0), ("sba", 1)]  # rkl finished: skipped; fkl is sba(lam=-1)'s run
+    fkl = [r for r in second["runs"] if r["label"] == "fkl"]
+    assert len(fkl) == 2 and all(r["alias_of"] == "sba(lam=-1)" for r in fkl)
+    assert {m["label"] for m in second["missing"]} == {"sba(lam=1)", "sba(lam=3)", "sba(lam=5)", "sba(lam=10)",
+                                                       "lr (= js)"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypatch):
+    """`run.max_bad_steps` non-finite steps in a row: the run is recorded as failed (the sweep goes on), the
+    summary over seeds leaves it out and says so, and a rerun does not train it again."""
+    import gmm_sweep
+    from dibregman import runguard
+    from dibregman.loop import Trainer
+
+    class Diverging(Trainer):
+        def train(self, max_steps=None):
+            if self.cfg.divergence.name == "sba":
+                super().train(max_steps=1)
+                raise runguard.TooManyBadSteps("aborting: 20 consecutive non-finite steps")
+            return super().train(max_steps)
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(gmm_sweep, "Trainer", Diverging)
+    argv = ["--quick", "--threads", "1", "--seeds", "2", "--teachers", "gmm:ring8", "--only", "rkl,sba(lam=5)"]
+    argv += ["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    d = gmm_sweep.main(argv)
+    failed = [r for r in d["runs"] if r.get("failed")]
+    assert [(r["label"], r["seed"]) for r in failed] == [("sba(lam=5)", 0), ("sba(lam=5)", 1)]
+    assert all(r["images_seen"] < 128 for r in failed)  # stopped after its first step
+    row = next(r for r in d["summary"] if r["label"] == "sba(lam=5)")
+    assert row["seeds"] == [] and row["failed_seeds"] == [0, 1] and row["mmd2"] is None
+    assert "`sba(lam=5)` diverged with seeds [0, 1]: left out." in gmm_sweep.render(d, {})
+    monkeypatch.setattr(gmm_sweep, "Trainer", None)  # a rerun builds no Trainer: every run is finished
+    assert len(gmm_sweep.main(argv)["runs"]) == len(d["runs"])
+
+
+# ---- the verdict follows the numbers ----------------------------------------------------------------------
+def _mnist_json(sba_fids: list[float], rkl_fids: list[float]) -> dict:
+    """Two seeds each of rkl and sba(lam=5) with constant in-loop curves at the given final FIDs."""
+    runs = []
+    for label, fids in (("rkl", rkl_fids), ("sba(lam=5)", sba_fids)):
+        for seed, v in enumerate(fids):
+            curve = [{"kimg": k, "fid": v + 100 * (k == 0), "score": 9.0 - v / 100} for k in (0.0, 5.0, 10.0, 20.0)]
+            final = {"mnist_features": {"fid": v, "classifier_score": 9.0 - v / 100}}
+            runs.append({"label": label, "seed": seed, "weight": "1", "curve": curve, "final": final,
+                         "images_seen": 20000, "ess_frac_half": 0.9, "weight_max_half": 2.0})  # fmt: skip
+    return {"runs": runs, "sizes": {"kimg": 20.0, "n_fid": 2000, "seeds": [0, 1]}, "seed": 0}
+
+
+def _gmm_json(sba_tv: list[float], rkl_tv: list[float]) -> dict:
+    runs = []
+    for label, tvs in (("rkl", rkl_tv), ("sba(lam=5)", sba_tv)):
+        for seed, tv in enumerate(tvs):
+            m = {"modes_covered": 8, "within_3sigma": 0.95, "mode_tv": tv, "mmd2": tv / 10, "energy": 0.0,
+                 "num_modes": 8, "mmd2_floor": 0.0, "mmd2_floor_std": 1e-4}  # fmt: skip
+            runs.append({"teacher": "gmm:ring8", "label": label, "seed": seed, "metrics": m, "curve": []})
+    return {"runs": runs, "sizes": {"kimg": 100.0, "seeds": [0, 1]}, "preset": {}}
+
+
+def test_verdict_follows_the_numbers_and_flips_with_them():
+    import verdict
+
+    def block(mnist, gmm):
+        return "\n".join(verdict.markdown({"mnist_sweep": mnist, "gmm_sweep": gmm}))
+
+    md = block(_mnist_json([20.0, 22.0], [30.0, 33.0]), _gmm_json([0.01, 0.02], [0.05, 0.06]))
+    assert "- `sba(lam=5)`: better at FID at 5 kimg, FID at 10 kimg, FID at 20 kimg, final FID (n=2000), " \
+           "classifier score; within seed spread elsewhere" in md  # fmt: skip
+    assert "better at modes" not in md and "better at mode TV, MMD²; within seed spread elsewhere" in md
+    flipped = block(_mnist_json([30.0, 33.0], [20.0, 22.0]), _gmm_json([0.05, 0.06], [0.01, 0.02]))
+    assert "- `sba(lam=5)`: worse at FID at 5 kimg" in flipped and "worse at mode TV, MMD²" in flipped
+    assert "better at" not in flipped
+    tie = block(_mnist_json([20.0, 31.0], [30.0, 33.0]), _gmm_json([0.01, 0.055], [0.05, 0.06]))
+    assert tie.count("within seed spread of reverse KL everywhere") == 2
+    one = block(_mnist_json([20.0], [30.0]), None)
+    assert "fewer than two seeds: no spread to judge by" in one and "GMM" not in one
+    assert verdict.markdown({}) == []

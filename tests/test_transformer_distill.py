@@ -47,6 +47,7 @@ def run_cfg(folders, kind: str, steps: int, **pairs):
         "optim.fake_lr": 1e-3,
         "loss.gan_weight": 0.1,
         "loss.gan_warmup_kimg": 0.0,
+        "optim.lr_schedule": "constant",  # a split run stops early by a shorter total_kimg
         "run.total_kimg": steps * BATCH / 1000,
         "run.log_every_kimg": BATCH / 1000,
         "run.ckpt_every_kimg": 2 * BATCH / 1000,

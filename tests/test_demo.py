@@ -22,3 +22,13 @@ def test_quick_demo_writes_every_artefact(tmp_path, capsys):
     assert "![student](student.png)" in report and "speed-up" in report
     assert "report.md" in capsys.readouterr().out
     assert summary["distill"]["images_seen"] == saved["distill"]["images_seen"] > 0
+
+
+def test_shipped_student_is_matched_to_the_teacher_by_content(tmp_path):
+    from dibregman.demo import _same_teacher
+
+    a, b, c = (tmp_path / n for n in ("a.safetensors", "b.safetensors", "c.safetensors"))
+    a.write_bytes(b"teacher"), b.write_bytes(b"teacher"), c.write_bytes(b"another")
+    assert _same_teacher(f"edm:{a}", f"edm:{b}")  # a copy at another path
+    assert not _same_teacher(f"edm:{a}", f"edm:{c}")
+    assert not _same_teacher(f"edm:{tmp_path / 'missing'}", f"edm:{a}")

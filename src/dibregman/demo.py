@@ -168,7 +168,7 @@ def _shipped_student(size: DemoSize, ref, student_seed: int) -> dict | None:
         gen, meta = load_generator(STUDENT)
     except FileNotFoundError:
         return None
-    if meta.get("distill_config", {}).get("model", {}).get("teacher") != TEACHER:
+    if not _same_teacher(meta.get("distill_config", {}).get("model", {}).get("teacher", ""), TEACHER):
         return None
     x = generate(gen, size.n_fid, seed=student_seed)
     return {
@@ -178,6 +178,21 @@ def _shipped_student(size: DemoSize, ref, student_seed: int) -> dict | None:
         "mnist_features": _fid(x, ref, "mnist", None),
         "inception": _fid(x[: size.n_inception], ref, "inception", size.n_inception),
     }
+
+
+def _same_teacher(spec: str, other: str) -> bool:
+    """Two `KIND:PATH` specs name the same teacher: equal specs, or files with equal bytes (a student distilled
+    from a copy of the shipped teacher at another path)."""
+    import hashlib
+
+    from .teachers import resolve_path
+
+    if spec == other:
+        return True
+    paths = [Path(resolve_path(x).partition(":")[2]) for x in (spec, other)]
+    if not all(p.is_file() for p in paths):
+        return False
+    return len({hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}) == 1
 
 
 def plot_curves(log_path: Path, fid_curve: list[dict], path: Path) -> None:

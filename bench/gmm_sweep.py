@@ -29,7 +29,7 @@ import torch
 import common
 import gmm_report
 import sweeprun
-from dibregman import build, divergences, runguard
+from dibregman import build, divergences
 from dibregman.config import override, parse_set
 from dibregman.evaluate import exact_metrics
 from dibregman.generators import generate
@@ -195,29 +195,16 @@ def one_run(args, job: tuple, sizes: dict) -> dict | None:
         st = mode_statistics(x, t.means, t.covs, t.weights)
         return {"exact/modes_covered": st["modes_covered"], "exact/within_3sigma": st["within_3sigma"]}
 
-    try:
-        trainer = Trainer(cfg, rd, hooks=[hook], pretrain=cached_pretrain)
-        res, failed = trainer.train(), None
-    except runguard.RunLocked as e:
-        print(f"[{NAME}] {teacher} {label} seed {seed}: skipped, {e}", flush=True)
+    tag = f"[{NAME}] {teacher} {label} seed {seed}"
+    ran = sweeprun.train(lambda: Trainer(cfg, rd, hooks=[hook], pretrain=cached_pretrain), tag)
+    if ran is None:
         return None
-    except runguard.TooManyBadSteps as e:  # diverged: recorded as such (the sweep goes on; a rerun skips it)
-        res, failed = sweeprun.state_of(trainer), str(e)
+    trainer, counters, failed = ran
     x = generate(trainer.ema, sizes["n_eval"], seed=seed + 2, device=device)
     logs = sweeprun.read_log(rd)
     result = {
         "teacher": teacher,
-        "label": label,
-        "seed": seed,
-        "divergence": name,
-        "params": params,
-        "weight": divergences.get(name, **params).formula,
-        "config": cfg.to_dict(),
-        "eval_sizes": eval_sizes,
-        "run_dir": str(rd),
-        "images_seen": res["num_images"],
-        "steps": res["steps"],
-        "bad_steps": res["bad_steps"],
+        **sweeprun.record((label, name, params), seed, cfg, eval_sizes, rd, counters, failed),
         "wall_sec": round(sweeprun.train_seconds(logs), 1),
         **sweeprun.weight_stats(logs),
         "metrics": exact_metrics(x, trainer.m.teacher, seed=seed),
@@ -226,7 +213,6 @@ def one_run(args, job: tuple, sizes: dict) -> dict | None:
             for r in logs
             if "exact/modes_covered" in r
         ],
-        **({"failed": failed} if failed else {}),
     }
     common.write_json(rd / sweeprun.RESULT, result)
     _report(result)

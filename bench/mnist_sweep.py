@@ -203,36 +203,24 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
     sweeprun.check_teacher_file(rd, ctx["teacher_sha"])
     print(f"[{NAME}] {label} seed {seed}: {sizes['kimg']:g} kimg, batch {cfg.optim.batch_size}", flush=True)
     hook = lambda trainer, num_images: loop_metrics(trainer.ema, ctx, sizes["n_fid_loop"], seed)  # noqa: E731
-    try:
-        trainer = Trainer(cfg, rd, hooks=[hook])
+
+    def prepare(trainer) -> None:
         check_loop_n(rd, sizes["n_fid_loop"])
         if trainer.state.num_images == 0:
             log_start(trainer, ctx, sizes["n_fid_loop"], seed)
-        res, failed = trainer.train(), None
-    except runguard.RunLocked as e:
-        print(f"[{NAME}] {label} seed {seed}: skipped, {e}", flush=True)
+
+    ran = sweeprun.train(lambda: Trainer(cfg, rd, hooks=[hook]), f"[{NAME}] {label} seed {seed}", prepare)
+    if ran is None:
         return None
-    except runguard.TooManyBadSteps as e:  # diverged: recorded as such (the sweep goes on; a rerun skips it)
-        res, failed = sweeprun.state_of(trainer), str(e)
+    trainer, counters, failed = ran
     logs = sweeprun.read_log(rd)
     result = {
-        "label": label,
-        "seed": seed,
-        "divergence": name,
-        "params": params,
-        "weight": divergences.get(name, **params).formula,
-        "config": cfg.to_dict(),
-        "eval_sizes": eval_sizes,
+        **sweeprun.record(spec, seed, cfg, eval_sizes, rd, counters, failed),
         "teacher_sha256": ctx["teacher_sha"],
-        "run_dir": str(rd),
-        "images_seen": res["num_images"],
-        "steps": res["steps"],
-        "bad_steps": res["bad_steps"],
         "train_sec": round(sweeprun.train_seconds(logs), 1),
         "curve": [{"kimg": k, "fid": v, "score": r.get(SCORE_KEY)} for k, v, r in _points(logs)],
         **sweeprun.weight_stats(logs),
         "final": final_metrics(trainer.ema, ctx, sizes, seed),
-        **({"failed": failed} if failed else {}),
     }
     common.write_json(rd / sweeprun.RESULT, result)
     f = result["final"]["mnist_features"]

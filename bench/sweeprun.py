@@ -143,6 +143,47 @@ def state_of(trainer) -> dict:
     return {"num_images": s.num_images, "steps": s.step, "bad_steps": s.bad_steps}
 
 
+def train(make_trainer, tag: str, prepare=None):
+    """Build a run's Trainer with `make_trainer()`, call `prepare(trainer)` (e.g. log the initial generator), train.
+
+    Returns `(trainer, counters, failed)`: `counters` as `state_of`, `failed` None, or the reason when the run
+    diverged (`runguard.TooManyBadSteps`: its weights are the last healthy ones, so the sweep still evaluates it
+    and marks it failed). Returns None when another process holds the run (`runguard.RunLocked`): skipped."""
+    from dibregman import runguard
+
+    try:
+        trainer = make_trainer()
+        if prepare is not None:
+            prepare(trainer)
+        trainer.train()
+        return trainer, state_of(trainer), None
+    except runguard.RunLocked as e:
+        print(f"{tag}: skipped, {e}", flush=True)
+        return None
+    except runguard.TooManyBadSteps as e:  # diverged: recorded as such (the sweep goes on; a rerun skips it)
+        return trainer, state_of(trainer), str(e)
+
+
+def record(spec: Spec, seed: int, cfg, eval_sizes: dict, run_dir: Path, counters: dict, failed: str | None) -> dict:
+    """The fields every sweep's `result.json` shares: what ran (objective, seed, config, evaluation sizes, folder),
+    how far it got, and `failed` where it diverged."""
+    label, name, params = spec
+    return {
+        "label": label,
+        "seed": seed,
+        "divergence": name,
+        "params": params,
+        "weight": divergences.get(name, **params).formula,
+        "config": cfg.to_dict(),
+        "eval_sizes": eval_sizes,
+        "run_dir": str(run_dir),
+        "images_seen": counters["num_images"],
+        "steps": counters["steps"],
+        "bad_steps": counters["bad_steps"],
+        **({"failed": failed} if failed else {}),
+    }
+
+
 def read_result(run_dir: Path) -> dict | None:
     path = Path(run_dir) / RESULT
     return json.loads(path.read_text()) if path.is_file() else None

@@ -100,6 +100,13 @@ class LossConfig:
     gan_warmup_kimg: float = opt(0.0, "GAN term switched on after this many thousand images")
     gan_logit_clamp: float = opt(10.0, "logits clamped to +-this in the GAN term (SiDA)")
     gen_warmup_kimg: float = opt(0.0, "generator frozen for the first N thousand images (critic warm-up)")
+    regression_weight: float = opt(
+        0.0,
+        "DMD's regression term: weight x per-sample MSE between G(z) and the teacher's ODE solution from the same z, "
+        "over a fixed set of pairs made at the start (0 = off; regression.py; mode coverage)",
+    )
+    regression_pairs: int = opt(4096, "number of (z, teacher ODE sample) pairs, kept in the run folder")
+    regression_steps: int = opt(18, "Heun intervals of the teacher's ODE for the pairs (2n - 1 evaluations each)")
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     from .noise import check_sigma_cover
 
     check_sigma_cover(cfg.loss, 1e-3 if cfg.model.teacher.startswith("gmm:") else 0.002)
+    L = cfg.loss
+    if L.regression_weight < 0 or (L.regression_weight > 0 and (L.regression_pairs < 1 or L.regression_steps < 1)):
+        raise ValueError(
+            f"loss.regression_weight={L.regression_weight} must be >= 0, and with it loss.regression_pairs="
+            f"{L.regression_pairs} and loss.regression_steps={L.regression_steps} >= 1"
+        )
     if cfg.run.total_kimg <= 0:
         raise ValueError(f"run.total_kimg must be > 0, got {cfg.run.total_kimg}")
     m = cfg.model

@@ -29,6 +29,7 @@ from .distill import NonFiniteError, bcast, per_sample_mean
 from .draws import Batch, draw_batch, local_slice
 from .generators import export_ema_snapshot
 from .monitor import Monitor
+from .regression import build_regression
 from .rewards import build_target
 
 
@@ -73,6 +74,7 @@ class Trainer:
         self.m = build_models(cfg, self.device, pretrain=pretrain)
         self.div, self.stab = objective(cfg)  # Eq. 4's weight: divergence and stabiliser
         self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (rewards.py), or None
+        self.regression = build_regression(cfg, self.m, self.run_dir, self.device)  # DMD's term, or None
         self.ema = copy.deepcopy(self.m.generator).requires_grad_(False)
         o = cfg.optim
         self.gen_params = list(self.m.generator.parameters())
@@ -162,7 +164,9 @@ class Trainer:
                 mon.add_by_sigma(prefix, values, sigma)
         return _apply(self.opt_c, self.critic_params, cfg.optim.grad_clip, "critic", mon)
 
-    def _generator_round(self, b: Batch, gan_w: float, norm: int) -> tuple[torch.Tensor, dict]:
+    def _generator_round(
+        self, b: Batch, gan_w: float, norm: int, rnd: int = 0, n: int | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Lines 5-15 for one micro-batch: the networks at x_t, then Eq. 4 (+ Eq. 14, + GAN) from `distill`."""
         m, L = self.m, self.cfg.loss
         x = m.generator(b.z, b.cond).float()  # line 5
@@ -190,6 +194,10 @@ class Trainer:
                 raise NonFiniteError("non-finite target-ratio weight w(r*); set divergence.logit_clamp")
             loss = loss + extra
             stats["reward"] = self.target.stats(x, b.cond, coef, g)
+        if self.regression is not None:  # DMD's regression towards the teacher's ODE map (regression.py)
+            n = n or len(b.z) * dist.world_size()  # the global micro-batch
+            reg, stats["regression"] = self.regression.loss(m, self.state.step, rnd, n, norm, self.device)
+            loss = loss + reg
         if gan_w > 0:  # the GAN term's gradient flows through x into G (and into eta: cleared by the caller)
             gan = losses.gan_generator_loss(m.disc(x + s * b.gan_noise, b.gen_sigma, b.cond).float(), L.gan_logit_clamp)
             loss = loss + gan_w * gan.sum() / norm
@@ -205,7 +213,7 @@ class Trainer:
             for rnd in range(cfg.optim.accum_steps):
                 b, _ = draw_batch(cfg, m, self.state.step, rnd, n, self.device, self.sigma_range, real=False)
                 with self._autocast():
-                    loss, st = self._generator_round(b, gan_w, norm=B)
+                    loss, st = self._generator_round(b, gan_w, norm=B, rnd=rnd, n=n)
                 loss.backward()
                 mon.add_weights(st)
                 mon.add(st.get("reward", {}))

@@ -60,6 +60,8 @@ class Monitor:
         )
         if "gan" in st:
             self.add({"loss/gen_gan": st["gan"].mean()})
+        if "regression" in st:
+            self.add({"loss/gen_regression": st["regression"].mean()})
         self.add_by_sigma("logit_by_sigma", logits, sigma)
 
     def add_by_sigma(self, prefix: str, values: torch.Tensor, sigma: torch.Tensor) -> None:

@@ -50,6 +50,7 @@ def run_one(spec: str, args, out_dir: Path, plain: bool) -> dict:
         "run.seed": args.seed,
         "optim.batch_size": args.batch,
         "loss.gan_weight": 0.0,  # a reward tilts q to p R / Z; the GAN term would pull it back to p
+        "loss.regression_weight": 0.0,  # so would the regression term (to the untilted teacher's ODE map)
     }
     if lam:
         pairs["divergence.lam"] = float(lam)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_distill import GMM_SMALL
 
 from dibregman.config import override, validate
 from dibregman.loop import Trainer
@@ -14,6 +13,7 @@ from dibregman.noise import karras_sigmas
 from dibregman.presets import get_preset
 from dibregman.regression import FILE
 from dibregman.sample import heun_sampler
+from test_distill import GMM_SMALL
 
 REG = {"loss.regression_weight": 1.0, "loss.regression_pairs": 512, "loss.regression_steps": 12}
 
@@ -82,3 +82,16 @@ def test_bad_regression_settings_are_one_line_errors():
         validate(_cfg(1, **{"loss.regression_weight": -1.0}))
     with pytest.raises(ValueError, match="regression_pairs=0"):
         validate(_cfg(1, **{"loss.regression_pairs": 0}))
+
+
+def test_a_reward_turns_the_presets_term_off_and_refuses_an_explicit_one():
+    """The term pulls G to the untilted teacher's ODE map (q to p), a reward tilts q to p r*: the same rule as the
+    GAN term."""
+    from dibregman import api
+
+    assert get_preset("gmm").loss.regression_weight > 0
+    with pytest.warns(UserWarning, match="turns off the 'gmm' preset's regression term"):
+        cfg = api.preset("gmm", **{"reward.name": "gmm_modes"})
+    assert cfg.loss.regression_weight == 0 and cfg.loss.gan_weight == 0
+    with pytest.raises(ValueError, match="regression_weight must be 0 with a reward"):
+        api.preset("gmm", **{"reward.name": "gmm_modes", "loss.regression_weight": 0.5})

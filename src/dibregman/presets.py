@@ -31,6 +31,9 @@ PRESETS: dict[str, DistillConfig] = {
             gen_warmup_kimg=50.0,
             gan_weight=0.3,
             gan_warmup_kimg=400.0,
+            # DMD's regression towards the teacher's ODE map: on 25 uneven modes the preset without it dropped
+            # 6-9 modes (3 seeds), with it none (bench/results/gmm_coverage/README.md)
+            regression_weight=1.0,
         ),
         optim=dict(batch_size=512, gen_lr=2e-3, fake_lr=1e-3, lr_schedule="cosine", ema_halflife_kimg=20.0),
         run=dict(total_kimg=2000.0, log_every_kimg=20.0, ckpt_every_kimg=500.0, sample_every_kimg=500.0),
@@ -84,12 +87,15 @@ PRESETS: dict[str, DistillConfig] = {
 def from_preset(name: str, pairs: dict) -> DistillConfig:
     """Preset `name` with {"section.key": value} overrides, validated: the one path of the CLI and `api.preset`.
 
-    One rule for reward + GAN (the GAN term pulls q to p, a reward tilts it to p r*): a reward requested on a
-    preset with a GAN term drops that term, with a warning; a GAN weight set together with a reward is refused."""
+    One rule for a reward with the GAN or the regression term (both pull q to p, a reward tilts it to p r*): a
+    reward requested on a preset with such a term drops the term, with a warning; a weight set together with a
+    reward is refused."""
     cfg = get_preset(name)
-    if pairs.get("reward.name", "none") != "none" and cfg.loss.gan_weight > 0 and "loss.gan_weight" not in pairs:
-        warnings.warn(f"a reward turns off the {name!r} preset's GAN term (loss.gan_weight -> 0)", stacklevel=2)
-        pairs = {**pairs, "loss.gan_weight": 0.0}
+    if pairs.get("reward.name", "none") != "none":
+        for key, term in (("gan_weight", "GAN term"), ("regression_weight", "regression term")):
+            if getattr(cfg.loss, key) > 0 and f"loss.{key}" not in pairs:
+                warnings.warn(f"a reward turns off the {name!r} preset's {term} (loss.{key} -> 0)", stacklevel=2)
+                pairs = {**pairs, f"loss.{key}": 0.0}
     return validate(override(cfg, pairs))
 
 

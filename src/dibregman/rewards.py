@@ -383,6 +383,11 @@ def check_config(cfg) -> None:
         raise ValueError(f"reward.z_init_samples must be >= 0, got {rc.z_init_samples}")
     if rc.name != "none" and cfg.loss.gan_weight > 0:
         raise ValueError("loss.gan_weight must be 0 with a reward: the GAN term pulls q to p, not to p r*")
+    if rc.name != "none" and cfg.loss.regression_weight > 0:
+        raise ValueError(
+            "loss.regression_weight must be 0 with a reward: the regression term pulls G to the teacher's ODE map, "
+            "i.e. q to p, not to p r*"
+        )
 
 
 def build_target(cfg, models, device) -> TargetRatio | None:

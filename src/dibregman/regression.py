@@ -1,4 +1,4 @@
-"""DMD's regression term (Yin et al. 2024, Eq. 7): keep the one-step generator near the teacher's ODE map.
+"""DMD's regression term (Yin et al. 2024, one-step DMD): keep the one-step generator near the teacher's ODE map.
 
 Once per run, `loss.regression_pairs` latents z are drawn from their own seeded stream and the teacher's
 deterministic Heun sampler (`loss.regression_steps` intervals, the Karras schedule) solves the probability-flow

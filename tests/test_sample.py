@@ -109,3 +109,13 @@ def test_sample_teacher_shapes_cond_and_errors():
     assert sample_teacher(net, 3, num_steps=2, sampler="euler").shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match="heun"):
         sample_teacher(ring, 4, sampler="dpm++")
+
+
+def test_sample_teacher_from_given_latents_is_the_ode_map_of_those_latents():
+    ring = ring_mixture()
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(3))
+    x = sample_teacher(ring, 10, num_steps=8, noise=z, batch_size=4)
+    sigmas = karras_sigmas(8, max(0.002, ring.sigma_min), min(80.0, ring.sigma_max), 7.0)
+    torch.testing.assert_close(x, heun_sampler(ring, z.clone(), sigmas), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"noise must have shape \(10, 2\)"):
+        sample_teacher(ring, 10, noise=z[:9])

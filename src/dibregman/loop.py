@@ -164,10 +164,9 @@ class Trainer:
                 mon.add_by_sigma(prefix, values, sigma)
         return _apply(self.opt_c, self.critic_params, cfg.optim.grad_clip, "critic", mon)
 
-    def _generator_round(
-        self, b: Batch, gan_w: float, norm: int, rnd: int = 0, n: int | None = None
-    ) -> tuple[torch.Tensor, dict]:
-        """Lines 5-15 for one micro-batch: the networks at x_t, then Eq. 4 (+ Eq. 14, + GAN) from `distill`."""
+    def _generator_round(self, b: Batch, gan_w: float, norm: int, rnd: int, n: int) -> tuple[torch.Tensor, dict]:
+        """Lines 5-15 for micro-batch `rnd` (n samples over all ranks): the networks at x_t, then Eq. 4 (+ Eq. 14,
+        + GAN) from `distill`."""
         m, L = self.m, self.cfg.loss
         x = m.generator(b.z, b.cond).float()  # line 5
         s = bcast(b.gen_sigma, x)
@@ -195,7 +194,6 @@ class Trainer:
             loss = loss + extra
             stats["reward"] = self.target.stats(x, b.cond, coef, g)
         if self.regression is not None:  # DMD's regression towards the teacher's ODE map (regression.py)
-            n = n or len(b.z) * dist.world_size()  # the global micro-batch
             reg, stats["regression"] = self.regression.loss(m, self.state.step, rnd, n, norm, self.device)
             loss = loss + reg
         if gan_w > 0:  # the GAN term's gradient flows through x into G (and into eta: cleared by the caller)

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from .draws import generator_for, local_slice
-from .noise import karras_sigmas
-from .sample import heun_sampler
+from .sample import sample_teacher
 
 FILE = "regression_pairs.pt"
-_CHUNK = 256  # pairs per sampler batch
+_CHUNK = 256  # pairs per sampler batch (and per condition embedding: text embeddings of every pair at once
+# could outgrow memory)
 
 
 class Regression:
@@ -64,20 +64,27 @@ def _key(cfg) -> dict:
 
 
 def make_pairs(cfg, models, device) -> dict:
-    """Draw the latents (and conditions) from their own stream and solve the teacher's ODE from them (Heun on the
-    Karras schedule between the teacher's sigma range and EDM's 0.002 / 80, as `sample_teacher`)."""
-    L, t = cfg.loss, models.teacher
+    """Draw the latents (and conditions) from their own stream and solve the teacher's ODE from them
+    (`sample_teacher`: Heun on its Karras schedule, `loss.regression_steps` intervals)."""
+    L = cfg.loss
     g = generator_for(cfg.run.seed, "regression-pairs")
     z = torch.randn(L.regression_pairs, *models.shape, generator=g)
     cond_index = models.conditions.draw(g, L.regression_pairs) if models.conditions is not None else None
-    sigma_min = max(0.002, float(getattr(t, "sigma_min", 0.0)))
-    sigma_max = min(80.0, float(getattr(t, "sigma_max", float("inf"))))
-    sigmas = karras_sigmas(L.regression_steps, sigma_min, sigma_max, 7.0, device=device)
     out = []
     with torch.no_grad():
         for i in range(0, len(z), _CHUNK):
+            zc = z[i : i + _CHUNK]
             c = None if cond_index is None else models.conditions.embed(cond_index[i : i + _CHUNK], device)
-            out.append(heun_sampler(t, z[i : i + _CHUNK].to(device), sigmas, c).float().cpu())
+            x = sample_teacher(
+                models.teacher,
+                len(zc),
+                num_steps=L.regression_steps,
+                cond=c,
+                shape=models.shape,
+                noise=zc,
+                batch_size=_CHUNK,
+            )
+            out.append(x.float().cpu())
     return {"key": _key(cfg), "z": z, "x": torch.cat(out), "cond_index": cond_index}
 
 

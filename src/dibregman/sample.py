@@ -132,13 +132,18 @@ def sample_teacher(
     progress: bool = False,  # tqdm bar over batches
     sigmas: torch.Tensor | None = None,  # explicit descending noise levels ending at 0 (e.g. a flow teacher's
     # Euler chain, `teachers.flow.flow_euler_sigmas`); None: the Karras schedule of num_steps/sigma_*/rho
+    noise: torch.Tensor | None = None,  # the unit-variance latents [n, *shape] to start from; None: drawn
+    # from `generator` batch by batch
 ) -> torch.Tensor:
-    """Draw n teacher samples [n, *shape] on the Karras schedule (or on `sigmas`) with the chosen ODE sampler."""
+    """Draw n teacher samples [n, *shape] on the Karras schedule (or on `sigmas`) with the chosen ODE sampler,
+    from the latents `noise` when given (the ODE map of those latents: the regression term's pairs)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {list(SAMPLERS)}")
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     shape = tuple(shape if shape is not None else denoiser.shape)
+    if noise is not None and tuple(noise.shape) != (n, *shape):
+        raise ValueError(f"noise must have shape {(n, *shape)}, got {tuple(noise.shape)}")
     device = _device_of(denoiser)
     sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))  # as EDM's generate.py
     sigma_max = min(sigma_max, float(getattr(denoiser, "sigma_max", float("inf"))))
@@ -157,9 +162,12 @@ def sample_teacher(
         starts = tqdm(starts, desc=f"{sampler}-{count_evaluations(num_steps, sampler)}", unit="batch")
     for start in starts:
         b = min(batch_size, n - start)
-        noise = torch.randn(b, *shape, generator=generator, device=gen_device).to(device)
+        if noise is None:
+            z = torch.randn(b, *shape, generator=generator, device=gen_device).to(device)
+        else:
+            z = noise[start : start + b].to(device)
         c = cond[start : start + b] if cond is not None else None
-        out.append(fn(denoiser, noise, sigmas, c))
+        out.append(fn(denoiser, z, sigmas, c))
     x = torch.cat(out)
     bad = int((~torch.isfinite(x.reshape(n, -1))).any(dim=1).sum())
     if bad:

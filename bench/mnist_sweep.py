@@ -52,6 +52,10 @@ RECIPE = {  # no oscillation over 300k images (bench/tuning/results/mnist_oscill
     "optim.lr_schedule": "cosine",
     "optim.lr_final": 0.1,
     "optim.ema_halflife_kimg": 10.0,
+    # pinned: the sweep's runs must share one noise-level range whatever the preset moves to
+    # (bench/tuning/results/student_background/ measures gen_t_max 1.0)
+    "loss.gen_t_max": 0.8,
+    "loss.disc_t_max": 0.95,
 }
 FID_KEY, SCORE_KEY = "fid_mnist", "classifier_score"  # in-loop log keys
 REFERENCE = "mnist:data/mnist:test"

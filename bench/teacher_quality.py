@@ -222,6 +222,11 @@ def render(d: dict, all_data: dict) -> str:
         row.append(f"{f(inc['fid'], 4)} (n={inc['n_samples']})" if inc else "n/a")
         rows.append(row)
     t, real = d["teacher"], d.get("real")
+    inception = (
+        f"Inception FID on the first n={s['n_inception']} of them against {_inception_ref_text(s)} reference images"
+        if s["n_inception"]
+        else "no Inception FID"
+    )
     lines = [
         f"## {title(d)}",
         "",
@@ -229,9 +234,7 @@ def render(d: dict, all_data: dict) -> str:
         "",
         f"Teacher `{t['path']}` (sha256 {t.get('sha256')}, trained on {t.get('num_images')} images). "
         f"FID with the MNIST feature net on n={s['n_fid']} samples per row against {d['reference']}; "
-        f"Inception FID on the first n={s['n_inception']} of them against "
-        f"{_inception_ref_text(s)} reference images. "
-        "Same latents in every row.",
+        f"{inception}. Same latents in every row.",
         "",
         *common.table(head, rows),
         "",

@@ -106,10 +106,13 @@ def markdown(all_data: dict) -> list[str]:
 
 
 def _sizes(d: dict) -> str:
+    """Run length and the seeds that finished (of those planned, while a sweep is still under way)."""
     s = d["sizes"]
-    seeds = s.get("seeds", [d.get("seed")])
+    planned = s.get("seeds", [d.get("seed")])
+    seeds = sorted({r.get("seed", d.get("seed")) for r in d.get("runs") or []}) or planned
+    of = f" of {len(planned)} planned" if len(seeds) < len(planned) else ""
     smoke = ", smoke run: the numbers mean nothing" if d.get("quick") else ""
-    return f"{common.fmt(s['kimg'], 4)} kimg per run, {len(seeds)} seed{'s' * (len(seeds) > 1)}{smoke}"
+    return f"{common.fmt(s['kimg'], 4)} kimg per run, {len(seeds)} seed{'s' * (len(seeds) > 1)}{of}{smoke}"
 
 
 def _word(relation: str) -> str:

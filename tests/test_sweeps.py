@@ -304,6 +304,8 @@ def test_verdict_follows_the_numbers_and_flips_with_them():
     assert "better at" not in flipped
     tie = block(_mnist_json([20.0, 31.0], [30.0, 33.0]), _gmm_json([0.01, 0.055], [0.05, 0.06]))
     assert tie.count("within seed spread of reverse KL everywhere") == 2
-    one = block(_mnist_json([20.0], [30.0]), None)
+    assert "### MNIST (20 kimg per run, 2 seeds)" in md
+    one = block(_mnist_json([20.0], [30.0]), None)  # two seeds planned, one finished
     assert "fewer than two seeds: no spread to judge by" in one and "GMM" not in one
+    assert "### MNIST (20 kimg per run, 1 seed of 2 planned)" in one
     assert verdict.markdown({}) == []

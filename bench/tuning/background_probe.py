@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dibregman import checkpoint as ckpt
 from dibregman.config import parse_set
 from dibregman.evaluate import evaluate_samples
 from dibregman.generators import generate, load_generator
@@ -92,7 +93,7 @@ def cmd_finetune(args) -> None:
     }  # fmt: skip
     tr = Trainer(from_preset("mnist", pairs), args.out / args.name)
     if tr.state.step == 0:  # a fresh run starts from the checkpoint's networks (optimisers fresh)
-        st = torch.load(args.start, map_location="cpu", weights_only=False)
+        st = ckpt.load(args.start)  # verified against its checksum, no code executed
         for key, net in (("generator", tr.m.generator), ("ema", tr.ema), ("fake", tr.m.fake), ("disc", tr.m.disc)):
             net.load_state_dict(st[key])
     t0 = time.time()

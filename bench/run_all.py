@@ -112,7 +112,7 @@ def write_report(out: Path) -> Path:
     ]
     if not data:
         lines += ["No results yet: run `make bench`.", ""]
-    block = verdict.markdown(data)  # the sweeps' verdict first: written from their JSON too
+    block = verdict.markdown(data, verdict.load_calibration(out))  # the sweeps' verdict first: from JSON too
     if block:
         lines.append(f"- [verdict](#{_anchor(verdict.TITLE)})")
     for name, d in data.items():

@@ -7,21 +7,32 @@ Rule (`seedstats.compare`): at equal images an objective is "better" / "worse" t
 [min, max] ranges of the two over seeds do not overlap; otherwise "within seed spread". MNIST: in-loop FID at the
 sweep's equal-images points, final FID and classifier score. GMM (per exact teacher): modes covered, within 3
 sigma, mode TV and MMD^2. Each objective's ESS/batch and weight max stand beside it: a win bought with a
-collapsed weight (ESS near 1/batch) is a different finding from one with healthy weights. `run_all.py` puts this
-block at the top of BENCHMARKS.md; paste the `--out` file into the README where it should appear there.
+collapsed weight (ESS near 1/batch) is a different finding from one with healthy weights. Why: each weighted
+objective's sensitivity |d log w / d l| at l = 0 times the default discriminator's q-side logit error measured by
+`ratio_calibration.json` (when present) gives the factor its weights are off by. What to use: per goal (sharpness:
+MNIST final FID; mode coverage: GMM mode TV per teacher) the objective with the best mean, recommended over
+reverse KL only where it is better beyond the seed spread. `run_all.py` puts this block at the top of
+BENCHMARKS.md; paste the `--out` file into the README where it should appear there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
+import torch
+
 import common
 import seedstats as ss
+from dibregman import divergences
 
 BASELINE = "rkl"
 TITLE = "Verdict: each objective against reverse KL at equal images"
+CALIBRATION = "ratio_calibration.json"  # bench/ratio_calibration.py: the discriminator's logit error
+DEFAULT_HEAD = ("fake_score", "linear")  # placement and head the presets train (model.disc_placement / disc_head)
 GMM_METRICS = (("modes_covered", "modes", False), ("within_3sigma", "within 3σ", False),
                ("mode_tv", "mode TV", True), ("mmd2", "MMD²", True))  # fmt: skip
 
@@ -34,6 +45,7 @@ def mnist_verdict(d: dict) -> dict | None:
     base = next((r for r in rows if r["label"] == BASELINE), None)
     if base is None:
         return None
+    slopes = _slopes(d)
     points = [p["kimg"] for p in base["fid_at"]]
     out = []
     for r in rows:
@@ -44,8 +56,9 @@ def mnist_verdict(d: dict) -> dict | None:
         cells = {f"FID at {common.fmt(k, 4)} kimg": _cell(at.get(k), base_at[k], True) for k in points}
         cells[f"final FID (n={d['sizes']['n_fid']})"] = _cell(r["final_fid"], base["final_fid"], True)
         cells["classifier score"] = _cell(r["classifier_score"], base["classifier_score"], False)
-        out.append(_row(r, cells))
-    return {"rows": out, "baseline": _weights(base)}
+        out.append(_row(r, cells, slopes))
+    goal = f"sharpness (final FID, n={d['sizes']['n_fid']})"
+    return {"rows": out, "baseline": _weights(base), "goals": [_goal(goal, rows, "final_fid", True)]}
 
 
 def gmm_verdict(d: dict) -> list[dict]:
@@ -53,19 +66,61 @@ def gmm_verdict(d: dict) -> list[dict]:
     import gmm_report
 
     rows = d.get("summary") or gmm_report.summarise(d)
-    out = []
+    slopes, out = _slopes(d), []
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         mine = [r for r in rows if r["teacher"] == teacher]
         base = next((r for r in mine if r["label"] == BASELINE), None)
         if base is None:
             continue
         vs = [
-            _row(r, {name: _cell(r[key], base[key], lower) for key, name, lower in GMM_METRICS})
+            _row(r, {name: _cell(r[key], base[key], lower) for key, name, lower in GMM_METRICS}, slopes)
             for r in mine
             if r["label"] != BASELINE
         ]
-        out.append({"teacher": teacher, "rows": vs, "baseline": _weights(base)})
+        goals = [_goal("mode coverage (mode TV)", mine, "mode_tv", True)]
+        out.append({"teacher": teacher, "rows": vs, "baseline": _weights(base), "goals": goals})
     return out
+
+
+def log_weight_slope(name: str, params: dict) -> float:
+    """|d log w / d l| at l = 0: a logit error delta moves the objective's log weight by about this times delta
+    (SBA(lambda): |lambda|; LR: 1/2; reverse KL: 0, its weight is 1 whatever the discriminator says)."""
+    l = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    log_w = divergences.get(name, **params).log_weight(l)
+    if not log_w.requires_grad:  # a constant weight
+        return 0.0
+    (grad,) = torch.autograd.grad(log_w, l)
+    return abs(float(grad))
+
+
+def _slopes(d: dict) -> dict:
+    """{label: log_weight_slope} of the sweep's runs (None where a run records no divergence)."""
+    runs = {r["label"]: r for r in d.get("runs") or [] if r.get("divergence")}
+    return {label: log_weight_slope(r["divergence"], r.get("params") or {}) for label, r in runs.items()}
+
+
+def logit_error(cal: dict | None) -> dict | None:
+    """`seedstats.stat` over the calibration benchmark's students of the default discriminator's q-side logit RMSE
+    (mean over its sigma bins): the error the generator's weights read (None without that benchmark)."""
+    runs = (cal or {}).get("runs") or []
+    vals = [
+        sum(b["rmse_q"] for b in r["bins"]) / len(r["bins"])
+        for r in runs
+        if (r.get("placement"), r.get("head")) == DEFAULT_HEAD and r.get("bins") and "skipped" not in r
+    ]
+    return ss.stat(vals)
+
+
+def _goal(goal: str, rows: list[dict], key: str, lower_is_better: bool) -> dict:
+    """The objective with the best mean `key` (aliases left out) and how it stands against reverse KL."""
+    have = [r for r in rows if r.get(key) and not r.get("alias_of")]
+    base = next((r for r in have if r["label"] == BASELINE), None)
+    if not have or base is None:
+        return {"goal": goal, "best": None}
+    sign = 1 if lower_is_better else -1
+    best = min(have, key=lambda r: (sign * r[key]["mean"], r is not base))  # a tie goes to reverse KL
+    relation = "baseline" if best is base else ss.compare(best[key], base[key], lower_is_better)
+    return {"goal": goal, "best": best["label"], "relation": relation, "objective": best[key], "baseline": base[key]}
 
 
 def _cell(a: dict | None, b: dict | None, lower_is_better: bool) -> dict:
@@ -76,15 +131,17 @@ def _weights(r: dict) -> dict:
     return {"ess_frac": r.get("ess_frac"), "weight_max": r.get("weight_max")}
 
 
-def _row(r: dict, cells: dict) -> dict:
+def _row(r: dict, cells: dict, slopes: dict) -> dict:
     return {"label": r["label"], "alias_of": r.get("alias_of"), "seeds": len(r["seeds"]), "cells": cells,
-            "failed_seeds": r.get("failed_seeds") or [], **_weights(r)}  # fmt: skip
+            "failed_seeds": r.get("failed_seeds") or [], "slope": slopes.get(r["label"]), **_weights(r)}  # fmt: skip
 
 
 # ---- Markdown -------------------------------------------------------------------------------------------
-def markdown(all_data: dict) -> list[str]:
-    """The verdict block (heading included) from whichever of the two sweep JSONs exist; [] if neither."""
+def markdown(all_data: dict, calibration: dict | None = None) -> list[str]:
+    """The verdict block (heading included) from whichever of the two sweep JSONs exist; [] if neither.
+    `calibration`: ratio_calibration.json's content, for the weights' error in the "why" lines."""
     mnist, gmm = all_data.get("mnist_sweep"), all_data.get("gmm_sweep")
+    err = logit_error(calibration)
     if not mnist and not gmm:
         return []
     lines = [
@@ -96,13 +153,32 @@ def markdown(all_data: dict) -> list[str]:
         "",
     ]
     v = mnist_verdict(mnist) if mnist else None
+    blocks = []
     if v:
-        lines += [f"### MNIST ({_sizes(mnist)})", "", *_table(v), "", *_sentences(v), ""]
+        blocks.append(("MNIST", v))
+        lines += [f"### MNIST ({_sizes(mnist)})", "", *_table(v), "", *_sentences(v, err), ""]
     elif mnist:
         lines += ["### MNIST", "", "No reverse-KL runs in mnist_sweep.json: no verdict.", ""]
     for g in gmm_verdict(gmm) if gmm else []:
-        lines += [f"### GMM `{g['teacher']}` ({_sizes(gmm)})", "", *_table(g), "", *_sentences(g), ""]
+        blocks.append((f"GMM `{g['teacher']}`", g))
+        lines += [f"### GMM `{g['teacher']}` ({_sizes(gmm)})", "", *_table(g), "", *_sentences(g, err), ""]
+    recommend = [_recommendation(where, goal) for where, b in blocks for goal in b["goals"] if goal["best"]]
+    if recommend:
+        lines += ["### What to use", "", *recommend, ""]
     return lines
+
+
+def _recommendation(where: str, g: dict) -> str:
+    best, a, b = f"`{g['best']}`", ss.fmt_stat(g["objective"], 3), ss.fmt_stat(g["baseline"], 3)
+    head = f"- {where}, {g['goal']}: "
+    if g["relation"] == "baseline":
+        return head + f"reverse KL has the best mean ({b}): use `{BASELINE}`."
+    if g["relation"] == ss.BETTER:
+        return head + f"use {best}, better than reverse KL beyond the seed spread ({a} vs {b})."
+    if g["relation"] == ss.TIE:
+        return head + (f"{best} has the best mean ({a}) but lies within reverse KL's seed spread ({b}): use "
+                       f"`{BASELINE}` until more seeds separate them.")  # fmt: skip
+    return head + f"{best} has the best mean ({a} vs {b}) from one seed: not enough to prefer it to `{BASELINE}`."
 
 
 def _sizes(d: dict) -> str:
@@ -141,8 +217,9 @@ def _label(r: dict) -> str:
     return f"`{r['label']}`" + (f" (= `{r['alias_of']}`)" if r["alias_of"] else "")
 
 
-def _sentences(v: dict) -> list[str]:
-    """One line per objective: where it wins, where it loses, the rest within seed spread."""
+def _sentences(v: dict, err: dict | None = None) -> list[str]:
+    """One line per objective: where it wins, where it loses, the rest within seed spread; then why (the
+    weights' sensitivity to the discriminator's logit error `err` and their effective sample size)."""
     out = []
     for r in v["rows"]:
         by = {rel: [col for col, c in r["cells"].items() if c["relation"] == rel] for rel in (ss.BETTER, ss.WORSE)}
@@ -157,8 +234,34 @@ def _sentences(v: dict) -> list[str]:
         if r["failed_seeds"]:
             text += f"; diverged with seeds {r['failed_seeds']} (left out)"
         out.append(f"- {_label(r)}: {text} (ESS/batch {ss.fmt_stat(r['ess_frac'])}, weight max "
-                   f"{ss.fmt_stat(r['weight_max'])}).")  # fmt: skip
+                   f"{ss.fmt_stat(r['weight_max'])}).{_why(r, err)}")  # fmt: skip
     return out
+
+
+def _why(r: dict, err: dict | None) -> str:
+    """How far the discriminator's error moves this objective's weights, and how many samples they keep."""
+    slope = r.get("slope")
+    if not slope:
+        return ""
+    f = common.fmt
+    by = "" if math.isclose(slope, 1.0) else f(slope, 2)
+    text = f" A logit error δ moves its log weight by {by}δ"
+    if err:
+        lo, hi = math.exp(slope * err["min"]), math.exp(slope * err["max"])
+        span = f"×{f(lo, 3)}" if math.isclose(lo, hi, rel_tol=0.005) else f"×{f(lo, 3)}-{f(hi, 3)}"
+        rmse = ss.fmt_stat(err, 2)
+        text += (f": the default discriminator's q-side logit RMSE where the true ratio is known (2-D mixtures, "
+                 f"{rmse}, `ratio_calibration.md`) leaves its weights off by {span} (one std)")  # fmt: skip
+    ess = r.get("ess_frac")
+    if ess:
+        text += f"; each step's weighted average keeps about {f(ess['mean'], 2)} of the batch"
+    return text + "."
+
+
+def load_calibration(results: Path) -> dict | None:
+    """`ratio_calibration.json` of a results folder (None when absent)."""
+    path = Path(results) / CALIBRATION
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -168,7 +271,8 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     import run_all
 
-    text = "\n".join(markdown(run_all.load_results(Path(args.results)))).rstrip() + "\n"
+    results = Path(args.results)
+    text = "\n".join(markdown(run_all.load_results(results), load_calibration(results))).rstrip() + "\n"
     if args.out:
         Path(args.out).write_text(text)
     else:

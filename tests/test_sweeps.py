@@ -274,8 +274,9 @@ def _mnist_json(sba_fids: list[float], rkl_fids: list[float]) -> dict:
         for seed, v in enumerate(fids):
             curve = [{"kimg": k, "fid": v + 100 * (k == 0), "score": 9.0 - v / 100} for k in (0.0, 5.0, 10.0, 20.0)]
             final = {"mnist_features": {"fid": v, "classifier_score": 9.0 - v / 100}}
+            div = {"divergence": "sba", "params": {"lam": 5.0}} if label != "rkl" else {"divergence": "rkl"}
             runs.append({"label": label, "seed": seed, "weight": "1", "curve": curve, "final": final,
-                         "images_seen": 20000, "ess_frac_half": 0.9, "weight_max_half": 2.0})  # fmt: skip
+                         "images_seen": 20000, "ess_frac_half": 0.9, "weight_max_half": 2.0, **div})  # fmt: skip
     return {"runs": runs, "sizes": {"kimg": 20.0, "n_fid": 2000, "seeds": [0, 1]}, "seed": 0}
 
 
@@ -309,3 +310,30 @@ def test_verdict_follows_the_numbers_and_flips_with_them():
     assert "fewer than two seeds: no spread to judge by" in one and "GMM" not in one
     assert "### MNIST (20 kimg per run, 1 seed of 2 planned)" in one
     assert verdict.markdown({}) == []
+    # what to use follows the same numbers: the better objective where it wins, reverse KL otherwise
+    assert "- MNIST, sharpness (final FID, n=2000): use `sba(lam=5)`, better than reverse KL" in md
+    assert "- GMM `gmm:ring8`, mode coverage (mode TV): use `sba(lam=5)`" in md
+    assert "- MNIST, sharpness (final FID, n=2000): reverse KL has the best mean (21 [20, 22]): use `rkl`." in flipped
+    assert "lies within reverse KL's seed spread" in tie and "from one seed: not enough to prefer it" in one
+
+
+def test_verdict_says_why_from_the_weights_and_the_calibration():
+    """An SBA(lambda) row names its log-weight sensitivity (lambda) and, given the calibration benchmark's logit
+    error of the default head, the factor e^{lambda * RMSE} its weights are off by; reverse KL gets no such line."""
+    import verdict
+
+    assert verdict.log_weight_slope("sba", {"lam": 5.0}) == pytest.approx(5.0)
+    assert verdict.log_weight_slope("lr", {}) == pytest.approx(0.5)  # d log sigmoid(l) / dl at 0
+    assert verdict.log_weight_slope("rkl", {}) == 0.0
+    bins = lambda e: [{"rmse_q": e}, {"rmse_q": e}]  # noqa: E731
+    cal = {"runs": [{"placement": "fake_score", "head": "linear", "bins": bins(0.1)},
+                    {"placement": "fake_score", "head": "linear", "bins": bins(0.2)},
+                    {"placement": "separate", "head": "linear", "bins": bins(3.0)}]}  # fmt: skip
+    assert verdict.logit_error(cal)["max"] == pytest.approx(0.2)  # the default head's runs only
+    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal))
+    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))
+    assert "moves its log weight by 5δ" in line and "off by ×1.65-2.72 (one std)" in line  # e^0.5, e^1
+    assert "keeps about 0.9 of the batch" in line
+    bare = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}))
+    assert "moves its log weight by 5δ; each step" in bare and "off by" not in bare  # no calibration: no factor
+    assert not any(x.startswith("- `rkl`") for x in bare.splitlines())

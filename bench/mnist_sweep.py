@@ -5,6 +5,7 @@ the same weight sigmoid(l)) and forward KL, each with `--seeds` seeds.
     python bench/mnist_sweep.py [--kimg 150] [--seeds 2] [--teacher edm:PATH] [--fid-every-kimg 5]
                                 [--n-fid-loop 500] [--n-fid 2000] [--n-inception 500] [--teacher-nfe 35]
                                 [--target-fid F] [--only rkl,fkl] [--set optim.gen_lr=2e-4 ...] [--collect]
+                                [--until-kimg K]
 
 Config of every run: the `mnist` preset (real side mnist:data/mnist, batch 64), then RECIPE (the setting that
 ended the oscillation over 300k images: bench/tuning/results/mnist_oscillation/README.md), then `--teacher` and
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated labels or divergence names this process trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")
+    p.add_argument(
+        "--until-kimg",
+        type=float,
+        default=None,
+        help="train each run only this far into its --kimg schedule, then stop at a checkpoint without the final "
+        "evaluation; run again without it to finish (a tuning probe that is a prefix of the full run)",
+    )
     return common.add_common_args(p)
 
 
@@ -213,10 +221,15 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
         if trainer.state.num_images == 0:
             log_start(trainer, ctx, sizes["n_fid_loop"], seed)
 
-    ran = sweeprun.train(lambda: Trainer(cfg, rd, hooks=[hook]), f"[{NAME}] {label} seed {seed}", prepare)
+    until = None if args.until_kimg is None else round(args.until_kimg * 1000)
+    ran = sweeprun.train(lambda: Trainer(cfg, rd, hooks=[hook]), f"[{NAME}] {label} seed {seed}", prepare, until)
     if ran is None:
         return None
     trainer, counters, failed = ran
+    if failed is None and counters["num_images"] < round(sizes["kimg"] * 1000):
+        print(f"[{NAME}] {label} seed {seed}: stopped at {counters['num_images'] / 1000:g} of {sizes['kimg']:g} "
+              "kimg (--until-kimg); run again without it to finish", flush=True)  # fmt: skip
+        return None
     logs = sweeprun.read_log(rd)
     result = {
         **sweeprun.record(spec, seed, cfg, eval_sizes, rd, counters, failed),
@@ -315,6 +328,8 @@ def run(args) -> dict:
     device = common.setup(args)
     args.device_type = device.type
     sizes = sizes_of(args)
+    if args.until_kimg is not None and not 0 < args.until_kimg <= sizes["kimg"]:
+        raise ValueError(f"--until-kimg must lie in (0, --kimg = {sizes['kimg']:g}], got {args.until_kimg:g}")
     specs, real = sweeprun.select(list(OBJECTIVES), args.objectives), real_side(args)
     alias = sweeprun.identical_weights(specs)
     cfg0 = make_config(args, "rkl", {}, args.seed, sizes, real)

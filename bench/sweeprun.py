@@ -20,6 +20,7 @@ runs; `identical_weights` finds them, and a sweep trains one and reports it unde
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -143,8 +144,10 @@ def state_of(trainer) -> dict:
     return {"num_images": s.num_images, "steps": s.step, "bad_steps": s.bad_steps}
 
 
-def train(make_trainer, tag: str, prepare=None):
-    """Build a run's Trainer with `make_trainer()`, call `prepare(trainer)` (e.g. log the initial generator), train.
+def train(make_trainer, tag: str, prepare=None, until_images: int | None = None):
+    """Build a run's Trainer with `make_trainer()`, call `prepare(trainer)` (e.g. log the initial generator), train
+    (to `until_images` of the run's schedule only, when given: the steps up to it, then stop after that step's
+    checkpoint where it crosses one; a later call without it continues the same run).
 
     Returns `(trainer, counters, failed)`: `counters` as `state_of`, `failed` None, or the reason when the run
     diverged (`runguard.TooManyBadSteps`: its weights are the last healthy ones, so the sweep still evaluates it
@@ -155,7 +158,10 @@ def train(make_trainer, tag: str, prepare=None):
         trainer = make_trainer()
         if prepare is not None:
             prepare(trainer)
-        trainer.train()
+        steps = None
+        if until_images is not None:
+            steps = max(0, math.ceil((until_images - trainer.state.num_images) / trainer.cfg.optim.batch_size))
+        trainer.train(max_steps=steps)
         return trainer, state_of(trainer), None
     except runguard.RunLocked as e:
         print(f"{tag}: skipped, {e}", flush=True)

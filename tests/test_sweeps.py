@@ -169,6 +169,17 @@ def test_killed_mnist_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, mo
     log = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
     assert [r["kimg"] for r in log] == [0.0, 0.016, 0.032]  # cut back to the checkpoint, then continued
 
+    # --until-kimg: a probe that is a prefix of the full run; without it the same run finishes, equal
+    prefix = mnist_sweep.main(_mnist_argv(tmp_path, "prefix", "--only", "sba(lam=5)", "--until-kimg", "0.016"))
+    run = tmp_path / "prefix" / "mnist_sweep" / "0.032kimg-b8" / "sba_lam_5-s0"
+    assert "stopped at 0.016 of 0.032 kimg" in capsys.readouterr().out and prefix["runs"] == []
+    assert not (run / sweeprun.RESULT).exists() and sorted(run.glob("ckpt-*.pt"))[-1].name == "ckpt-000000000016.pt"
+    done = mnist_sweep.main(_mnist_argv(tmp_path, "prefix", "--only", "sba(lam=5)"))
+    assert done["runs"][0]["curve"] == reference["runs"][1]["curve"]
+    assert done["runs"][0]["final"]["mnist_features"] == reference["runs"][1]["final"]["mnist_features"]
+    with pytest.raises(ValueError, match="--until-kimg must lie in"):
+        mnist_sweep.main(_mnist_argv(tmp_path, "prefix", "--until-kimg", "1"))
+
 
 @pytest.mark.slow
 def test_a_run_held_by_another_process_is_skipped_then_collected(tmp_path, monkeypatch, capsys):

@@ -94,7 +94,7 @@ def log_weight_slope(name: str, params: dict) -> float:
 
 
 def _slopes(d: dict) -> dict:
-    """{label: log_weight_slope} of the sweep's runs (None where a run records no divergence)."""
+    """{label: log_weight_slope} of the sweep's runs that record their divergence."""
     runs = {r["label"]: r for r in d.get("runs") or [] if r.get("divergence")}
     return {label: log_weight_slope(r["divergence"], r.get("params") or {}) for label, r in runs.items()}
 
@@ -102,7 +102,9 @@ def _slopes(d: dict) -> dict:
 def logit_error(cal: dict | None) -> dict | None:
     """`seedstats.stat` over the calibration benchmark's students of the default discriminator's q-side logit RMSE
     (mean over its sigma bins): the error the generator's weights read (None without that benchmark)."""
-    runs = (cal or {}).get("runs") or []
+    if not cal or cal.get("quick"):  # a smoke run's error means nothing
+        return None
+    runs = cal.get("runs") or []
     vals = [
         sum(b["rmse_q"] for b in r["bins"]) / len(r["bins"])
         for r in runs

@@ -341,6 +341,7 @@ def test_verdict_says_why_from_the_weights_and_the_calibration():
                     {"placement": "fake_score", "head": "linear", "bins": bins(0.2)},
                     {"placement": "separate", "head": "linear", "bins": bins(3.0)}]}  # fmt: skip
     assert verdict.logit_error(cal)["max"] == pytest.approx(0.2)  # the default head's runs only
+    assert verdict.logit_error({**cal, "quick": True}) is None
     md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal))
     line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))
     assert "moves its log weight by 5δ" in line and "off by ×1.65-2.72 (one std)" in line  # e^0.5, e^1

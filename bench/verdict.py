@@ -163,7 +163,8 @@ def markdown(all_data: dict, calibration: dict | None = None) -> list[str]:
         lines += ["### MNIST", "", "No reverse-KL runs in mnist_sweep.json: no verdict.", ""]
     for g in gmm_verdict(gmm) if gmm else []:
         blocks.append((f"GMM `{g['teacher']}`", g))
-        lines += [f"### GMM `{g['teacher']}` ({_sizes(gmm)})", "", *_table(g), "", *_sentences(g, err), ""]
+        head = f"### GMM `{g['teacher']}` ({_sizes(gmm, g['teacher'])})"
+        lines += [head, "", *_table(g), "", *_sentences(g, err), ""]
     recommend = [_recommendation(where, goal) for where, b in blocks for goal in b["goals"] if goal["best"]]
     if recommend:
         lines += ["### What to use", "", *recommend, ""]
@@ -183,11 +184,13 @@ def _recommendation(where: str, g: dict) -> str:
     return head + f"{best} has the best mean ({a} vs {b}) from one seed: not enough to prefer it to `{BASELINE}`."
 
 
-def _sizes(d: dict) -> str:
-    """Run length and the seeds that finished (of those planned, while a sweep is still under way)."""
+def _sizes(d: dict, teacher: str | None = None) -> str:
+    """Run length and the seeds that finished (of those planned, while a sweep is still under way), counting
+    only `teacher`'s runs when given."""
     s = d["sizes"]
     planned = s.get("seeds", [d.get("seed")])
-    seeds = sorted({r.get("seed", d.get("seed")) for r in d.get("runs") or []}) or planned
+    runs = [r for r in d.get("runs") or [] if teacher is None or r.get("teacher") == teacher]
+    seeds = sorted({r.get("seed", d.get("seed")) for r in runs}) or planned
     of = f" of {len(planned)} planned" if len(seeds) < len(planned) else ""
     smoke = ", smoke run: the numbers mean nothing" if d.get("quick") else ""
     return f"{common.fmt(s['kimg'], 4)} kimg per run, {len(seeds)} seed{'s' * (len(seeds) > 1)}{of}{smoke}"

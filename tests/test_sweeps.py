@@ -326,6 +326,11 @@ def test_verdict_follows_the_numbers_and_flips_with_them():
     assert "- GMM `gmm:ring8`, mode coverage (mode TV): use `sba(lam=5)`" in md
     assert "- MNIST, sharpness (final FID, n=2000): reverse KL has the best mean (21 [20, 22]): use `rkl`." in flipped
     assert "lies within reverse KL's seed spread" in tie and "from one seed: not enough to prefer it" in one
+    two = _gmm_json([0.01, 0.02], [0.05, 0.06])  # a second teacher with one seed finished so far
+    two["runs"] += [{**r, "teacher": "gmm:ring8-uneven"} for r in _gmm_json([0.01], [0.05])["runs"]]
+    md2 = block(None, two)
+    assert "### GMM `gmm:ring8` (100 kimg per run, 2 seeds)" in md2
+    assert "### GMM `gmm:ring8-uneven` (100 kimg per run, 1 seed of 2 planned)" in md2
 
 
 def test_verdict_says_why_from_the_weights_and_the_calibration():

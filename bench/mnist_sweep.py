@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--until-kimg",
         type=float,
         default=None,
-        help="train each run only this far into its --kimg schedule, then stop at a checkpoint without the final "
-        "evaluation; run again without it to finish (a tuning probe that is a prefix of the full run)",
+        help="train each run only this far into its --kimg schedule (up to the first checkpoint at or after it), "
+        "then stop without the final evaluation; run again without it to finish (a tuning probe that is a prefix "
+        "of the full run)",
     )
     return common.add_common_args(p)
 
@@ -221,7 +223,10 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
         if trainer.state.num_images == 0:
             log_start(trainer, ctx, sizes["n_fid_loop"], seed)
 
-    until = None if args.until_kimg is None else round(args.until_kimg * 1000)
+    until = None
+    if args.until_kimg is not None:  # up to the first checkpoint at or after it, so that no step is trained twice
+        every = round(sizes["ckpt_every_kimg"] * 1000)
+        until = math.ceil(round(args.until_kimg * 1000) / every) * every
     ran = sweeprun.train(lambda: Trainer(cfg, rd, hooks=[hook]), f"[{NAME}] {label} seed {seed}", prepare, until)
     if ran is None:
         return None

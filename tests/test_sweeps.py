@@ -170,7 +170,8 @@ def test_killed_mnist_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, mo
     assert [r["kimg"] for r in log] == [0.0, 0.016, 0.032]  # cut back to the checkpoint, then continued
 
     # --until-kimg: a probe that is a prefix of the full run; without it the same run finishes, equal
-    prefix = mnist_sweep.main(_mnist_argv(tmp_path, "prefix", "--only", "sba(lam=5)", "--until-kimg", "0.016"))
+    # (0.012 kimg rounds up to the checkpoint at 0.016: the prefix ends where the full run can resume without loss)
+    prefix = mnist_sweep.main(_mnist_argv(tmp_path, "prefix", "--only", "sba(lam=5)", "--until-kimg", "0.012"))
     run = tmp_path / "prefix" / "mnist_sweep" / "0.032kimg-b8" / "sba_lam_5-s0"
     assert "stopped at 0.016 of 0.032 kimg" in capsys.readouterr().out and prefix["runs"] == []
     assert not (run / sweeprun.RESULT).exists() and sorted(run.glob("ckpt-*.pt"))[-1].name == "ckpt-000000000016.pt"

@@ -162,7 +162,7 @@ def _bin_head(r: dict) -> list[str]:
     return [f"σ {common.fmt(b['sigma'][0], 2)}–{common.fmt(b['sigma'][1], 2)}" for b in r["bins"]]
 
 
-def _q_rmse(bins: list[dict]) -> float:
+def q_rmse(bins: list[dict]) -> float:
     return sum(b["rmse_q"] for b in bins) / len(bins)
 
 
@@ -171,14 +171,14 @@ def summary(d: dict) -> list[str]:
     f, out = common.fmt, ["**Measured.**"]
     for sname in d["students"]:
         done = sorted(
-            (r for r in d["runs"] if r["student"] == sname and "skipped" not in r), key=lambda r: _q_rmse(r["bins"])
+            (r for r in d["runs"] if r["student"] == sname and "skipped" not in r), key=lambda r: q_rmse(r["bins"])
         )
         if not done:
             continue
         parts = []
         for r in done:
-            e, early = _q_rmse(r["bins"]), [c for c in r["curve"] if c["steps"] < r["steps"]]
-            then = f", {f(_q_rmse(early[0]['bins']), 2)} after {early[0]['steps']} steps" if early else ""
+            e, early = q_rmse(r["bins"]), [c for c in r["curve"] if c["steps"] < r["steps"]]
+            then = f", {f(q_rmse(early[0]['bins']), 2)} after {early[0]['steps']} steps" if early else ""
             parts.append(
                 f"{_label(r)} {f(e, 2)}{then} (λ = 5: ×{f(math.exp(5 * e), 2)}, λ = 10: ×{f(math.exp(10 * e), 2)}; "
                 f"pooled r ≥ {f(min(b['corr'] for b in r['bins']), 2)})"

@@ -32,7 +32,6 @@ from dibregman import divergences
 BASELINE = "rkl"
 TITLE = "Verdict: each objective against reverse KL at equal images"
 CALIBRATION = "ratio_calibration.json"  # bench/ratio_calibration.py: the discriminator's logit error
-DEFAULT_HEAD = ("fake_score", "linear")  # placement and head the presets train (model.disc_placement / disc_head)
 GMM_METRICS = (("modes_covered", "modes", False), ("within_3sigma", "within 3σ", False),
                ("mode_tv", "mode TV", True), ("mmd2", "MMD²", True))  # fmt: skip
 
@@ -101,14 +100,21 @@ def _slopes(d: dict) -> dict:
 
 def logit_error(cal: dict | None) -> dict | None:
     """`seedstats.stat` over the calibration benchmark's students of the default discriminator's q-side logit RMSE
-    (mean over its sigma bins): the error the generator's weights read (None without that benchmark)."""
+    (mean over its sigma bins): the error the generator's weights read (None without that benchmark). Default:
+    the placement and head of the preset the benchmark ran (ModelConfig's defaults where it names none)."""
     if not cal or cal.get("quick"):  # a smoke run's error means nothing
         return None
+    from dibregman.config import ModelConfig
+    from dibregman.presets import get_preset
+    from ratio_calibration import q_rmse
+
+    model = get_preset(cal["preset"]).model if cal.get("preset") else ModelConfig()
+    default = (model.disc_placement, model.disc_head)
     runs = cal.get("runs") or []
     vals = [
-        sum(b["rmse_q"] for b in r["bins"]) / len(r["bins"])
+        q_rmse(r["bins"])
         for r in runs
-        if (r.get("placement"), r.get("head")) == DEFAULT_HEAD and r.get("bins") and "skipped" not in r
+        if (r.get("placement"), r.get("head")) == default and r.get("bins") and "skipped" not in r
     ]
     return ss.stat(vals)
 

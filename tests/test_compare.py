@@ -52,3 +52,17 @@ def test_cli_compare_and_bad_folder(tmp_path, capsys):
     assert "not a run folder" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError):
         compare([], tmp_path / "e")
+
+
+def test_kimg_reads_runs_of_different_lengths_at_equal_images(tmp_path, capsys):
+    short = _run(tmp_path / "short", 0, 5e-4, [40.0, 45.0])  # a probe stopped at 2 kimg
+    long = _run(tmp_path / "long", 0, 1e-4, [50.0, 30.0, 20.0, 10.0])
+    rows = {r["setting"]: r for r in compare([short, long], tmp_path / "k", until_kimg=2)["rows"]}
+    assert rows["gen_lr=0.0001"]["fid_final"]["mean"] == 30.0  # not 10: read up to 2 kimg
+    assert rows["gen_lr=0.0001"]["kimg"] == 2.0 and rows["gen_lr=0.0005"]["fid_final"]["mean"] == 45.0
+    full = {r["setting"]: r for r in compare([short, long], tmp_path / "f")["rows"]}
+    assert full["gen_lr=0.0001"]["fid_final"]["mean"] == 10.0
+    assert main(["compare", str(short), str(long), "--kimg", "2", "--out", str(tmp_path / "c")]) == 0
+    assert "| gen_lr=0.0001 | 1 | 2 | 30 |" in capsys.readouterr().out
+    assert main(["compare", str(short), "--kimg", "0", "--out", str(tmp_path / "z")]) == 2
+    assert "until_kimg must be > 0" in capsys.readouterr().err

@@ -203,7 +203,7 @@ def cmd_bench(args) -> None:
 def cmd_compare(args) -> None:
     from .compare import compare
 
-    r = compare(args.runs, args.out, fid=args.fid or None)
+    r = compare(args.runs, args.out, fid=args.fid or None, until_kimg=args.kimg)
     print(open(r["md"]).read(), end="")
     print(f"curves: {r['png']}  table: {r['md']}")
 
@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", help="run folders (with log.jsonl); same config but the seed = one band")
     c.add_argument("--out", default="compare", help="output path without suffix: writes OUT.png and OUT.md")
     c.add_argument("--fid", default="", help="logged FID key to draw (default: the first key starting with fid)")
+    c.add_argument("--kimg", type=float, default=None, help="read every run only up to this many kimg (equal images)")
 
     b = sub.add_parser("bench", help="run the benchmark scripts under bench/ (source checkout)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -4,7 +4,9 @@ Runs whose resolved configs differ only in `run.seed` (and other `run.*` reporti
 a setting with several seeds is drawn as its mean with a min/max band. Panels: in-loop FID (any logged key
 starting with `fid`), Bregman weight ESS fraction, weight max, discriminator accuracy, each versus thousands of
 images seen. The Markdown table gives, per setting, the number of seeds, images seen, final and best FID
-(mean and spread over seeds) and the last logged ESS / weight max / accuracy.
+(mean and spread over seeds) and the last logged ESS / weight max / accuracy. `until_kimg` (`--kimg`) reads every
+run only up to that many thousand images, so runs of different lengths (a 40k probe against a 150k run) are
+compared at equal images.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def _off(v):
     return None if v in (None, 0, 0.0, "") and not isinstance(v, bool) else v
 
 
-def group(runs: list[Path]) -> list[Setting]:
+def group(runs: list[Path], until_kimg: float | None = None) -> list[Setting]:
     read = [(Path(r), *read_run(r)) for r in runs]
+    if until_kimg is not None:
+        read = [(p, cfg, _upto(curves, until_kimg)) for p, cfg, curves in read]
     configs = [c for _, c, _ in read]
     out: dict[str, Setting] = {}
     for path, cfg, curves in read:
@@ -88,6 +92,11 @@ def group(runs: list[Path]) -> list[Setting]:
         s.runs.append(path)
         s.curves.append(curves)
     return list(out.values())
+
+
+def _upto(curves: dict[str, list[tuple[float, float]]], kimg: float) -> dict[str, list[tuple[float, float]]]:
+    cut = {k: [(x, v) for x, v in c if x <= kimg + 1e-9] for k, c in curves.items()}
+    return {k: c for k, c in cut.items() if c}
 
 
 def band(curves: list[list[tuple[float, float]]]) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -156,12 +165,15 @@ def plot(settings: list[Setting], path: Path, fid: str | None = None) -> Path:
     return path
 
 
-def compare(runs: list[str | Path], out: str | Path, fid: str | None = None) -> dict:
+def compare(runs: list[str | Path], out: str | Path, fid: str | None = None, until_kimg: float | None = None) -> dict:
     """Write `<out>.png` and `<out>.md` for the given run folders; returns the summary rows. fid: the logged FID key
-    to draw (e.g. `fid_raw`); default the first key starting with `fid`."""
+    to draw (e.g. `fid_raw`); default the first key starting with `fid`. until_kimg: read each run only up to
+    that many thousand images seen."""
     if not runs:
         raise ValueError("compare needs at least one run folder")
-    settings = group([Path(r) for r in runs])
+    if until_kimg is not None and not until_kimg > 0:
+        raise ValueError(f"until_kimg must be > 0, got {until_kimg}")
+    settings = group([Path(r) for r in runs], until_kimg)
     rows = summary(settings, fid)
     out = Path(out)
     plot(settings, out.with_suffix(".png"), fid)

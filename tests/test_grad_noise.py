@@ -1,0 +1,41 @@
+"""`bench/grad_noise.py`: the generator gradient under each objective's weights, at a checkpoint it only reads."""
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from dibregman.loop import distill
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from test_distill import gmm_cfg, steps_kimg  # noqa: E402
+
+
+def test_grad_noise_pairs_objectives_at_a_checkpoint_it_leaves_alone(tmp_path):
+    import grad_noise
+
+    run = tmp_path / "run"
+    distill(gmm_cfg(**{"run.total_kimg": steps_kimg(300), "run.device": "cpu"}), run)
+    ckpt = sorted(run.glob("ckpt-*.pt"))[-1]
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest(), sorted(p.name for p in run.iterdir())
+    argv = [str(ckpt), "--batches", "8", "--objectives", "sba(lam=5),fkl", "--out", str(tmp_path / "a")]
+    a = grad_noise.main(argv)
+    assert (hashlib.sha256(ckpt.read_bytes()).hexdigest(), sorted(p.name for p in run.iterdir())) == before
+    (row,) = a["checkpoints"]
+    objs = row["objectives"]
+    assert list(objs) == ["rkl", "sba(lam=5)", "fkl"]  # reverse KL first: the reference
+    assert row["kimg"] == pytest.approx(steps_kimg(300)) and row["batch"] == 32
+    rkl = objs["rkl"]
+    assert rkl["batch_equiv"] == 1.0 and rkl["cos_rkl"] == pytest.approx(1.0) and rkl["ess_frac"] == pytest.approx(1)
+    assert objs["sba(lam=5)"]["ess_frac"] < 1 and objs["sba(lam=5)"]["weight_max"] > 1
+    for r in objs.values():
+        assert r["noise"] > 0 and all(math.isfinite(r[k]) for k in ("noise", "signal", "rel_noise"))
+    b = grad_noise.main([*argv[:-1], str(tmp_path / "b")])  # the same batches: the same numbers
+    assert b["checkpoints"][0]["objectives"] == objs
+    assert json.loads((tmp_path / "a/grad_noise.json").read_text())["checkpoints"][0]["objectives"] == objs
+    assert "| sba(lam=5) |" in (tmp_path / "a/grad_noise.md").read_text()
+    with pytest.raises(ValueError, match="not among the objectives"):
+        grad_noise.main([str(ckpt), "--objectives", "sba(lam=7)", "--out", str(tmp_path / "c")])

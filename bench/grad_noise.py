@@ -17,7 +17,8 @@ paired. Per objective, with g_k the flattened generator gradient of batch k and 
   (<a_even, b_odd> + <a_odd, b_even>) / 2 over sqrt(<a_even, a_odd> <b_even, b_odd>), so noise does not shrink it;
 - the weights' ESS / batch and max, as training logs them.
 
-Writes `<out>/grad_noise.json` and `grad_noise.md`. Nothing is trained and the checkpoint is only read (it is
+Writes `<out>/grad_noise.json` and `grad_noise.md` (default bench/results, where `verdict.py` reads the JSON for
+its "why" lines). Nothing is trained and the checkpoint is only read (it is
 copied into a temporary run folder).
 """
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, default=32, help="fresh generator batches per checkpoint (>= 4)")
     p.add_argument("--objectives", default=DEFAULT_OBJECTIVES, help="Figure-4 labels, comma-separated")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--out", default=str(common.RESULTS / NAME), help="folder for grad_noise.json / .md")
+    p.add_argument("--out", default=str(common.RESULTS), help="folder for grad_noise.json / .md (bench/results)")
     args = p.parse_args(argv)
     command = " ".join(["bench/grad_noise.py", *(sys.argv[1:] if argv is None else argv)])
     if args.batches < 4:

@@ -112,7 +112,8 @@ def write_report(out: Path) -> Path:
     ]
     if not data:
         lines += ["No results yet: run `make bench`.", ""]
-    block = verdict.markdown(data, verdict.load_calibration(out))  # the sweeps' verdict first: from JSON too
+    # the sweeps' verdict first: from JSON too
+    block = verdict.markdown(data, verdict.load_calibration(out), verdict.load_grad_noise(out))
     if block:
         lines.append(f"- [verdict](#{_anchor(verdict.TITLE)})")
     for name, d in data.items():

@@ -9,7 +9,9 @@ sweep's equal-images points, final FID and classifier score. GMM (per exact teac
 sigma, mode TV and MMD^2. Each objective's ESS/batch and weight max stand beside it: a win bought with a
 collapsed weight (ESS near 1/batch) is a different finding from one with healthy weights. Why: each weighted
 objective's sensitivity |d log w / d l| at l = 0 times the default discriminator's q-side logit error measured by
-`ratio_calibration.json` (when present) gives the factor its weights are off by. What to use: per goal (sharpness:
+`ratio_calibration.json` (when present) gives the factor its weights are off by; `grad_noise.json` (when present)
+how noisy one batch's generator gradient is under its weights, as the fraction of a reverse-KL batch that is as
+noisy relative to its mean, and how far its mean direction is from reverse KL's. What to use: per goal (sharpness:
 MNIST final FID; mode coverage: GMM mode TV per teacher) the objective with the best mean, recommended over
 reverse KL only where it is better beyond the seed spread. `run_all.py` puts this block at the top of
 BENCHMARKS.md; paste the `--out` file into the README where it should appear there.
@@ -32,6 +34,7 @@ from dibregman import divergences
 BASELINE = "rkl"
 TITLE = "Verdict: each objective against reverse KL at equal images"
 CALIBRATION = "ratio_calibration.json"  # bench/ratio_calibration.py: the discriminator's logit error
+GRAD_NOISE = "grad_noise.json"  # bench/grad_noise.py: the generator gradient's noise under each objective's weights
 GMM_METRICS = (("modes_covered", "modes", False), ("within_3sigma", "within 3σ", False),
                ("mode_tv", "mode TV", True), ("mmd2", "MMD²", True))  # fmt: skip
 
@@ -145,9 +148,10 @@ def _row(r: dict, cells: dict, slopes: dict) -> dict:
 
 
 # ---- Markdown -------------------------------------------------------------------------------------------
-def markdown(all_data: dict, calibration: dict | None = None) -> list[str]:
+def markdown(all_data: dict, calibration: dict | None = None, grad_noise: dict | None = None) -> list[str]:
     """The verdict block (heading included) from whichever of the two sweep JSONs exist; [] if neither.
-    `calibration`: ratio_calibration.json's content, for the weights' error in the "why" lines."""
+    `calibration`: ratio_calibration.json's content, for the weights' error in the "why" lines; `grad_noise`:
+    grad_noise.json's, for the MNIST lines (its checkpoints are MNIST runs')."""
     mnist, gmm = all_data.get("mnist_sweep"), all_data.get("gmm_sweep")
     err = logit_error(calibration)
     if not mnist and not gmm:
@@ -164,7 +168,8 @@ def markdown(all_data: dict, calibration: dict | None = None) -> list[str]:
     blocks = []
     if v:
         blocks.append(("MNIST", v))
-        lines += [f"### MNIST ({_sizes(mnist)})", "", *_table(v), "", *_sentences(v, err), ""]
+        noise = gradient_noise(grad_noise)
+        lines += [f"### MNIST ({_sizes(mnist)})", "", *_table(v), "", *_sentences(v, err, noise), ""]
     elif mnist:
         lines += ["### MNIST", "", "No reverse-KL runs in mnist_sweep.json: no verdict.", ""]
     for g in gmm_verdict(gmm) if gmm else []:
@@ -228,9 +233,10 @@ def _label(r: dict) -> str:
     return f"`{r['label']}`" + (f" (= `{r['alias_of']}`)" if r["alias_of"] else "")
 
 
-def _sentences(v: dict, err: dict | None = None) -> list[str]:
+def _sentences(v: dict, err: dict | None = None, noise: dict | None = None) -> list[str]:
     """One line per objective: where it wins, where it loses, the rest within seed spread; then why (the
-    weights' sensitivity to the discriminator's logit error `err` and their effective sample size)."""
+    weights' sensitivity to the discriminator's logit error `err`, their effective sample size and, from `noise`,
+    what they do to the generator gradient)."""
     out = []
     for r in v["rows"]:
         by = {rel: [col for col, c in r["cells"].items() if c["relation"] == rel] for rel in (ss.BETTER, ss.WORSE)}
@@ -245,7 +251,7 @@ def _sentences(v: dict, err: dict | None = None) -> list[str]:
         if r["failed_seeds"]:
             text += f"; diverged with seeds {r['failed_seeds']} (left out)"
         out.append(f"- {_label(r)}: {text} (ESS/batch {ss.fmt_stat(r['ess_frac'])}, weight max "
-                   f"{ss.fmt_stat(r['weight_max'])}).{_why(r, err)}")  # fmt: skip
+                   f"{ss.fmt_stat(r['weight_max'])}).{_why(r, err)}{_noise(r, noise)}")  # fmt: skip
     return out
 
 
@@ -269,6 +275,52 @@ def _why(r: dict, err: dict | None) -> str:
     return text + "."
 
 
+def gradient_noise(data: dict | None) -> dict | None:
+    """{label: {"batch_equiv", "cos_rkl": seedstats stat over the checkpoints, "checkpoints": n, "batches": K}} from
+    grad_noise.json's content, counting only checkpoints where the objective's mean gradient was resolved."""
+    if not data:
+        return None
+    out = {}
+    for c in data["checkpoints"]:
+        for label, r in c["objectives"].items():
+            if label != BASELINE and r["signal"] > 0 < c["objectives"][BASELINE]["signal"]:
+                e = out.setdefault(label, {"batch_equiv": [], "cos_rkl": [], "batches": c["batches"]})
+                e["batch_equiv"].append(r["batch_equiv"])
+                e["cos_rkl"].append(r["cos_rkl"])
+    return {
+        k: {
+            "batch_equiv": ss.stat(e["batch_equiv"]),
+            "cos_rkl": ss.stat(e["cos_rkl"]),
+            "checkpoints": len(e["batch_equiv"]),
+            "batches": e["batches"],
+        }  # fmt: skip
+        for k, e in out.items()
+    }
+
+
+def _noise(r: dict, noise: dict | None) -> str:
+    """What the weights do to one batch's generator gradient, at the checkpoints grad_noise.json measured."""
+    n = (noise or {}).get(r["label"]) or (noise or {}).get(r.get("alias_of") or "")
+    if not n:
+        return ""
+    be, cos = _span(n["batch_equiv"]), _span(n["cos_rkl"])
+    ckpts = f"{n['checkpoints']} checkpoint{'s' * (n['checkpoints'] > 1)}"
+    return (f" Its weights make one batch's generator gradient as noisy, relative to its mean, as reverse KL's with "
+            f"{be} of the batch, its mean direction at cos {cos} to reverse KL's ({ckpts}, "
+            f"{n['batches']} paired batches each, `grad_noise.md`).")  # fmt: skip
+
+
+def _span(s: dict) -> str:
+    f = common.fmt
+    return f(s["mean"], 2) if s["n"] == 1 else f"{f(s['min'], 2)}-{f(s['max'], 2)}"
+
+
+def load_grad_noise(results: Path) -> dict | None:
+    """`grad_noise.json` of a results folder (None when absent)."""
+    path = Path(results) / GRAD_NOISE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_calibration(results: Path) -> dict | None:
     """`ratio_calibration.json` of a results folder (None when absent)."""
     path = Path(results) / CALIBRATION
@@ -283,7 +335,8 @@ def main(argv: list[str] | None = None) -> str:
     import run_all
 
     results = Path(args.results)
-    text = "\n".join(markdown(run_all.load_results(results), load_calibration(results))).rstrip() + "\n"
+    block = markdown(run_all.load_results(results), load_calibration(results), load_grad_noise(results))
+    text = "\n".join(block).rstrip() + "\n"
     if args.out:
         Path(args.out).write_text(text)
     else:

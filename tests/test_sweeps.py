@@ -355,3 +355,10 @@ def test_verdict_says_why_from_the_weights_and_the_calibration():
     bare = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}))
     assert "moves its log weight by 5δ; each step" in bare and "off by" not in bare  # no calibration: no factor
     assert not any(x.startswith("- `rkl`") for x in bare.splitlines())
+    obj = lambda be, cos, sig=1.0: {"batch_equiv": be, "cos_rkl": cos, "signal": sig}  # noqa: E731
+    ckpt = lambda sba: {"batches": 32, "objectives": {"rkl": obj(1.0, 1.0), "sba(lam=5)": sba}}  # noqa: E731
+    noise = {"checkpoints": [ckpt(obj(0.1, 0.5)), ckpt(obj(0.2, 0.9)), ckpt(obj(9.0, 9.0, sig=-1.0))]}
+    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal, noise))
+    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))  # the unresolved checkpoint is left out
+    assert "as reverse KL's with 0.1-0.2 of the batch, its mean direction at cos 0.5-0.9" in line
+    assert "(2 checkpoints, 32 paired batches each, `grad_noise.md`)" in line

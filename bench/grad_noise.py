@@ -18,13 +18,14 @@ paired. Per objective, with g_k the flattened generator gradient of batch k and 
 - the weights' ESS / batch and max, as training logs them.
 
 Writes `<out>/grad_noise.json` and `grad_noise.md` (default bench/results, where `verdict.py` reads the JSON for
-its "why" lines). Nothing is trained and the checkpoint is only read (it is
-copied into a temporary run folder).
+its "why" lines; `--append` adds to the checkpoints already there). Nothing is trained and the checkpoint is only
+read (it is copied into a temporary run folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -44,6 +45,12 @@ from dibregman.draws import draw_batch  # noqa: E402
 from dibregman.loop import Trainer  # noqa: E402
 
 NAME = "grad_noise"
+TITLE = "The generator's gradient under each objective's weights: direction and noise"
+NOTE = (
+    "Same batches for every objective (paired). noise / signal = E||g_k - g||^2 / ||E g||^2 for one batch; "
+    "reverse-KL batch equivalent = reverse KL's noise / signal over this one's (0.5: as noisy as reverse KL with half "
+    "the batch); cos to reverse KL from independent halves of the batches (an estimate: it can exceed 1 by its error)."
+)
 DRAW_STEP = 10**7  # far past any training step: batches the run never drew
 DEFAULT_OBJECTIVES = "rkl,sba(lam=1),sba(lam=3),sba(lam=5),sba(lam=10),lr (= js),fkl"
 
@@ -121,6 +128,7 @@ def markdown(data: dict) -> str:
     lines = [f"# {data['title']}", "", data["note"], ""]
     for c in data["checkpoints"]:
         lines += [f"## {c['run']} at {c['kimg']:g} kimg ({c['batches']} batches of {c['batch']})", ""]
+        lines += [common.header_line(c), ""]
         head = ["objective", "ESS / batch", "weight max", "noise / signal", "reverse-KL batch equivalent"]
         lines += ["| " + " | ".join([*head, "cos to reverse KL"]) + " |", "|---" * 6 + "|"]
         for lab, r in c["objectives"].items():
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--objectives", default=DEFAULT_OBJECTIVES, help="Figure-4 labels, comma-separated")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=str(common.RESULTS), help="folder for grad_noise.json / .md (bench/results)")
+    p.add_argument("--append", action="store_true", help="add to the checkpoints already in <out>/grad_noise.json")
     args = p.parse_args(argv)
     command = " ".join(["bench/grad_noise.py", *(sys.argv[1:] if argv is None else argv)])
     if args.batches < 4:
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise FileNotFoundError(f"{c} is not a checkpoint file")
     out = Path(args.out).resolve()
     common.setup(argparse.Namespace(out=out, work=out, threads=args.threads, device="cpu"))
+    machine = common.machine(torch.device("cpu"))
     rows = []
     for c in ckpts:
         t0 = time.time()
@@ -160,20 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
             res = measure(tr, specs, args.batches)
             kimg, batch = tr.state.num_images / 1000, tr.cfg.optim.batch_size
         rows.append({"run": c.parent.name, "ckpt": str(c), "kimg": kimg, "batch": batch, "batches": args.batches})
-        rows[-1] |= {"objectives": res, "wall_sec": time.time() - t0}
+        when = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "git_commit": common.git_commit()}
+        rows[-1] |= {"objectives": res, "wall_sec": time.time() - t0, "command": command, "machine": machine, **when}
         print(f"[grad_noise] {c.parent.name} at {kimg:g} kimg: {time.time() - t0:.0f} s")
-    data = {
-        "title": "The generator's gradient under each objective's weights: direction and noise",
-        "note": (
-            "Same batches for every objective (paired). noise / signal = E||g_k - g||^2 / ||E g||^2 for one batch; "
-            "reverse-KL batch equivalent = reverse KL's noise / signal over this one's (0.5: as noisy as reverse KL "
-            "with half the batch); cos to reverse KL from independent halves of the batches. Made by "
-            f"`python {command}`."
-        ),
-        "machine": common.machine(torch.device("cpu")),
-        "checkpoints": rows,
-    }
-    common.write_json(out / f"{NAME}.json", data)
+    path = out / f"{NAME}.json"
+    if args.append and path.is_file():  # keep the checkpoints measured before, unless measured again now
+        again = {r["ckpt"] for r in rows}
+        rows = [r for r in json.loads(path.read_text())["checkpoints"] if r["ckpt"] not in again] + rows
+    data = {"title": TITLE, "note": NOTE, "checkpoints": rows}
+    common.write_json(path, data)
     (out / f"{NAME}.md").write_text(markdown(data))
     print(markdown(data))
     return data

@@ -37,5 +37,12 @@ def test_grad_noise_pairs_objectives_at_a_checkpoint_it_leaves_alone(tmp_path):
     assert b["checkpoints"][0]["objectives"] == objs
     assert json.loads((tmp_path / "a/grad_noise.json").read_text())["checkpoints"][0]["objectives"] == objs
     assert "| sba(lam=5) |" in (tmp_path / "a/grad_noise.md").read_text()
+    c = grad_noise.main([*argv[:-1], str(tmp_path / "b"), "--append", "--objectives", "lr"])  # measured again: replaced
+    assert len(c["checkpoints"]) == 1 and list(c["checkpoints"][0]["objectives"]) == ["rkl", "lr (= js)"]
+    other = tmp_path / "other" / ckpt.name
+    other.parent.mkdir()
+    other.write_bytes(ckpt.read_bytes())
+    d = grad_noise.main([str(other), "--batches", "4", "--objectives", "lr", "--out", str(tmp_path / "b"), "--append"])
+    assert [r["run"] for r in d["checkpoints"]] == ["run", "other"]  # another checkpoint: added
     with pytest.raises(ValueError, match="not among the objectives"):
         grad_noise.main([str(ckpt), "--objectives", "sba(lam=7)", "--out", str(tmp_path / "c")])

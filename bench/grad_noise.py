@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sweeprun  # noqa: E402
 from dibregman.build import objective  # noqa: E402
-from dibregman.config import DistillConfig, override  # noqa: E402
+from dibregman.config import DistillConfig, override, parse_set  # noqa: E402
 from dibregman.draws import draw_batch  # noqa: E402
 from dibregman.loop import Trainer  # noqa: E402
 
@@ -76,14 +76,16 @@ def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
 
 
-def measure(tr: Trainer, specs: list[tuple[str, str, dict]], batches: int) -> dict:
+def measure(tr: Trainer, specs: list[tuple[str, str, dict]], batches: int, sets: dict | None = None) -> dict:
+    """Per objective label: noise, signal, rel_noise, batch_equiv, cos_rkl, ess_frac, weight_max (see the module
+    docstring). `sets`: divergence.* keys applied to every objective's weights (the networks stay the run's)."""
     cfg, B = tr.cfg, tr.cfg.optim.batch_size
     kimg = tr.state.num_images / 1000
     gan_w = cfg.loss.gan_weight if kimg >= cfg.loss.gan_warmup_kimg else 0.0
     objs = {}
     for label, name, params in specs:
-        sets = {"divergence.name": name, **{f"divergence.{k}": v for k, v in params.items()}}
-        objs[label] = objective(override(cfg, sets))
+        obj = {"divergence.name": name, **{f"divergence.{k}": v for k, v in params.items()}}
+        objs[label] = objective(override(cfg, {**(sets or {}), **obj}))
     sums = {lab: [None, None] for lab in objs}  # per objective: sum of g over even / odd batches
     sq = dict.fromkeys(objs, 0.0)  # sum of ||g_k||^2
     ess = {lab: [] for lab in objs}
@@ -127,7 +129,9 @@ def measure(tr: Trainer, specs: list[tuple[str, str, dict]], batches: int) -> di
 def markdown(data: dict) -> str:
     lines = [f"# {data['title']}", "", data["note"], ""]
     for c in data["checkpoints"]:
-        lines += [f"## {c['run']} at {c['kimg']:g} kimg ({c['batches']} batches of {c['batch']})", ""]
+        sets = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in (c.get("set") or {}).items())
+        with_sets = f", weights with {sets}" if sets else ""
+        lines += [f"## {c['run']} at {c['kimg']:g} kimg ({c['batches']} batches of {c['batch']}{with_sets})", ""]
         lines += [common.header_line(c), ""]
         head = ["objective", "ESS / batch", "weight max", "noise / signal", "reverse-KL batch equivalent"]
         lines += ["| " + " | ".join([*head, "cos to reverse KL"]) + " |", "|---" * 6 + "|"]
@@ -149,12 +153,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--objectives", default=DEFAULT_OBJECTIVES, help="Figure-4 labels, comma-separated")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=str(common.RESULTS), help="folder for grad_noise.json / .md (bench/results)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="divergence.* key for every objective's weights, e.g. divergence.weight_clip=2")  # fmt: skip
     p.add_argument("--append", action="store_true", help="add to the checkpoints already in <out>/grad_noise.json")
     args = p.parse_args(argv)
     command = " ".join(["bench/grad_noise.py", *(sys.argv[1:] if argv is None else argv)])
     if args.batches < 4:
         raise ValueError(f"--batches must be >= 4 (two halves of >= 2 batches), got {args.batches}")
     specs = objectives(args.objectives)
+    sets = parse_set(args.set)
+    if any(not k.startswith("divergence.") for k in sets):
+        raise ValueError(f"--set takes divergence.* keys only (the weights; the networks are the run's): {list(sets)}")
     ckpts = [Path(c).resolve() for c in args.ckpts]
     for c in ckpts:
         if not c.is_file():
@@ -167,16 +176,18 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             tr = trainer_at(c, Path(tmp) / c.parent.name, args.threads)
-            res = measure(tr, specs, args.batches)
+            res = measure(tr, specs, args.batches, sets)
             kimg, batch = tr.state.num_images / 1000, tr.cfg.optim.batch_size
         rows.append({"run": c.parent.name, "ckpt": str(c), "kimg": kimg, "batch": batch, "batches": args.batches})
+        rows[-1]["set"] = sets
         when = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)), "git_commit": common.git_commit()}
         rows[-1] |= {"objectives": res, "wall_sec": time.time() - t0, "command": command, "machine": machine, **when}
         print(f"[grad_noise] {c.parent.name} at {kimg:g} kimg: {time.time() - t0:.0f} s")
     path = out / f"{NAME}.json"
     if args.append and path.is_file():  # keep the checkpoints measured before, unless measured again now
-        again = {r["ckpt"] for r in rows}
-        rows = [r for r in json.loads(path.read_text())["checkpoints"] if r["ckpt"] not in again] + rows
+        again = {(r["ckpt"], json.dumps(r["set"], sort_keys=True)) for r in rows}
+        old = json.loads(path.read_text())["checkpoints"]
+        rows = [r for r in old if (r["ckpt"], json.dumps(r.get("set", {}), sort_keys=True)) not in again] + rows
     data = {"title": TITLE, "note": NOTE, "checkpoints": rows}
     common.write_json(path, data)
     (out / f"{NAME}.md").write_text(markdown(data))

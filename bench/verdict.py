@@ -281,7 +281,7 @@ def gradient_noise(data: dict | None) -> dict | None:
     if not data:
         return None
     out = {}
-    for c in data["checkpoints"]:
+    for c in (c for c in data["checkpoints"] if not c.get("set")):  # the sweep's own weights, not a --set variant
         for label, r in c["objectives"].items():
             if label != BASELINE and r["signal"] > 0 < c["objectives"][BASELINE]["signal"]:
                 e = out.setdefault(label, {"batch_equiv": [], "cos_rkl": [], "batches": c["batches"]})

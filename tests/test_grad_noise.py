@@ -44,5 +44,14 @@ def test_grad_noise_pairs_objectives_at_a_checkpoint_it_leaves_alone(tmp_path):
     other.write_bytes(ckpt.read_bytes())
     d = grad_noise.main([str(other), "--batches", "4", "--objectives", "lr", "--out", str(tmp_path / "b"), "--append"])
     assert [r["run"] for r in d["checkpoints"]] == ["run", "other"]  # another checkpoint: added
+    e = grad_noise.main([*argv[:-1], str(tmp_path / "b"), "--append", "--set", "divergence.weight_clip=2"])
+    assert [(r["run"], r["set"]) for r in e["checkpoints"]][-1] == ("run", {"divergence.weight_clip": 2})
+    assert len(e["checkpoints"]) == 3 and e["checkpoints"][-1]["objectives"]["sba(lam=5)"]["weight_max"] <= 2
+    assert "weights with weight_clip=2" in (tmp_path / "b/grad_noise.md").read_text()
+    import verdict
+
+    assert set(verdict.gradient_noise(e)) == {"lr (= js)"}  # the --set row is not the sweep's weights: left out
+    with pytest.raises(ValueError, match="divergence.. keys only"):
+        grad_noise.main([str(ckpt), "--set", "optim.gen_lr=1", "--out", str(tmp_path / "c")])
     with pytest.raises(ValueError, match="not among the objectives"):
         grad_noise.main([str(ckpt), "--objectives", "sba(lam=7)", "--out", str(tmp_path / "c")])

@@ -310,7 +310,7 @@ def test_verdict_follows_the_numbers_and_flips_with_them():
 
     md = block(_mnist_json([20.0, 22.0], [30.0, 33.0]), _gmm_json([0.01, 0.02], [0.05, 0.06]))
     assert "- `sba(lam=5)`: better at FID at 5 kimg, FID at 10 kimg, FID at 20 kimg, final FID (n=2000), " \
-           "classifier score; within seed spread elsewhere" in md  # fmt: skip
+           "classifier score, i.e. everywhere (ESS" in md  # fmt: skip
     assert "better at modes" not in md and "better at mode TV, MMD²; within seed spread elsewhere" in md
     flipped = block(_mnist_json([30.0, 33.0], [20.0, 22.0]), _gmm_json([0.05, 0.06], [0.01, 0.02]))
     assert "- `sba(lam=5)`: worse at FID at 5 kimg" in flipped and "worse at mode TV, MMD²" in flipped

@@ -78,7 +78,9 @@ def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
 
 def measure(tr: Trainer, specs: list[tuple[str, str, dict]], batches: int, sets: dict | None = None) -> dict:
     """Per objective label: noise, signal, rel_noise, batch_equiv, cos_rkl, ess_frac, weight_max (see the module
-    docstring). `sets`: divergence.* keys applied to every objective's weights (the networks stay the run's)."""
+    docstring). `sets`: divergence.* keys applied to every objective's weights (the networks stay the run's). A
+    regression term, where the run has one, draws its pairs by the checkpoint's step: the same in every batch, so
+    it adds no noise here (the same for every objective)."""
     cfg, B = tr.cfg, tr.cfg.optim.batch_size
     kimg = tr.state.num_images / 1000
     gan_w = cfg.loss.gan_weight if kimg >= cfg.loss.gan_warmup_kimg else 0.0

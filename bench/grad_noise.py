@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import sweeprun  # noqa: E402
+from dibregman import divergences  # noqa: E402
 from dibregman.build import objective  # noqa: E402
 from dibregman.config import DistillConfig, override, parse_set  # noqa: E402
 from dibregman.draws import draw_batch  # noqa: E402
@@ -103,9 +104,8 @@ def measure(tr: Trainer, specs: list[tuple[str, str, dict]], batches: int, sets:
             half = sums[lab]
             half[k % 2] = g if half[k % 2] is None else half[k % 2] + g
             sq[lab] += float(g @ g)
-            w = st["weight"].double()
-            ess[lab].append(float(w.sum() ** 2 / (w.square().sum() * len(w))))
-            wmax[lab] = max(wmax[lab], float(w.max()))
+            ess[lab].append(divergences.ess_fraction(st["weight"]))
+            wmax[lab] = max(wmax[lab], float(st["weight"].max()))
     for p in tr.critic_params:
         p.grad = None
     n_even, n_odd = (batches + 1) // 2, batches // 2

@@ -294,14 +294,15 @@ def gradient_noise(data: dict | None) -> dict | None:
             "cos_rkl": ss.stat(e["cos_rkl"]),
             "checkpoints": len(e["batch_equiv"]),
             "batches": e["batches"],
-        }  # fmt: skip
+        }
         for k, e in out.items()
     }
 
 
 def _noise(r: dict, noise: dict | None) -> str:
     """What the weights do to one batch's generator gradient, at the checkpoints grad_noise.json measured."""
-    n = (noise or {}).get(r["label"]) or (noise or {}).get(r.get("alias_of") or "")
+    noise = noise or {}
+    n = noise.get(r["label"]) or noise.get(r.get("alias_of") or "")
     if not n:
         return ""
     be, cos = _span(n["batch_equiv"]), _span(n["cos_rkl"])
@@ -316,16 +317,19 @@ def _span(s: dict) -> str:
     return f(s["mean"], 2) if s["n"] == 1 else f"{f(s['min'], 2)}-{f(s['max'], 2)}"
 
 
+def _load(results: Path, name: str) -> dict | None:
+    path = Path(results) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_grad_noise(results: Path) -> dict | None:
     """`grad_noise.json` of a results folder (None when absent)."""
-    path = Path(results) / GRAD_NOISE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _load(results, GRAD_NOISE)
 
 
 def load_calibration(results: Path) -> dict | None:
     """`ratio_calibration.json` of a results folder (None when absent)."""
-    path = Path(results) / CALIBRATION
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _load(results, CALIBRATION)
 
 
 def main(argv: list[str] | None = None) -> str:

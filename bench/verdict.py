@@ -277,15 +277,17 @@ def _why(r: dict, err: dict | None) -> str:
 
 
 def gradient_noise(data: dict | None) -> dict | None:
-    """{label: {"batch_equiv", "cos_rkl": seedstats stat over the checkpoints, "checkpoints": n, "batches": K}} from
-    grad_noise.json's content, counting only checkpoints where the objective's mean gradient was resolved."""
+    """{label: {"batch_equiv", "cos_rkl": seedstats stat over the checkpoints, "checkpoints": n, "batches": sorted
+    distinct batch counts}} from grad_noise.json's content, counting only checkpoints where the objective's mean
+    gradient was resolved."""
     if not data:
         return None
     out = {}
     for c in (c for c in data["checkpoints"] if not c.get("set")):  # the sweep's own weights, not a --set variant
         for label, r in c["objectives"].items():
             if label != BASELINE and r["signal"] > 0 < c["objectives"][BASELINE]["signal"]:
-                e = out.setdefault(label, {"batch_equiv": [], "cos_rkl": [], "batches": c["batches"]})
+                e = out.setdefault(label, {"batch_equiv": [], "cos_rkl": [], "batches": []})
+                e["batches"].append(c["batches"])
                 e["batch_equiv"].append(r["batch_equiv"])
                 e["cos_rkl"].append(r["cos_rkl"])
     return {
@@ -293,7 +295,7 @@ def gradient_noise(data: dict | None) -> dict | None:
             "batch_equiv": ss.stat(e["batch_equiv"]),
             "cos_rkl": ss.stat(e["cos_rkl"]),
             "checkpoints": len(e["batch_equiv"]),
-            "batches": e["batches"],
+            "batches": sorted(set(e["batches"])),
         }
         for k, e in out.items()
     }
@@ -307,9 +309,11 @@ def _noise(r: dict, noise: dict | None) -> str:
         return ""
     be, cos = _span(n["batch_equiv"]), _span(n["cos_rkl"])
     ckpts = f"{n['checkpoints']} checkpoint{'s' * (n['checkpoints'] > 1)}"
+    k = n["batches"]
+    batches = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
     return (f" Its weights make one batch's generator gradient as noisy, relative to its mean, as reverse KL's with "
             f"{be} of the batch, its mean direction at cos {cos} to reverse KL's ({ckpts}, "
-            f"{n['batches']} paired batches each, `grad_noise.md`).")  # fmt: skip
+            f"{batches} paired batches each, `grad_noise.md`).")  # fmt: skip
 
 
 def _span(s: dict) -> str:

@@ -51,6 +51,11 @@ def test_grad_noise_pairs_objectives_at_a_checkpoint_it_leaves_alone(tmp_path):
     import verdict
 
     assert set(verdict.gradient_noise(e)) == {"lr (= js)"}  # the --set row is not the sweep's weights: left out
+    row = {"signal": 1.0, "batch_equiv": 0.5, "cos_rkl": 1.0}
+    two = {"checkpoints": [{"batches": k, "objectives": {"rkl": row, "lr (= js)": row}} for k in (32, 16)]}
+    n = verdict.gradient_noise(two)["lr (= js)"]
+    assert n["batches"] == [16, 32]
+    assert "16-32 paired batches" in verdict._noise({"label": "lr (= js)"}, {"lr (= js)": n})
     with pytest.raises(ValueError, match="divergence.. keys only"):
         grad_noise.main([str(ckpt), "--set", "optim.gen_lr=1", "--out", str(tmp_path / "c")])
     with pytest.raises(ValueError, match="not among the objectives"):

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import sweeprun  # noqa: E402
-from dibregman import divergences  # noqa: E402
+from dibregman import checkpoint, divergences  # noqa: E402
 from dibregman.build import objective  # noqa: E402
 from dibregman.config import DistillConfig, override, parse_set  # noqa: E402
 from dibregman.draws import draw_batch  # noqa: E402
@@ -65,7 +65,9 @@ def objectives(text: str) -> list[tuple[str, str, dict]]:
 
 def trainer_at(ckpt: Path, tmp: Path, threads: int) -> Trainer:
     """A Trainer holding `ckpt`'s networks, built in a temporary copy of the run folder."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = checkpoint.peek(ckpt)  # the config only: tensors stay memory-mapped, the Trainer verifies the file
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(f"{ckpt} is not a readable dibregman checkpoint")
     cfg = DistillConfig.from_dict(state["config"])
     cfg = override(cfg, {"run.device": "cpu", "run.threads": threads} if threads else {"run.device": "cpu"})
     tmp.mkdir(parents=True, exist_ok=True)

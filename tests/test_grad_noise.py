@@ -58,5 +58,10 @@ def test_grad_noise_pairs_objectives_at_a_checkpoint_it_leaves_alone(tmp_path):
     assert "16-32 paired batches" in verdict._noise({"label": "lr (= js)"}, {"lr (= js)": n})
     with pytest.raises(ValueError, match="divergence.. keys only"):
         grad_noise.main([str(ckpt), "--set", "optim.gen_lr=1", "--out", str(tmp_path / "c")])
+    bad = tmp_path / "bad" / ckpt.name
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable dibregman checkpoint"):
+        grad_noise.main([str(bad), "--out", str(tmp_path / "c")])
     with pytest.raises(ValueError, match="not among the objectives"):
         grad_noise.main([str(ckpt), "--objectives", "sba(lam=7)", "--out", str(tmp_path / "c")])

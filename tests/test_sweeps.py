@@ -302,6 +302,22 @@ def _gmm_json(sba_tv: list[float], rkl_tv: list[float]) -> dict:
     return {"runs": runs, "sizes": {"kimg": 100.0, "seeds": [0, 1]}, "preset": {}}
 
 
+def test_mnist_table_counts_images_to_the_teacher_and_to_twice_its_fid():
+    """Curves that never reach the teacher's FID still get a number: the images to twice that FID."""
+    import mnist_report
+
+    d = {**_mnist_json([20.0, 22.0], [12.0, 14.0]), "target": {"fid": 7.0, "source": "teacher, Heun 35", "n": 500}}
+    d["teacher_scores"] = {"nfe": 35, "loop": {"fid": 7.0}}
+    rows = mnist_report.summarise(d)
+    rkl, sba = rows
+    assert rkl["reach"]["reached"] == 0 and rkl["reach_loose"]["per_seed"] == [5.0, 5.0]
+    assert sba["reach_loose"]["reached"] == 0
+    table = "\n".join(mnist_report.curve_table({**d, "sizes": {**d["sizes"], "n_fid_loop": 500}}, rows))
+    assert "| kimg to FID ≤ 7 | kimg to FID ≤ 14 |" in table
+    assert "| not reached (0/2) | 5 [5, 5] kimg (2/2 seeds) |" in table and table.count("not reached (0/2)") == 3
+    assert table.splitlines()[-1].count("|") == table.splitlines()[2].count("|")  # the teacher row is complete
+
+
 def test_verdict_follows_the_numbers_and_flips_with_them():
     import verdict
 

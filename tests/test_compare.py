@@ -66,3 +66,18 @@ def test_kimg_reads_runs_of_different_lengths_at_equal_images(tmp_path, capsys):
     assert "| gen_lr=0.0001 | 1 | 2 | 30 |" in capsys.readouterr().out
     assert main(["compare", str(short), "--kimg", "0", "--out", str(tmp_path / "z")]) == 2
     assert "until_kimg must be > 0" in capsys.readouterr().err
+
+
+def test_an_objective_sweep_names_each_objective():
+    """Runs of several divergences: each label starts with its objective and its own parameters (reverse KL's
+    unused lam names nothing); other differing keys follow."""
+    from dibregman.compare import setting_label
+
+    def cfg(name, lam=5.0, clip=5.0, seed=0):
+        return {"divergence": {"name": name, "lam": lam, "alpha": 0.5, "weight_clip": clip}, "run": {"seed": seed}}
+
+    cfgs = [cfg("rkl", lam=3.0), cfg("sba"), cfg("sba", seed=1), cfg("sba", lam=-1.0), cfg("sba", clip=2.0), cfg("lr")]
+    labels = [setting_label(c, cfgs) for c in cfgs]
+    assert labels == ["rkl", "sba(lam=5)", "sba(lam=5)", "sba(lam=-1)", "sba(lam=5), weight_clip=2.0", "lr"]
+    one = [cfg("sba"), cfg("sba", lam=3.0)]  # one divergence: labelled by the differing keys, as before
+    assert [setting_label(c, one) for c in one] == ["lam=5.0", "lam=3.0"]

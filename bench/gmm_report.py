@@ -72,8 +72,8 @@ def summarise(d: dict) -> list[dict]:
 
 
 # ---- figures --------------------------------------------------------------------------------------------
-def plot_all(d: dict, out: Path, seed: int) -> list[str]:
-    names = ["gmm_sweep.png", "gmm_sweep_curves.png"]
+def plot_all(d: dict, out: Path, seed: int, name: str = "gmm_sweep") -> list[str]:
+    names = [f"{name}.png", f"{name}_curves.png"]
     plot_scatter(d, Path(out) / names[0], seed)
     plot_curves(d, Path(out) / names[1])
     return names
@@ -152,12 +152,24 @@ def plot_curves(d: dict, path: Path) -> None:
 
 
 # ---- BENCHMARKS.md section ------------------------------------------------------------------------------
+def overrides(d: dict) -> str:
+    """A variant's `--set` overrides as `key=value` in code spans ("" for the sweep itself)."""
+    return ", ".join(f"`{k}={v}`" for k, v in (d.get("set") or {}).items())
+
+
+def title(d: dict) -> str:
+    """The section heading: the sweep's, or a variant's with its overrides (`gmm_sweep_TAG.json`)."""
+    if d.get("benchmark", "gmm_sweep") == "gmm_sweep":
+        return TITLE
+    return f"{TITLE}: {overrides(d) or d['benchmark'].removeprefix('gmm_sweep_')}"
+
+
 def render(d: dict, all_data: dict) -> str:
     f, s = common.fmt, d["sizes"]
     rows = d.get("summary") or summarise(d)
     seeds = s.get("seeds", [d.get("seed")])
     lines = [
-        f"## {TITLE}",
+        f"## {title(d)}",
         "",
         common.header_line(d),
         "",
@@ -246,4 +258,4 @@ def missing(d: dict) -> list[str]:
     ]
 
 
-__all__ = ["TITLE", "METRICS", "summarise", "plot_all", "render", "at_floor"]
+__all__ = ["TITLE", "METRICS", "summarise", "plot_all", "render", "title", "overrides", "at_floor"]

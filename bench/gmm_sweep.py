@@ -5,7 +5,7 @@ the 8-mode ring with equal weights and on the same ring with weights falling geo
 
     python bench/gmm_sweep.py [--teachers gmm:ring8,gmm:ring8-uneven] [--seeds 3] [--objectives figure4|all]
                               [--kimg 2000] [--batch 512] [--n-eval 4000] [--workers 2] [--only rkl,fkl]
-                              [--set loss.gen_sigma_max=10 ...] [--collect]
+                              [--set loss.gen_sigma_max=10 ...] [--tag NAME] [--collect]
 
 Every hyper-parameter other than the teacher, --kimg / --batch (and --set) is read from `presets.PRESETS["gmm"]`
 at run time. Runs resume (`sweeprun.py`): stop the command and run it again to continue; finished runs are
@@ -14,7 +14,9 @@ skipped; processes with disjoint `--only` lists may share --work/--out. Metrics:
 mode TV, MMD^2 and energy distance with their exact-sample noise floors); modes covered and within 3 sigma are
 also logged along training (log.jsonl keys `exact/*`). Writes `gmm_sweep.json` (every finished run and the
 summary over seeds), `gmm_sweep.png` (samples of the first seed) and `gmm_sweep_curves.png` (mean and min/max
-band over seeds); `--collect` rebuilds them from the finished runs alone.
+band over seeds); `--collect` rebuilds them from the finished runs alone. `--tag NAME` makes the result a variant
+of the sweep (with `--set`, in its own --work): `gmm_sweep_NAME.json` / `.png` / `_curves.png`, reported beside
+the sweep in BENCHMARKS.md and the verdict under its overrides, e.g. `--set loss.regression_weight=0 --tag noreg`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 
 import torch
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated labels / divergence names this process trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")
+    p.add_argument("--tag", default="", help="a variant's name (with --set): writes gmm_sweep_TAG.json and PNGs")
     return common.add_common_args(p)
 
 
@@ -294,7 +298,10 @@ def run(args) -> dict:
     jobs = [(t, s, seed) for t in teachers for s in specs for seed in sizes["seeds"]]
     cfg0 = make_config(args, teachers[0], "sba", {}, args.seed, sizes)
     sizes["batch"] = cfg0.optim.batch_size
-    data = common.record(NAME, args, device, sizes)
+    if args.tag and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.tag):
+        raise ValueError(f"--tag must be lower-case letters, digits and '-' (it names files), got {args.tag!r}")
+    data = common.record(f"{NAME}_{args.tag}" if args.tag else NAME, args, device, sizes)
+    data["set"] = pairs  # the --set overrides of every run: a variant's title names them
     if not args.collect:
         todo = {alias.get(s[0], s[0]) for s in sweeprun.select(specs, args.only)}
         train = [j for j in jobs if j[1][0] in todo]
@@ -315,12 +322,13 @@ def run(args) -> dict:
     data["proportional_weights"] = equivalent_groups(specs, alias)
     data["runs"], data["missing"] = collect(args, sizes, jobs, alias)
     data["summary"] = gmm_report.summarise(data)
-    data["plots"] = gmm_report.plot_all(data, args.out, args.seed)
+    data["plots"] = gmm_report.plot_all(data, args.out, args.seed, data["benchmark"])
     common.finish(data, args.out)
     return data
 
 
 render = gmm_report.render
+title = gmm_report.title
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import common
+import gmm_report
 import seedstats as ss
 from dibregman import divergences
 
@@ -65,8 +66,6 @@ def mnist_verdict(d: dict) -> dict | None:
 
 def gmm_verdict(d: dict) -> list[dict]:
     """Per teacher: {"teacher", "rows": [...]} as `mnist_verdict`, on the exact metrics."""
-    import gmm_report
-
     rows = d.get("summary") or gmm_report.summarise(d)
     slopes, out = _slopes(d), []
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
@@ -152,7 +151,7 @@ def markdown(all_data: dict, calibration: dict | None = None, grad_noise: dict |
     """The verdict block (heading included) from whichever of the two sweep JSONs exist; [] if neither.
     `calibration`: ratio_calibration.json's content, for the weights' error in the "why" lines; `grad_noise`:
     grad_noise.json's, for the MNIST lines (its checkpoints are MNIST runs')."""
-    mnist, gmm = all_data.get("mnist_sweep"), all_data.get("gmm_sweep")
+    mnist, gmm = all_data.get("mnist_sweep"), _gmm_sweeps(all_data)
     err = logit_error(calibration)
     if not mnist and not gmm:
         return []
@@ -172,14 +171,21 @@ def markdown(all_data: dict, calibration: dict | None = None, grad_noise: dict |
         lines += [f"### MNIST ({_sizes(mnist)})", "", *_table(v), "", *_sentences(v, err, noise), ""]
     elif mnist:
         lines += ["### MNIST", "", "No reverse-KL runs in mnist_sweep.json: no verdict.", ""]
-    for g in gmm_verdict(gmm) if gmm else []:
-        blocks.append((f"GMM `{g['teacher']}`", g))
-        head = f"### GMM `{g['teacher']}` ({_sizes(gmm, g['teacher'])})"
-        lines += [head, "", *_table(g), "", *_sentences(g, err), ""]
+    for name, d in gmm:
+        where = f" with {gmm_report.overrides(d) or name}" if name != "gmm_sweep" else ""
+        for g in gmm_verdict(d):
+            blocks.append((f"GMM `{g['teacher']}`{where}", g))
+            head = f"### GMM `{g['teacher']}`{where} ({_sizes(d, g['teacher'])})"
+            lines += [head, "", *_table(g), "", *_sentences(g, err), ""]
     recommend = [_recommendation(where, goal) for where, b in blocks for goal in b["goals"] if goal["best"]]
     if recommend:
         lines += ["### What to use", "", *recommend, ""]
     return lines
+
+
+def _gmm_sweeps(all_data: dict) -> list[tuple[str, dict]]:
+    """(name, content) of gmm_sweep.json, then of its variants (`gmm_sweep_TAG.json`: the sweep under --set)."""
+    return [(k, d) for k, d in all_data.items() if d and (k == "gmm_sweep" or k.startswith("gmm_sweep_"))]
 
 
 def _recommendation(where: str, g: dict) -> str:

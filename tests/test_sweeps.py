@@ -248,6 +248,34 @@ def test_gmm_sweep_skips_finished_runs_and_trains_only_new_ones(tmp_path, monkey
                                                        "lr (= js)"}  # fmt: skip
 
 
+def test_a_tagged_gmm_variant_is_its_own_result_section_and_verdict_block(tmp_path, monkeypatch):
+    """`--set ... --tag NAME` writes gmm_sweep_NAME.json and its own PNGs next to the sweep's; BENCHMARKS.md
+    gives it a section titled by its overrides and the verdict a block per teacher under them."""
+    import gmm_sweep
+    import run_all
+    import verdict
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--quick", "--threads", "1", "--seeds", "1", "--teachers", "gmm:ring8", "--out", str(tmp_path / "o")]
+    v = gmm_sweep.main([*argv, "--work", str(tmp_path / "w"), "--collect", "--set", "loss.regression_weight=0",
+                        "--tag", "noreg"])  # fmt: skip
+    assert v["benchmark"] == "gmm_sweep_noreg" and v["set"] == {"loss.regression_weight": 0}
+    assert v["plots"] == ["gmm_sweep_noreg.png", "gmm_sweep_noreg_curves.png"]
+    assert (tmp_path / "o" / "gmm_sweep_noreg.json").is_file() and not (tmp_path / "o" / "gmm_sweep.json").exists()
+    with pytest.raises(ValueError, match="--tag must be"):
+        gmm_sweep.main([*argv, "--work", str(tmp_path / "w"), "--collect", "--tag", "No Reg"])
+    md = run_all.write_report(tmp_path / "o").read_text()
+    assert "## GMM objective sweep with seeds (exact teachers): `loss.regression_weight=0`" in md
+    assert "- [gmm_sweep_noreg](#gmm-objective-sweep-with-seeds-exact-teachers-lossregression_weight0)" in md
+    both = {"gmm_sweep": _gmm_json([0.05, 0.06], [0.05, 0.06]),
+            "gmm_sweep_noreg": {**_gmm_json([0.01, 0.02], [0.05, 0.06]), "benchmark": "gmm_sweep_noreg",
+                                "set": {"loss.regression_weight": 0}}}  # fmt: skip
+    block = "\n".join(verdict.markdown(both))
+    assert "### GMM `gmm:ring8` (100 kimg per run, 2 seeds)" in block
+    assert "### GMM `gmm:ring8` with `loss.regression_weight=0` (100 kimg per run, 2 seeds)" in block
+    assert "- GMM `gmm:ring8` with `loss.regression_weight=0`, mode coverage (mode TV): use `sba(lam=5)`" in block
+
+
 @pytest.mark.slow
 def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypatch):
     """`run.max_bad_steps` non-finite steps in a row: the run is recorded as failed (the sweep goes on), the

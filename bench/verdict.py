@@ -254,7 +254,8 @@ def _sentences(v: dict, err: dict | None = None, noise: dict | None = None) -> l
             parts = [f"better at {', '.join(by[ss.BETTER])}"] if by[ss.BETTER] else []
             parts += [f"worse at {', '.join(by[ss.WORSE])}"] if by[ss.WORSE] else []
             ties = any(c["relation"] == ss.TIE for c in r["cells"].values())
-            text = "; ".join(parts) + ("; within seed spread elsewhere" if ties else ", i.e. everywhere")
+            text = "; ".join(parts) + ("; within seed spread elsewhere" if ties else "" if len(parts) > 1 else
+                                       ", i.e. everywhere")  # fmt: skip
         if r["failed_seeds"]:
             text += f"; diverged with seeds {r['failed_seeds']} (left out)"
         out.append(f"- {_label(r)}: {text} (ESS/batch {ss.fmt_stat(r['ess_frac'])}, weight max "

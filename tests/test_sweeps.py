@@ -274,6 +274,12 @@ def test_a_tagged_gmm_variant_is_its_own_result_section_and_verdict_block(tmp_pa
     assert "### GMM `gmm:ring8` (100 kimg per run, 2 seeds)" in block
     assert "### GMM `gmm:ring8` with `loss.regression_weight=0` (100 kimg per run, 2 seeds)" in block
     assert "- GMM `gmm:ring8` with `loss.regression_weight=0`, mode coverage (mode TV): use `sba(lam=5)`" in block
+    collapsed = _gmm_json([0.6, 0.5], [0.05, 0.06])  # fewer modes, tighter around them: better at one metric only
+    for r in collapsed["runs"]:
+        sba = r["label"] != "rkl"
+        r["metrics"].update(modes_covered=3 if sba else 8, within_3sigma=0.97 if sba else 0.94)
+    line = next(x for x in verdict.markdown({"gmm_sweep": collapsed}) if x.startswith("- `sba(lam=5)`"))
+    assert line.startswith("- `sba(lam=5)`: better at within 3σ; worse at modes, mode TV, MMD² (ESS")  # no "i.e."
 
 
 @pytest.mark.slow

@@ -244,7 +244,14 @@ def _sentences(v: dict, err: dict | None = None, noise: dict | None = None) -> l
     weights' sensitivity to the discriminator's logit error `err`, their effective sample size and, from `noise`,
     what they do to the generator gradient)."""
     out = []
+    noise = dict(noise or {})
+    for r in v["rows"]:  # an alias is the same run as its target: a measurement under either name is both's
+        if r["alias_of"] and r["label"] in noise:
+            noise.setdefault(r["alias_of"], noise[r["label"]])
     for r in v["rows"]:
+        if r["alias_of"]:
+            out.append(f"- {_label(r)}: the same runs as `{r['alias_of']}` (identical weights), read there.")
+            continue
         by = {rel: [col for col, c in r["cells"].items() if c["relation"] == rel] for rel in (ss.BETTER, ss.WORSE)}
         if r["seeds"] < 2:
             text = "fewer than two seeds: no spread to judge by"
@@ -310,8 +317,7 @@ def gradient_noise(data: dict | None) -> dict | None:
 
 def _noise(r: dict, noise: dict | None) -> str:
     """What the weights do to one batch's generator gradient, at the checkpoints grad_noise.json measured."""
-    noise = noise or {}
-    n = noise.get(r["label"]) or noise.get(r.get("alias_of") or "")
+    n = (noise or {}).get(r["label"])
     if not n:
         return ""
     be, cos = _span(n["batch_equiv"]), _span(n["cos_rkl"])

@@ -384,6 +384,22 @@ def test_verdict_follows_the_numbers_and_flips_with_them():
     assert "### GMM `gmm:ring8-uneven` (100 kimg per run, 1 seed of 2 planned)" in md2
 
 
+def test_an_alias_gets_one_line_pointing_at_its_target_which_takes_the_measurements_made_under_either_name():
+    """fkl is sba(lam=-1)'s run under a second name: the verdict says so in one line instead of repeating the
+    target's, and a gradient-noise measurement recorded as `fkl` lands on the target's line."""
+    import verdict
+
+    d = _mnist_json([20.0, 22.0], [30.0, 33.0])
+    d["runs"] += [{**r, "label": "fkl", "alias_of": "sba(lam=5)"} for r in d["runs"] if r["label"] == "sba(lam=5)"]
+    obj = lambda be, cos: {"batch_equiv": be, "cos_rkl": cos, "signal": 1.0}  # noqa: E731
+    noise = {"checkpoints": [{"batches": 8, "objectives": {"rkl": obj(1.0, 1.0), "fkl": obj(0.3, 0.7)}}]}
+    lines = verdict.markdown({"mnist_sweep": d}, None, noise)
+    target = next(x for x in lines if x.startswith("- `sba(lam=5)`"))
+    assert "better at" in target and "as reverse KL's with 0.3 of the batch" in target
+    assert "- `fkl` (= `sba(lam=5)`): the same runs as `sba(lam=5)` (identical weights), read there." in lines
+    assert sum(x.startswith("| `fkl` (= `sba(lam=5)`) |") for x in lines) == 1  # the table keeps its row
+
+
 def test_verdict_says_why_from_the_weights_and_the_calibration():
     """An SBA(lambda) row names its log-weight sensitivity (lambda) and, given the calibration benchmark's logit
     error of the default head, the factor e^{lambda * RMSE} its weights are off by; reverse KL gets no such line."""

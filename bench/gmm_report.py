@@ -157,11 +157,16 @@ def overrides(d: dict) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in (d.get("set") or {}).items())
 
 
-def title(d: dict) -> str:
-    """The section heading: the sweep's, or a variant's with its overrides (`gmm_sweep_TAG.json`)."""
+def variant(d: dict) -> str:
+    """Empty for the sweep itself; for a variant (`gmm_sweep_TAG.json`) its overrides, or its tag when it has none."""
     if d.get("benchmark", "gmm_sweep") == "gmm_sweep":
-        return TITLE
-    return f"{TITLE}: {overrides(d) or d['benchmark'].removeprefix('gmm_sweep_')}"
+        return ""
+    return overrides(d) or d["benchmark"].removeprefix("gmm_sweep_")
+
+
+def title(d: dict) -> str:
+    """The section heading: the sweep's, or a variant's with its overrides."""
+    return f"{TITLE}: {variant(d)}" if variant(d) else TITLE
 
 
 def render(d: dict, all_data: dict) -> str:
@@ -258,4 +263,4 @@ def missing(d: dict) -> list[str]:
     ]
 
 
-__all__ = ["TITLE", "METRICS", "summarise", "plot_all", "render", "title", "overrides", "at_floor"]
+__all__ = ["TITLE", "METRICS", "summarise", "plot_all", "render", "title", "variant", "overrides", "at_floor"]

@@ -171,8 +171,8 @@ def markdown(all_data: dict, calibration: dict | None = None, grad_noise: dict |
         lines += [f"### MNIST ({_sizes(mnist)})", "", *_table(v), "", *_sentences(v, err, noise), ""]
     elif mnist:
         lines += ["### MNIST", "", "No reverse-KL runs in mnist_sweep.json: no verdict.", ""]
-    for name, d in gmm:
-        where = f" with {gmm_report.overrides(d) or name}" if name != "gmm_sweep" else ""
+    for d in gmm:
+        where = f" with {gmm_report.variant(d)}" if gmm_report.variant(d) else ""
         for g in gmm_verdict(d):
             blocks.append((f"GMM `{g['teacher']}`{where}", g))
             head = f"### GMM `{g['teacher']}`{where} ({_sizes(d, g['teacher'])})"
@@ -183,9 +183,9 @@ def markdown(all_data: dict, calibration: dict | None = None, grad_noise: dict |
     return lines
 
 
-def _gmm_sweeps(all_data: dict) -> list[tuple[str, dict]]:
-    """(name, content) of gmm_sweep.json, then of its variants (`gmm_sweep_TAG.json`: the sweep under --set)."""
-    return [(k, d) for k, d in all_data.items() if d and (k == "gmm_sweep" or k.startswith("gmm_sweep_"))]
+def _gmm_sweeps(all_data: dict) -> list[dict]:
+    """The content of gmm_sweep.json, then of its variants (`gmm_sweep_TAG.json`: the sweep under --set)."""
+    return [d for k, d in all_data.items() if d and (k == "gmm_sweep" or k.startswith("gmm_sweep_"))]
 
 
 def _recommendation(where: str, g: dict) -> str:

@@ -207,6 +207,11 @@ def fmt(x, digits: int = 3) -> str:
     return f"{x:#.{digits}g}".rstrip("0").rstrip(".")
 
 
+def count(n: int, word: str) -> str:
+    """'1 seed', '2 seeds': a count with its noun."""
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def header_line(d: dict) -> str:
     m = d["machine"]
     dev = m.get("gpu", m["device"])

@@ -137,7 +137,8 @@ def plot_curves(d: dict, path: Path) -> None:
         for r in (r for r in rows if r["teacher"] == t and not r["alias_of"]):
             for ax, key in zip(ax_row, ("modes_covered_band", "within_3sigma_band"), strict=True):
                 b = r[key]
-                (line,) = ax.plot(b["kimg"], b["mean"], marker=".", label=f"{r['label']} ({len(r['seeds'])} seeds)")
+                label = f"{r['label']} ({common.count(len(r['seeds']), 'seed')})"
+                (line,) = ax.plot(b["kimg"], b["mean"], marker=".", label=label)
                 if len(r["seeds"]) > 1:
                     ax.fill_between(b["kimg"], b["min"], b["max"], color=line.get_color(), alpha=0.15)
         ax_row[0].set_ylabel(f"{t}: modes covered")

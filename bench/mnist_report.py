@@ -130,7 +130,7 @@ def plot_curves(d: dict, path: Path) -> None:
             if not band["kimg"]:
                 continue
             n, alias = len(row["seeds"]), row["alias_of"]
-            label = f"{row['label']} ({n} seeds)" if not alias else f"{row['label']} (= {alias})"
+            label = f"{row['label']} ({common.count(n, 'seed')})" if not alias else f"{row['label']} (= {alias})"
             (line,) = ax.plot(band["kimg"], band["mean"], ":" if alias else "-", marker=".", label=label)
             if n > 1 and not alias:
                 ax.fill_between(band["kimg"], band["min"], band["max"], color=line.get_color(), alpha=0.15)

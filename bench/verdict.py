@@ -210,7 +210,7 @@ def _sizes(d: dict, teacher: str | None = None) -> str:
     seeds = sorted({r.get("seed", d.get("seed")) for r in runs}) or planned
     of = f" of {len(planned)} planned" if len(seeds) < len(planned) else ""
     smoke = ", smoke run: the numbers mean nothing" if d.get("quick") else ""
-    return f"{common.fmt(s['kimg'], 4)} kimg per run, {len(seeds)} seed{'s' * (len(seeds) > 1)}{of}{smoke}"
+    return f"{common.fmt(s['kimg'], 4)} kimg per run, {common.count(len(seeds), 'seed')}{of}{smoke}"
 
 
 def _word(relation: str) -> str:
@@ -321,7 +321,7 @@ def _noise(r: dict, noise: dict | None) -> str:
     if not n:
         return ""
     be, cos = _span(n["batch_equiv"]), _span(n["cos_rkl"])
-    ckpts = f"{n['checkpoints']} checkpoint{'s' * (n['checkpoints'] > 1)}"
+    ckpts = common.count(n["checkpoints"], "checkpoint")
     k = n["batches"]
     batches = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
     return (f" Its weights make one batch's generator gradient as noisy, relative to its mean, as reverse KL's with "

@@ -324,6 +324,8 @@ def _noise(r: dict, noise: dict | None) -> str:
     ckpts = common.count(n["checkpoints"], "checkpoint")
     k = n["batches"]
     batches = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
+    if n["cos_rkl"]["max"] > 1:  # an estimate from independent halves of the batches, not a clipped cosine
+        cos += ", an estimate from independent halves of the batches that exceeds 1 by its error"
     return (f" Its weights make one batch's generator gradient as noisy, relative to its mean, as reverse KL's with "
             f"{be} of the batch, its mean direction at cos {cos} to reverse KL's ({ckpts}, "
             f"{batches} paired batches each, `grad_noise.md`).")  # fmt: skip

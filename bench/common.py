@@ -212,6 +212,21 @@ def count(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
+def unfinished(missing: list[dict], keys: tuple[str, ...], aliases: dict | None = None) -> str:
+    """'Not finished (3 runs): `a` seeds 0, 1; `b` seed 0': a sweep's missing runs, seeds grouped per setting (the
+    setting is the values of `keys`, in order of first appearance). An alias's entries (`fkl` for `sba(lam=-1)`)
+    are its target's runs, listed under the target only."""
+    missing = [m for m in missing if m.get("label") not in (aliases or {})]
+    seeds: dict[tuple, list] = {}
+    for m in missing:
+        seeds.setdefault(tuple(m[k] for k in keys), []).append(m["seed"])
+    parts = [
+        " ".join(f"`{v}`" for v in setting) + f" seed{'s' * (len(s) != 1)} " + ", ".join(map(str, s))
+        for setting, s in seeds.items()
+    ]
+    return f"Not finished ({count(len(missing), 'run')}): " + "; ".join(parts)
+
+
 def header_line(d: dict) -> str:
     m = d["machine"]
     dev = m.get("gpu", m["device"])

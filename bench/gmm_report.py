@@ -257,11 +257,7 @@ def missing(d: dict) -> list[str]:
     miss = d.get("missing") or []
     if not miss:
         return []
-    return [
-        f"Not finished ({len(miss)} runs): "
-        + ", ".join(f"`{m['teacher']}` `{m['label']}` seed {m['seed']}" for m in miss),
-        "",
-    ]
+    return [common.unfinished(miss, ("teacher", "label"), d.get("aliases")), ""]
 
 
 __all__ = ["TITLE", "METRICS", "summarise", "plot_all", "render", "title", "variant", "overrides", "at_floor"]

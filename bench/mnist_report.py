@@ -286,9 +286,7 @@ def notes(d: dict, rows: list[dict], all_data: dict) -> list[str]:
             out.append(f"`{r['label']}` diverged (non-finite steps in a row) with seeds {r['failed_seeds']}: left out.")
     missing = d.get("missing") or []
     if missing:
-        out.append(
-            f"Not finished ({len(missing)} runs): " + ", ".join(f"`{m['label']}` seed {m['seed']}" for m in missing)
-        )
+        out.append(common.unfinished(missing, ("label",), d.get("aliases")))
     if d.get("inception_skipped"):
         out.append(f"Inception FID skipped: {d['inception_skipped']}")
     if "teacher_scores" not in d:  # the single-seed JSON written before this sweep: its teacher line

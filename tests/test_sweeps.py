@@ -352,6 +352,22 @@ def test_mnist_table_counts_images_to_the_teacher_and_to_twice_its_fid():
     assert table.splitlines()[-1].count("|") == table.splitlines()[2].count("|")  # the teacher row is complete
 
 
+def test_unfinished_runs_are_listed_once_per_setting_with_their_seeds():
+    """A sweep's missing runs read as one entry per setting with its seeds, an alias's runs under its target only."""
+    import common
+    import gmm_report
+
+    miss = [{"teacher": t, "label": lab, "seed": s} for t in ("ring", "uneven") for lab in ("a", "b") for s in (0, 1)]
+    miss.append({"teacher": "ring", "label": "c", "seed": 2})
+    line = gmm_report.missing({"missing": miss})[0]
+    assert line == ("Not finished (9 runs): `ring` `a` seeds 0, 1; `ring` `b` seeds 0, 1; `uneven` `a` seeds 0, 1; "
+                    "`uneven` `b` seeds 0, 1; `ring` `c` seed 2")  # fmt: skip
+    assert common.unfinished([{"label": "x", "seed": 1}], ("label",)) == "Not finished (1 run): `x` seed 1"
+    alias = [{"label": "fkl", "seed": 1}, {"label": "sba(lam=-1)", "seed": 1}]  # the same run under two names
+    assert common.unfinished(alias, ("label",), {"fkl": "sba(lam=-1)"}) == "Not finished (1 run): `sba(lam=-1)` seed 1"
+    assert gmm_report.missing({"missing": []}) == []
+
+
 def test_verdict_follows_the_numbers_and_flips_with_them():
     import verdict
 

@@ -207,9 +207,14 @@ def fmt(x, digits: int = 3) -> str:
     return f"{x:#.{digits}g}".rstrip("0").rstrip(".")
 
 
+def plural(n: int, word: str) -> str:
+    """'seed' for 1, 'seeds' otherwise."""
+    return f"{word}{'s' * (n != 1)}"
+
+
 def count(n: int, word: str) -> str:
     """'1 seed', '2 seeds': a count with its noun."""
-    return f"{n} {word}{'s' * (n != 1)}"
+    return f"{n} {plural(n, word)}"
 
 
 def unfinished(missing: list[dict], keys: tuple[str, ...], aliases: dict | None = None) -> str:
@@ -221,7 +226,7 @@ def unfinished(missing: list[dict], keys: tuple[str, ...], aliases: dict | None 
     for m in missing:
         seeds.setdefault(tuple(m[k] for k in keys), []).append(m["seed"])
     parts = [
-        " ".join(f"`{v}`" for v in setting) + f" seed{'s' * (len(s) != 1)} " + ", ".join(map(str, s))
+        " ".join(f"`{v}`" for v in setting) + f" {plural(len(s), 'seed')} " + ", ".join(map(str, s))
         for setting, s in seeds.items()
     ]
     return f"Not finished ({count(len(missing), 'run')}): " + "; ".join(parts)

@@ -20,6 +20,7 @@ def test_quick_demo_writes_every_artefact(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert f"{saved['student']['mnist_features']['fid']:.2f}" in report
     assert "![student](student.png)" in report and "speed-up" in report
+    assert "Divergence `rkl`," in report  # the `mnist` preset's, without a lambda it does not take
     assert "report.md" in capsys.readouterr().out
     assert summary["distill"]["images_seen"] == saved["distill"]["images_seen"] > 0
 
@@ -32,3 +33,14 @@ def test_shipped_student_is_matched_to_the_teacher_by_content(tmp_path):
     assert _same_teacher(f"edm:{a}", f"edm:{b}")  # a copy at another path
     assert not _same_teacher(f"edm:{a}", f"edm:{c}")
     assert not _same_teacher(f"edm:{tmp_path / 'missing'}", f"edm:{a}")
+
+
+def test_divergence_label_names_only_the_parameters_a_divergence_takes():
+    from dataclasses import asdict
+
+    from dibregman.config import DivergenceConfig
+    from dibregman.demo import _divergence_label
+
+    assert _divergence_label(asdict(DivergenceConfig(name="sba", lam=3.0))) == "`sba` (lam=3)"
+    assert _divergence_label(asdict(DivergenceConfig(name="alpha", alpha=0.25))) == "`alpha` (alpha=0.25)"
+    assert _divergence_label(asdict(DivergenceConfig(name="lr", lam=3.0))) == "`lr`"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import override
+from .config import DivergenceConfig, divergence_params, override
 from .generators import generate
 from .loop import Trainer
 from .presets import get_preset
@@ -234,12 +234,18 @@ def _row(name: str, r: dict, evals: int, ips: float) -> str:
     )
 
 
+def _divergence_label(d: dict) -> str:
+    """`sba` (lam=5.0), or just `rkl`: a divergence's name with the parameters it takes."""
+    params = divergence_params(DivergenceConfig(**d))
+    return f"`{d['name']}`" + (f" ({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else "")
+
+
 def write_report(s: dict, out: Path) -> None:
     sp, d, c = s["speed"], s["distill"], s["config"]
     lines = [
         "# Di-Bregman demo: MNIST teacher -> one-step student",
         "",
-        f"Divergence `{c['divergence']['name']}` (lambda={c['divergence']['lam']}), "
+        f"Divergence {_divergence_label(c['divergence'])}, "
         f"{d['images_seen']} generator images seen in {d['wall_sec']:.0f} s on {sp['device']} "
         f"({sp['threads']} threads); {d['bad_steps']} non-finite steps skipped.",
         "",

@@ -235,7 +235,7 @@ def _row(name: str, r: dict, evals: int, ips: float) -> str:
 
 
 def _divergence_label(d: dict) -> str:
-    """`sba` (lam=5.0), or just `rkl`: a divergence's name with the parameters it takes."""
+    """`sba` (lam=5), or just `rkl`: a divergence's name with the parameters it takes."""
     params = divergence_params(DivergenceConfig(**d))
     return f"`{d['name']}`" + (f" ({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else "")
 

@@ -45,9 +45,9 @@ PRESETS: dict[str, DistillConfig] = {
         # generator step's sigma (it lagged exactly there and the generator oscillated), the generator's lr half
         # the critic's, a cosine decay to 0.1 and an EMA of 10 kimg.
         loss=dict(fake_sigma="generator"),
-        # Reverse KL: in the paper's Figure 4 on this teacher (bench/results/mnist_sweep.json, 150k images, two seeds)
-        # it has the best final FID; LR, forward KL and SBA(1) tie it, SBA(3), SBA(5) and SBA(10) are worse beyond
-        # the seed spread. `--divergence sba --set divergence.lam=5` gives the paper's recommended setting.
+        # Reverse KL: in our run of the paper's Figure 4 on this teacher (bench/results/mnist_sweep.json, 150k
+        # images, two seeds) it has the best final FID; LR, forward KL and SBA(1) tie it, SBA(3), SBA(5) and SBA(10)
+        # are worse beyond the seed spread. `--divergence sba --set divergence.lam=5` gives the paper's setting.
         divergence=dict(name="rkl"),
         # head_lr_mult: with the head at the fake score's lr the logits stayed flat (std 0.007 after 3.2 kimg,
         # discriminator accuracy 0.50), i.e. every divergence acted as reverse KL; x50 gave std 0.04 (measured).

@@ -324,7 +324,7 @@ def _noise(r: dict, noise: dict | None) -> str:
     ckpts = common.count(n["checkpoints"], "checkpoint")
     k = n["batches"]
     batches = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
-    if n["cos_rkl"]["max"] > 1:  # an estimate from independent halves of the batches, not a clipped cosine
+    if float(common.fmt(n["cos_rkl"]["max"], 2)) > 1:  # shown above 1: an estimate, not a clipped cosine
         cos += ", an estimate from independent halves of the batches that exceeds 1 by its error"
     return (f" Its weights make one batch's generator gradient as noisy, relative to its mean, as reverse KL's with "
             f"{be} of the batch, its mean direction at cos {cos} to reverse KL's ({ckpts}, "

@@ -444,6 +444,10 @@ def test_verdict_says_why_from_the_weights_and_the_calibration():
     line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))  # the unresolved checkpoint is left out
     assert "as reverse KL's with 0.1-0.2 of the batch, its mean direction at cos 0.5-0.9" in line
     assert "(2 checkpoints, 32 paired batches each, `grad_noise.md`)" in line and "exceeds 1" not in line
+    noise["checkpoints"][1]["objectives"]["sba(lam=5)"]["cos_rkl"] = 1.004  # shown as 1: nothing to explain
+    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal, noise))
+    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))
+    assert "at cos 0.5-1 to reverse KL's" in line and "exceeds 1" not in line
     noise["checkpoints"][1]["objectives"]["sba(lam=5)"]["cos_rkl"] = 1.08  # the unbiased estimate can pass 1
     md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal, noise))
     line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))

@@ -430,25 +430,28 @@ def test_verdict_says_why_from_the_weights_and_the_calibration():
                     {"placement": "separate", "head": "linear", "bins": bins(3.0)}]}  # fmt: skip
     assert verdict.logit_error(cal)["max"] == pytest.approx(0.2)  # the default head's runs only
     assert verdict.logit_error({**cal, "quick": True}) is None
-    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal))
-    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))
+    sweep = {"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}
+
+    def sba5(*extra) -> str:  # the verdict's explanation line for SBA(5)
+        return next(
+            x for x in "\n".join(verdict.markdown(sweep, *extra)).splitlines() if x.startswith("- `sba(lam=5)`")
+        )
+
+    line = sba5(cal)
     assert "moves its log weight by 5δ" in line and "off by ×1.65-2.72 (one std)" in line  # e^0.5, e^1
     assert "keeps about 0.9 of the batch" in line
-    bare = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}))
+    bare = "\n".join(verdict.markdown(sweep))
     assert "moves its log weight by 5δ; each step" in bare and "off by" not in bare  # no calibration: no factor
     assert not any(x.startswith("- `rkl`") for x in bare.splitlines())
     obj = lambda be, cos, sig=1.0: {"batch_equiv": be, "cos_rkl": cos, "signal": sig}  # noqa: E731
     ckpt = lambda sba: {"batches": 32, "objectives": {"rkl": obj(1.0, 1.0), "sba(lam=5)": sba}}  # noqa: E731
     noise = {"checkpoints": [ckpt(obj(0.1, 0.5)), ckpt(obj(0.2, 0.9)), ckpt(obj(9.0, 9.0, sig=-1.0))]}
-    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal, noise))
-    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))  # the unresolved checkpoint is left out
+    line = sba5(cal, noise)  # the unresolved checkpoint is left out
     assert "as reverse KL's with 0.1-0.2 of the batch, its mean direction at cos 0.5-0.9" in line
     assert "(2 checkpoints, 32 paired batches each, `grad_noise.md`)" in line and "exceeds 1" not in line
     noise["checkpoints"][1]["objectives"]["sba(lam=5)"]["cos_rkl"] = 1.004  # shown as 1: nothing to explain
-    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal, noise))
-    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))
+    line = sba5(cal, noise)
     assert "at cos 0.5-1 to reverse KL's" in line and "exceeds 1" not in line
     noise["checkpoints"][1]["objectives"]["sba(lam=5)"]["cos_rkl"] = 1.08  # the unbiased estimate can pass 1
-    md = "\n".join(verdict.markdown({"mnist_sweep": _mnist_json([20.0, 22.0], [30.0, 33.0])}, cal, noise))
-    line = next(x for x in md.splitlines() if x.startswith("- `sba(lam=5)`"))
+    line = sba5(cal, noise)
     assert "at cos 0.5-1.1, an estimate from independent halves of the batches that exceeds 1 by its error" in line

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PANELS = {  # panel title -> log key (FID: the first key starting with "fid" that is not a sample count)
@@ -65,13 +65,15 @@ def setting_label(cfg: dict, others: list[dict]) -> str:
     (`run.*`, i.e. the seed and reporting keys, excluded; None, 0 and '' all read as "off"). Where the runs use
     different divergences (an objective sweep) every label starts with its own objective, e.g. `sba(lam=5)`, and
     the divergences' parameters are read only through it: reverse KL's unused `lam` names nothing."""
+    from .config import saved_divergence_params  # here, not at import: config pulls in torch
+
     flat, all_flat = _flatten(cfg), [_flatten(o) for o in others]
     diff = [k for k in sorted(flat) if not k.startswith("run.") and _uncommon(flat, k, all_flat)]
     if len({o.get("divergence", {}).get("name") for o in others}) < 2:
         return ", ".join(f"{k.split('.', 1)[1]}={flat[k]}" for k in diff) or "base"
-    taken = {f"divergence.{p}" for o in others for p in _objective_params(o.get("divergence", {}))}
+    taken = {f"divergence.{p}" for o in others for p in saved_divergence_params(o.get("divergence", {}))}
     rest = [f"{k.split('.', 1)[1]}={flat[k]}" for k in diff if k != "divergence.name" and k not in taken]
-    params = _objective_params(cfg.get("divergence", {}))
+    params = saved_divergence_params(cfg.get("divergence", {}))
     head = str(cfg.get("divergence", {}).get("name"))
     head += f"({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else ""
     return ", ".join([head, *rest])
@@ -83,14 +85,6 @@ def _uncommon(flat: dict, key: str, all_flat: list[dict]) -> bool:
     counts = sorted((values.count(v) for v in set(values)), reverse=True)
     common = max(set(values), key=values.count) if counts[0] > (counts[1:] or [0])[0] else None
     return repr(_off(flat[key])) != common
-
-
-def _objective_params(div: dict) -> dict:
-    """The parameters the run's divergence takes ({"lam": 5.0} for sba), from its config section."""
-    from .config import DivergenceConfig, divergence_params
-
-    known = {f.name for f in fields(DivergenceConfig)}
-    return divergence_params(DivergenceConfig(**{k: v for k, v in div.items() if k in known}))
 
 
 def _off(v):

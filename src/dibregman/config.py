@@ -299,6 +299,12 @@ def divergence_params(d: DivergenceConfig) -> dict:
     return {"sba": {"lam": d.lam}, "alpha": {"alpha": d.alpha}}.get(d.name, {})
 
 
+def saved_divergence_params(section: dict) -> dict:
+    """`divergence_params` of a saved config's `divergence` section (a dict; keys this version lacks are ignored)."""
+    known = {f.name for f in fields(DivergenceConfig)}
+    return divergence_params(DivergenceConfig(**{k: v for k, v in section.items() if k in known}))
+
+
 def _convert(value, current, key: str, hint=None):
     """value as the type of the field (`current`'s, or the non-None type of an optional field's `hint`). An
     optional field (`X | None`) takes None, JSON null, and 0 or '' as None: "off" has one spelling."""

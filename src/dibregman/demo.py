@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DivergenceConfig, divergence_params, override
+from .config import override, saved_divergence_params
 from .generators import generate
 from .loop import Trainer
 from .presets import get_preset
@@ -236,7 +236,7 @@ def _row(name: str, r: dict, evals: int, ips: float) -> str:
 
 def _divergence_label(d: dict) -> str:
     """`sba` (lam=5), or just `rkl`: a divergence's name with the parameters it takes."""
-    params = divergence_params(DivergenceConfig(**d))
+    params = saved_divergence_params(d)
     return f"`{d['name']}`" + (f" ({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else "")
 
 

@@ -46,7 +46,7 @@ from dibregman.presets import get_preset
 
 NAME = "mnist_sweep"
 TITLE = mnist_report.TITLE
-OBJECTIVES = sweeprun.FIGURE4  # reverse KL, SBA(lambda), LR (= JS), forward KL
+OBJECTIVES = sweeprun.FIGURE4 + sweeprun.PLACEBOS  # reverse KL, SBA(lambda), LR (= JS), forward KL; placebos
 RECIPE = {  # no oscillation over 300k images (bench/tuning/results/mnist_oscillation/README.md)
     "loss.fake_sigma": "generator",  # the fake score trains at the generator step's sigma
     "optim.gen_lr": 1e-4,  # half the critic's: two time scales
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-inception", type=int, default=None, help="samples for the Inception FID (500 x scale; 0 off)")
     p.add_argument("--teacher-nfe", type=int, default=None, help="Heun evaluations of the teacher row (35; 0 off)")
     p.add_argument("--target-fid", type=float, default=None, help="target of 'kimg to reach' (teacher's FID)")
-    p.add_argument("--objectives", default="", help="the sweep's objectives, comma-separated (default: all eight)")
+    p.add_argument("--objectives", default="", help="the sweep's objectives, comma-separated (default: all ten, placebos included)")
     p.add_argument("--only", default="", help="comma-separated labels or divergence names this process trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")

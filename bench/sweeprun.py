@@ -40,6 +40,11 @@ FIGURE4 = (  # (label, divergence, parameters): the paper's Figure 4 (reverse KL
     ("lr (= js)", "lr", {}),
     ("fkl", "fkl", {}),
 )
+PLACEBOS = (  # controls for SBA(5) (issue: signal or variance?): the same weight spread in the opposite direction,
+    # and SBA(5)'s own weights assigned to random samples within each sigma bin (divergence.shuffle_weights)
+    ("sba(lam=-5)", "sba", {"lam": -5.0}),
+    ("sba(lam=5) shuffled", "sba", {"lam": 5.0, "shuffle_weights": True}),
+)
 # config keys a finished run may differ in and still count (where and how it ran, not what it computed)
 REPORTING_KEYS = {
     "run.threads",
@@ -85,7 +90,9 @@ def identical_weights(specs: list[Spec]) -> dict[str, str]:
     seen: list[tuple[str, list[torch.Tensor]]] = []
     alias = {}
     for label, name, params in specs:
-        div = divergences.get(name, **params)
+        if params.get("shuffle_weights"):  # random assignment: equal to no other spec
+            continue
+        div = divergences.get(name, **{k: v for k, v in params.items() if k in ("lam", "alpha")})
         lw = [div.log_weight(grid64), div.log_weight(grid64.float())]
         first = next((lab for lab, ref in seen if all(torch.equal(a, b) for a, b in zip(lw, ref, strict=True))), None)
         if first is None:
@@ -256,6 +263,7 @@ __all__ = [
     "train_seconds",
     "state_of",
     "FIGURE4",
+    "PLACEBOS",
     "read_result",
     "result_problem",
     "check_teacher_file",

@@ -302,3 +302,26 @@ def test_process_group_device_follows_run_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="run.device=cuda but CUDA is not available"):
         dist.init("cuda")
+
+
+def test_shuffle_weights_placebo_moves_the_weights_not_the_draws(tmp_path, monkeypatch):
+    """divergence.shuffle_weights permutes Eq. 4's weights within the sigma bins (the same multiset per bin),
+    draws from its own stream (the other draws unchanged), and is reproducible."""
+    seen = {}
+
+    def capture(key):
+        real = divergences.weight_from_log
+
+        def f(log_w, stab):
+            seen.setdefault(key, []).append(log_w.detach().clone())
+            return real(log_w, stab)
+
+        return f
+
+    for key, shuffle in (("plain", False), ("shuffled", True), ("again", True)):
+        monkeypatch.setattr(divergences, "weight_from_log", capture(key))
+        cfg = gmm_cfg(**{"divergence.shuffle_weights": shuffle, "run.total_kimg": steps_kimg(2)})
+        Trainer(cfg, tmp_path / key).train(max_steps=1)  # one step: both runs see the same critic and logits
+    plain, shuffled = seen["plain"][0], seen["shuffled"][0]
+    assert torch.equal(plain.sort().values, shuffled.sort().values) and not torch.equal(plain, shuffled)
+    assert torch.equal(shuffled, seen["again"][0])

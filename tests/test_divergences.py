@@ -302,3 +302,21 @@ def test_describe_and_plot(tmp_path):
         assert f"\n{n} " in text
     out = viz.plot_log_weights(tmp_path / "w.png", logits_range=(-5, 5))
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out == tmp_path / "w.png"
+
+
+def test_shuffle_within_bins_keeps_each_bins_weights():
+    """The placebo `divergence.shuffle_weights`: each bin keeps its multiset of weights, the assignment to
+    samples changes, and the same generator seed gives the same permutation."""
+    g = torch.Generator().manual_seed(0)
+    log_w = torch.randn(64, generator=g)
+    sigma = torch.exp(torch.randn(64, generator=g))
+    bins = dv.sigma_bin_index(sigma, 8)
+    out = dv.shuffle_within_bins(log_w, bins, torch.Generator().manual_seed(3))
+    again = dv.shuffle_within_bins(log_w, bins, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    for k in range(8):
+        sel = bins == k
+        assert torch.equal(out[sel].sort().values, log_w[sel].sort().values), k
+    assert not torch.equal(out, log_w)
+    one_bin = dv.shuffle_within_bins(log_w, torch.zeros(64, dtype=torch.long), torch.Generator())
+    assert torch.equal(one_bin.sort().values, log_w.sort().values) and not torch.equal(one_bin, log_w)

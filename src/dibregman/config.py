@@ -68,6 +68,11 @@ class DivergenceConfig:
     )
     num_sigma_bins: int = opt(8, "bins in log sigma for normalize=sigma_bins")
     weight_clip: float | None = opt(5.0, "clip normalised weights at this value (None = off)")
+    shuffle_weights: bool = opt(
+        False,
+        "placebo control: permute the stabilised weights at random among the samples of each log-sigma bin "
+        "(num_sigma_bins bins): the same weights, assigned to random samples",
+    )
 
 
 @dataclass(frozen=True)

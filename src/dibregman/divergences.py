@@ -317,6 +317,23 @@ def stabilized_log_weight(
     return log_w, log_n
 
 
+def shuffle_within_bins(
+    log_w: Tensor,  # [N] stabilised log weights
+    bins: Tensor,  # [N] bin index per sample (`sigma_bin_index`)
+    generator: torch.Generator,  # CPU generator of the permutation (a `draws.seed_for` stream)
+) -> Tensor:
+    """log_w permuted at random among the samples of each bin: every bin keeps its multiset of weights, each
+    sample gets one drawn from its own bin. The placebo control `divergence.shuffle_weights`: the weights' spread
+    without their assignment to samples."""
+    flat, b = log_w.reshape(-1), bins.reshape(-1).to(torch.float64).cpu()
+    u = torch.rand(b.shape, generator=generator, dtype=torch.float64)  # in [0, 1): bins stay apart
+    random_order = torch.argsort(b + u).to(flat.device)  # grouped by bin, random within
+    slots = torch.argsort(b, stable=True).to(flat.device)  # grouped by bin, in place
+    out = torch.empty_like(flat)
+    out[slots] = flat[random_order]
+    return out.reshape(log_w.shape)
+
+
 def weight_from_log(log_w: Tensor, stab: Stabilizer = Stabilizer()) -> Tensor:
     """exp(log w) capped at `stab.weight_clip` (after normalisation, where the mean weight is 1); may be inf."""
     w = log_w.exp()

@@ -26,7 +26,7 @@ from . import distill as losses
 from .build import build_models, objective
 from .config import DistillConfig, validate
 from .distill import NonFiniteError, bcast, per_sample_mean
-from .draws import Batch, draw_batch, local_slice
+from .draws import Batch, draw_batch, generator_for, local_slice
 from .generators import export_ema_snapshot
 from .monitor import Monitor
 from .regression import build_regression
@@ -123,8 +123,14 @@ class Trainer:
         sl = local_slice(len(local[0]) * dist.world_size())
         return tuple(o[sl] for o in out) if isinstance(out, tuple) else out[sl]
 
-    def _log_weights(self, logits: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return divergences.stabilized_log_weight(self.div, logits, sigma=sigma, stab=self.stab)
+    def _log_weights(self, logits: torch.Tensor, sigma: torch.Tensor, rnd: int = 0) -> tuple[torch.Tensor, ...]:
+        log_w, log_n = divergences.stabilized_log_weight(self.div, logits, sigma=sigma, stab=self.stab)
+        d = self.cfg.divergence
+        if d.shuffle_weights:  # placebo: the same weights per sigma bin, at random samples (own seeded stream)
+            bins = divergences.sigma_bin_index(sigma, d.num_sigma_bins, self.stab.sigma_range)
+            g = generator_for(self.cfg.run.seed, "shuffle_weights", self.state.step, rnd)
+            log_w = divergences.shuffle_within_bins(log_w, bins, g)
+        return log_w, log_n
 
     def _critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict, dict]:
         """Lines 16-22 for one micro-batch: fake-score DSM on G(z) and Eq. 5's BCE, at the draws of `b`."""
@@ -179,7 +185,7 @@ class Trainer:
             gap = (d_phi - d_psi) / bcast(divisor, x)  # w(t) (s_phi - s_psi)
             if not (torch.isfinite(logits).all() and torch.isfinite(gap).all()):
                 raise NonFiniteError("non-finite discriminator logits or score difference in the generator step")
-            log_w, log_n = self._global(self._log_weights, logits, b.gen_sigma)  # line 9, global micro-batch
+            log_w, log_n = self._global(lambda *t: self._log_weights(*t, rnd=rnd), logits, b.gen_sigma)  # line 9
             w = divergences.weight_from_log(log_w, self.stab)
             if not torch.isfinite(w).all():  # e.g. normalize=none with a large lambda: float32 overflow
                 raise NonFiniteError("the Bregman weight overflows; set divergence.logit_clamp or a normalisation")

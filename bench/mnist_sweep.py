@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-inception", type=int, default=None, help="samples for the Inception FID (500 x scale; 0 off)")
     p.add_argument("--teacher-nfe", type=int, default=None, help="Heun evaluations of the teacher row (35; 0 off)")
     p.add_argument("--target-fid", type=float, default=None, help="target of 'kimg to reach' (teacher's FID)")
-    p.add_argument("--objectives", default="", help="the sweep's objectives, comma-separated (default: all ten, placebos included)")
+    p.add_argument("--objectives", default="", help="objectives, comma-separated (default: all ten, placebos included)")
     p.add_argument("--only", default="", help="comma-separated labels or divergence names this process trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")

@@ -212,13 +212,16 @@ def test_nan_step_is_skipped_counted_and_logged(tmp_path):
     assert '"skipped/generator"' in log and '"bad_steps_total": 2' in log
 
 
-def test_nan_generator_round_clears_the_gan_gradient_of_the_critic(tmp_path):
-    """accum_steps=2 with a GAN term: round 1's GAN backward reaches eta; a NaN in round 2 must not leave that
-    gradient for the next critic step."""
-    cfg = gmm_cfg(**{"optim.accum_steps": 2, "loss.gan_weight": 0.1, "run.total_kimg": steps_kimg(1)})
+def test_gan_term_never_computes_a_gradient_for_the_critic(tmp_path):
+    """accum_steps=2 with a GAN term: the GAN logit reads eta with its weights as constants, so the generator
+    phase leaves no gradient on the critic, after a good round and after a NaN round alike."""
+    cfg = gmm_cfg(**{"optim.accum_steps": 2, "loss.gan_weight": 0.1, "run.total_kimg": steps_kimg(2)})
     tr = Trainer(cfg, tmp_path)
+    mon = Monitor(tmp_path, enabled=False, initial=0, total=1)
+    assert tr.run_phase(tr.phase("generator"), mon) and "loss/gen_gan" in mon.values
+    assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
     tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls={2})
-    assert not tr._generator_step(Monitor(tmp_path, cfg, enabled=False, initial=0, total=1))
+    assert not tr.run_phase(tr.phase("generator"), mon)
     assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
 
 
@@ -229,8 +232,8 @@ def test_overflowing_unnormalised_weight_skips_the_step(tmp_path):
     cfg = gmm_cfg(**pairs, **{"run.total_kimg": steps_kimg(1)})
     tr = Trainer(cfg, tmp_path)
     tr.m.disc.register_forward_hook(lambda mod, args, out: out - 20.0)  # l = -10 after the clamp: w = e^500
-    mon = Monitor(tmp_path, cfg, enabled=False, initial=0, total=1)
-    assert not tr._generator_step(mon)
+    mon = Monitor(tmp_path, enabled=False, initial=0, total=1)
+    assert not tr.run_phase(tr.phase("generator"), mon)
     assert mon.values["skipped/generator"] == [1.0]
 
 
@@ -241,7 +244,10 @@ def test_consecutive_nan_steps_abort_with_a_clear_message(tmp_path):
         tr.train()
 
 
-def test_torchrun_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one(tmp_path, parallel):
+    """2 processes under DDP (bucketed all-reduce, no_sync over the accumulation) or FSDP2 (sharded) train what
+    one process trains, with gradient accumulation and the GAN term."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     sets = [
         f"--set={k}={v}"
@@ -250,6 +256,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
             "run.total_kimg": steps_kimg(3),
             "loss.gan_weight": 0.1,
             "divergence.normalize": "softmax",
+            "optim.accum_steps": 2,
             "run.device": "cpu",
         }.items()
     ]
@@ -270,10 +277,11 @@ def test_torchrun_two_processes_equal_one(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29533",
+            str(29533 + (parallel == "fsdp")),
             "-m",
             "dibregman.cli",
             *base,
+            f"--set=run.parallel={parallel}",
             "--run-dir",
             str(tmp_path / "two"),
         ],

@@ -84,19 +84,41 @@ def test_nan_streak_never_prunes_the_last_healthy_checkpoint(tmp_path):
     assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [6]
 
 
-def test_non_finite_weights_after_a_step_are_a_bad_step_and_never_saved(tmp_path):
+def test_corrupt_optimiser_state_is_a_bad_step_that_never_reaches_the_weights(tmp_path):
+    """A NaN second moment (as a flipped byte in a checkpoint did) would turn finite gradients into NaN weights:
+    the step is skipped before the update, the weights stay finite, nothing non-finite is saved, the abort names
+    the newest healthy checkpoint, and the resume takes it."""
     pairs = {"run.total_kimg": steps_kimg(10), "run.ckpt_every_kimg": steps_kimg(1), "run.max_bad_steps": 3}
     tr = Trainer(gmm_cfg(**pairs), tmp_path)
     tr.train(max_steps=2)
-    for state in tr.opt_g.state.values():  # a corrupt second moment, as a flipped byte in the issue did
+    for state in tr.opt_g.state.values():
         state["exp_avg_sq"].fill_(float("nan"))
-    with pytest.raises(runguard.TooManyBadSteps, match="3 consecutive non-finite steps"):
+    with pytest.raises(runguard.TooManyBadSteps, match="3 consecutive non-finite steps.*newest healthy checkpoint"):
         tr.train()
-    assert not all(torch.isfinite(p).all() for p in tr.m.generator.parameters())
-    assert all(torch.isfinite(p).all() for p in tr.ema.parameters()), "the EMA never absorbs a bad step"
-    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [1, 2], "NaN weights never saved"
+    assert _finite(tr) and all(torch.isfinite(p).all() for p in tr.ema.parameters())
+    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [1, 2], "a NaN state is never saved"
     resumed = Trainer(gmm_cfg(**pairs), tmp_path)
-    assert resumed.state.step == 2 and _finite(resumed)
+    assert resumed.state.step == 2 and _finite(resumed) and resumed.state.bad_in_row == 0
+    assert resumed.train(max_steps=2)["bad_steps"] == 0  # it trains on
+
+
+def test_resume_prefers_the_newest_healthy_checkpoint(tmp_path):
+    """An unhealthy checkpoint (written after a skipped step, its bad-step count carried) or one whose optimiser
+    state is non-finite is passed over for the newest healthy one, so a resume does not abort again at once."""
+    pairs = {"run.total_kimg": steps_kimg(10), "run.ckpt_every_kimg": steps_kimg(1), "run.keep_ckpts": 5}
+    tr = Trainer(gmm_cfg(**pairs), tmp_path)
+    tr.train(max_steps=3)
+    paths = ckpt.list_checkpoints(tmp_path)
+    unhealthy = ckpt.load(paths[-1])
+    unhealthy.update({ckpt.HEALTHY_KEY: False, "bad_in_row": 7})
+    ckpt.save_atomic(unhealthy, paths[-1])
+    corrupt = ckpt.load(paths[-2])
+    for st in corrupt["opt_c"]["state"].values():
+        st["exp_avg"].fill_(float("inf"))
+    ckpt.save_atomic(corrupt, paths[-2])
+    with pytest.warns(UserWarning, match="not healthy"):
+        resumed = Trainer(gmm_cfg(**pairs), tmp_path)
+    assert resumed.state.step == 1 and resumed.state.bad_in_row == 0
 
 
 FLAKY = {"calls": 0}

@@ -28,14 +28,13 @@ import math
 
 import torch
 
-from .build import Models, _frozen, _separate_backbone, _trainable_copy, pretrain_mlp
+from .build import Models, _frozen, _trainable_copy, build_critic, pretrain_mlp
 from .config import DistillConfig
-from .distill import bcast, discriminator_loss, fake_score_loss
-from .draws import draw_batch, generator_for
-from .networks.discriminator import DiscriminatorHead
+from .engine import Engine
+from .methods.critic import CriticOnly
+from .monitor import Monitor
 from .networks.mlp import MLPDenoiser
 from .noise import schedule_of
-from .optim import cosine_factor
 from .teachers.gmm import GaussianMixture
 
 SBA_LAMBDAS = (1.0, 3.0, 5.0, 10.0)
@@ -61,85 +60,62 @@ def sigma_range(cfg: DistillConfig, teacher) -> tuple[float, float]:
 
 
 class Critic:
-    """psi + eta + the critic's AdamW, built as `build_models` and `Trainer` build them."""
+    """psi + eta + the critic's AdamW, built by `build.build_critic` / `critic_optimizer` and stepped by the engine
+    (`methods.critic.CriticOnly`), as a distillation run builds and steps them."""
 
-    def __init__(self, cfg: DistillConfig, teacher: GaussianMixture, device=None, init=None):
+    def __init__(self, cfg: DistillConfig, teacher: GaussianMixture, device=None, init=None, total_steps: int = 1):
         device = torch.device("cpu") if device is None else device
         placement, head = cfg.model.disc_placement, cfg.model.disc_head
         if placement not in PLACEMENTS or head not in HEADS:
             raise ValueError(f"placement {placement!r} / head {head!r}: valid {PLACEMENTS} / {HEADS}")
         self.cfg, self.teacher, self.device = cfg, teacher, device
-        torch.manual_seed(cfg.run.seed)  # as Trainer does before build_models
+        torch.manual_seed(cfg.run.seed)  # as the distillation does before build_models
         if init is None:
             init = pretrain_mlp(teacher, cfg, device)
         else:  # a shared fitted MLP: leave the global RNG where pretrain_mlp leaves it (it draws its init only)
             torch.manual_seed(cfg.run.seed)
             MLPDenoiser(init.cfg)
-        self.fake = _trainable_copy(init).to(device)
-        if placement == "fake_score":
-            self.disc = DiscriminatorHead(self.fake, head)
-        elif placement == "teacher":
-            self.disc = DiscriminatorHead(_frozen(copy.deepcopy(init)), head)
-        else:
-            self.disc = DiscriminatorHead(_separate_backbone(init).eval(), head, own_backbone=True)
-        self.disc = self.disc.to(device)
-        o = cfg.optim
-        critic = list(self.fake.parameters()) + list(self.disc.parameters())
-        self.params = list({id(p): p for p in critic}.values())
-        hp = {id(p) for p in self.disc.linear.parameters()} if self.disc.linear is not None else set()
-        groups = [
-            {"params": [p for p in self.params if id(p) not in hp], "lr": o.fake_lr},
-            {"params": [p for p in self.params if id(p) in hp], "lr": o.fake_lr * o.head_lr_mult},
-        ]
-        self.opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]], betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
-        )
-        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        fake = _trainable_copy(init).to(device)
+        # an analytic teacher has no features: placement `teacher` reads the frozen fitted MLP, its stand-in
+        critic = build_critic(cfg, fake, teacher=_frozen(copy.deepcopy(init)), init=init).to(device)
         self.models = Models(
             teacher=teacher,
             generator=None,
-            fake=self.fake,
-            disc=self.disc,
+            critic=critic,
             shape=tuple(teacher.shape),
             sigma_data=float(teacher.sigma_data),
             real=lambda g, n: (teacher.sample(n, generator=g).to(device), None),
             export=None,
             preview=None,
         )
-        self.step_count = 0
+        self.q: GaussianMixture | None = None  # the fixed student of `train`
+        self.method = CriticOnly(cfg, self.models, lambda g, n: self.q.sample(n, generator=g), total_steps, device)
+        self.engine = Engine(self.method, None)
+
+    @property
+    def fake(self):
+        return self.models.fake
+
+    @property
+    def disc(self):
+        return self.models.disc
+
+    @property
+    def critic(self):
+        return self.models.critic
 
     def train(self, q: GaussianMixture, steps: int, total: int | None = None) -> list[dict]:
         """`steps` more critic steps against fixed q samples (label 0), of a run of `total` steps (the cosine
         schedule's length; default: these steps); returns per-step losses, accuracy and gradient norm."""
-        cfg, B, log = self.cfg, self.cfg.optim.batch_size, []
-        n = B // cfg.optim.accum_steps
-        rng, total = sigma_range(cfg, self.teacher), total or self.step_count + steps
+        self.q = q
+        self.method.total_steps = total or self.engine.state.step + steps
+        log = []
         for _ in range(steps):
-            factor = 1.0  # Trainer's lr factor with progress = step / total
-            if cfg.optim.lr_schedule == "cosine":
-                factor = cosine_factor(self.step_count / total, cfg.optim.lr_final)
-            for group, base in zip(self.opt.param_groups, self.base_lrs, strict=True):
-                group["lr"] = base * factor
-            rec = {"dsm": 0.0, "bce": 0.0, "acc": 0.0}
-            for rnd in range(cfg.optim.accum_steps):
-                b, real = draw_batch(cfg, self.models, self.step_count, rnd, n, self.device, rng)
-                g = generator_for(cfg.run.seed, "calibration_q", self.step_count, rnd)
-                x_fake = q.sample(n, generator=g).to(self.device)  # the fixed student's samples
-                x_psi = x_fake + bcast(b.fake_sigma, x_fake) * b.fake_noise  # as Trainer._critic_round
-                dsm = fake_score_loss(self.fake(x_psi, b.fake_sigma).float(), x_fake, b.fake_weight, norm=B)
-                s = bcast(b.disc_sigma, x_fake)
-                l_real = self.disc(real + s * b.disc_noise_real, b.disc_sigma).float()
-                l_fake = self.disc(x_fake + s * b.disc_noise_fake, b.disc_sigma).float()
-                bce, st = discriminator_loss(l_real, l_fake, norm=B)
-                (dsm + cfg.loss.disc_weight * bce).backward()
-                rec["dsm"] += float(dsm.detach()) / cfg.optim.accum_steps * B / n
-                rec["bce"] += float(bce.detach()) / cfg.optim.accum_steps * B / n
-                rec["acc"] += float(st["disc_acc"]) / cfg.optim.accum_steps
-            if cfg.optim.grad_clip > 0:  # one global norm over psi and eta together, as the engine clips
-                rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step_count += 1
+            mon = Monitor(".", enabled=False, initial=0, total=1)
+            self.engine.step(mon)
+            rec = {k: sum(v) / len(v) for k, v in mon.values.items() if k in ("dsm", "bce", "acc")}
+            if "critic/grad_norm" in mon.values:
+                rec["grad_norm"] = mon.values["critic/grad_norm"][0]
             log.append(rec)
         return log
 
@@ -163,7 +139,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(
-    disc, cfg: DistillConfig, p: GaussianMixture, q: GaussianMixture, num_bins: int = 6, n: int = 2000, seed: int = 1
+    critic, cfg: DistillConfig, p: GaussianMixture, q: GaussianMixture, num_bins: int = 6, n: int = 2000, seed: int = 1
 ) -> list[dict]:
     """Per sigma bin: the learned logit against the exact log p_t/q_t on n fresh noisy samples from each side."""
     g = torch.Generator().manual_seed(seed)
@@ -178,7 +154,7 @@ def evaluate(
         device = next(iter(p.buffers())).device
         x, sigma = x.to(device), sigma.to(device)
         exact = exact_log_ratio(p, q, x, sigma).cpu()
-        raw = disc(x, sigma.float()).double().cpu()
+        raw = critic(x, sigma.float(), logit=True).double().cpu()
         ref, logit = exact.clamp(-clamp, clamp), raw.clamp(-clamp, clamp)
         err = logit - ref
         is_q = torch.arange(2 * n) >= n
@@ -227,7 +203,7 @@ def calibrate(
     critic, log, curve = Critic(cfg, p, device, init=init), [], []
     for stop in sorted({k for k in eval_at if 0 <= k < steps} | {steps}):
         log += critic.train(q, stop - len(log), total=steps)
-        curve.append({"steps": stop, "bins": evaluate(critic.disc, cfg, p, q, num_bins, n_eval, cfg.run.seed + 1)})
+        curve.append({"steps": stop, "bins": evaluate(critic.critic, cfg, p, q, num_bins, n_eval, cfg.run.seed + 1)})
     tail = log[-max(1, len(log) // 10) :]
 
     def mean(key):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 import warnings
 from pathlib import Path
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 
 _PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+_DIR_PATTERN = re.compile(r"^ckpt-(\d+)$")  # a sharded checkpoint's folder (`sharded.py`)
 CHECKSUM_KEY = "checksum"  # SHA-256 hex digest of the rest of the dict (`content_checksum`)
+SHARDED_KEY = "sharded"  # set by `load` on a sharded checkpoint: the folder to read the shards from
 HEALTHY_KEY = "healthy"  # bool: weights finite and no NaN/Inf steps in a row (absent in old files = healthy)
 
 
@@ -85,6 +88,10 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load and verify a checkpoint without executing code; ValueError for a corrupt file."""
     path = Path(path)
+    if path.is_dir():  # sharded: its small state, verified; the shards are read by `sharded.load`
+        from . import sharded
+
+        return {**sharded.read_meta(path), SHARDED_KEY: str(path)}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -112,6 +119,10 @@ def _to(obj, device):
 def peek(path: str | os.PathLike) -> dict | None:
     """The checkpoint's dict with tensors memory-mapped (cheap, unverified); None if it cannot be read."""
     try:
+        if Path(path).is_dir():
+            from . import sharded
+
+            return sharded.read_meta(path, verify=False)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
@@ -154,12 +165,17 @@ def describe_mismatch(weights: dict, model: dict, limit: int = 3) -> str | None:
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints `ckpt-<kimg>.pt` in `run_dir`, oldest first."""
+    """Checkpoints in `run_dir`, oldest first: files `ckpt-<images>.pt` (one process) and folders
+    `ckpt-<images>/` (sharded, `sharded.py`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = []
+    for p in run_dir.iterdir():
+        m = _PATTERN.match(p.name) if p.is_file() else _DIR_PATTERN.match(p.name) if p.is_dir() else None
+        if m:
+            found.append((int(m.group(1)), p.is_dir(), p))
+    return [p for *_, p in sorted(found)]
 
 
 def checkpoint_path(run_dir: str | os.PathLike, num_images: int) -> Path:
@@ -193,7 +209,10 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
         protect = next((p for p in reversed(old) if is_healthy(p)), None)
         old = [p for p in old if p != protect]
     for path in old:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def export_safetensors(state_dict: dict, config: dict, path: str | os.PathLike) -> Path:

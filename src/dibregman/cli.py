@@ -76,6 +76,12 @@ def cmd_distill(args) -> None:
     dist.destroy()
 
 
+def cmd_export(args) -> None:
+    from .loop import export_run
+
+    print(export_run(args.run_dir))
+
+
 def cmd_sample(args) -> None:
     import torch
 
@@ -211,6 +217,7 @@ def cmd_compare(args) -> None:
 COMMANDS = {
     "train-teacher": cmd_train_teacher,
     "distill": cmd_distill,
+    "export": cmd_export,
     "sample": cmd_sample,
     "eval": cmd_eval,
     "divergences": cmd_divergences,
@@ -283,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     d.add_argument("--list-keys", action="store_true", help="print every key: type, the preset's value, help")
+
+    x = sub.add_parser("export", help="export a run's newest checkpoint (also a sharded one) as its generator file")
+    x.add_argument("run_dir", help="distillation run folder")
 
     s = sub.add_parser("sample", help="one-step samples from an exported generator")
     s.add_argument("--checkpoint", required=True, help="run folder or generator.safetensors")

@@ -39,7 +39,11 @@ class ModelConfig:
     )
     prompts: str | None = opt(None, "text-to-image: condition set D_c, a prompts file (.txt, .csv/.jsonl)")
     guidance_scale: float = opt(3.0, "text-to-image: classifier-free guidance of the teacher (copies unguided)")
-    grad_checkpointing: bool = opt(False, "text-to-image: gradient checkpointing in the trainable UNets")
+    grad_checkpointing: bool = opt(
+        False,
+        "activation checkpointing of G and psi: their blocks (TeacherFamily.blocks) are recomputed in the backward "
+        "pass (text-to-image: diffusers' own switch)",
+    )
     fake_lora_rank: int = opt(0, "text-to-image: LoRA rank of psi's attention projections (0 = full weights)")
     teacher_bf16: bool = opt(False, "text-to-image: keep the frozen teacher UNet, VAE and text encoder in bf16")
     real_cache: str | None = opt(None, "text-to-image: file caching the real side's latents (None = off)")
@@ -145,6 +149,12 @@ class RunConfig:
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps")
     threads: int | None = opt(None, "torch CPU threads (None = torch's default)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = opt(
+        "auto",
+        "data parallelism (parallel.py): auto (ddp under torchrun, else none) | none (one process) | ddp "
+        "(DistributedDataParallel: bucketed all-reduce overlapped with backward) | fsdp (FSDP2 fully_shard)",
+    )
+    cpu_offload: bool = opt(False, "parallel=fsdp: keep parameters, gradients and AdamW states on the CPU")
     tensorboard: bool = opt(True, "also write TensorBoard scalars when tensorboard is installed")
 
 
@@ -360,6 +370,9 @@ RESUMABLE_CHANGES = {
     "run.keep_ema_every_kimg",
     "run.threads",
     "run.device",
+    "run.parallel",
+    "run.cpu_offload",
+    "model.grad_checkpointing",
     "run.tensorboard",
     "run.max_bad_steps",
 }

@@ -1,5 +1,6 @@
-"""Process-group helpers for `torchrun` (one node or many): rank, world size, print0, barrier, and the two
-collectives the engine needs. Gloo on CPU, NCCL on CUDA. With a single process every helper is a no-op.
+"""Process-group helpers for `torchrun` (one node or many): rank, world size, print0, barrier, and the few
+collectives of metrics and flags (gradients are reduced by DDP/FSDP2, `parallel.py`). Gloo on CPU, NCCL on
+CUDA. With a single process every helper is a no-op.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def init(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def initialized() -> bool:
+    """True inside a torchrun process group."""
+    return dist.is_initialized()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -60,16 +66,16 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
-    """In-place sum over ranks of a list of tensors (one flat buffer, one collective)."""
-    if world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+def all_reduce_sum_(t: torch.Tensor) -> None:
+    """In-place sum over ranks of one tensor (metric counts; gradients are reduced by DDP/FSDP2)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+
+
+def all_reduce_max_(t: torch.Tensor) -> None:
+    """In-place maximum over ranks of one tensor (flags: a stop signal, a non-finite value)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
 
 def destroy() -> None:

@@ -245,7 +245,7 @@ def evaluate_generator(
     x = generate_rows(gen, num_samples, rows, seed=seed, batch_size=gen_batch_size, device=device, progress=progress)
     x, n_bad = _finite_samples(x)
     counts = torch.tensor([len(x), n_bad], dtype=torch.float64)
-    dist.all_reduce_sum_([counts])
+    dist.all_reduce_sum_(counts)
     return _evaluate(x, int(counts[0]), int(counts[1]), net, ref, opt)
 
 

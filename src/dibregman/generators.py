@@ -113,20 +113,20 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
 EMA_SNAPSHOT = re.compile(r"^ema-(\d+)\.safetensors$")
 
 
-def export_ema_snapshot(trainer) -> Path | None:
+def export_ema_snapshot(ema, cfg, run_dir: Path, num_images: int, conditional: bool = False) -> Path | None:
     """Keep the EMA generator as `<run_dir>/ema-<num_images>.safetensors` (+ .json, an export `load_generator`
     reads) whenever `run.keep_ema_every_kimg` > 0 and a multiple of it was crossed since the newest snapshot;
-    called at each checkpoint (rank 0). A few MB each, never pruned: the FID-versus-images curve of
-    `dibregman eval --run RUN --every-ckpt` reads them."""
-    every = int((trainer.cfg.run.keep_ema_every_kimg or 0) * 1000)
-    if every <= 0 or trainer.m.conditions is not None or dist.rank() != 0:
+    called at each checkpoint (rank 0; not for conditional generators). A few MB each, never pruned: the
+    FID-versus-images curve of `dibregman eval --run RUN --every-ckpt` reads them."""
+    every = int((cfg.run.keep_ema_every_kimg or 0) * 1000)
+    if every <= 0 or conditional or dist.rank() != 0:
         return None
-    n = trainer.state.num_images
-    done = [int(m.group(1)) for p in trainer.run_dir.glob("ema-*.safetensors") if (m := EMA_SNAPSHOT.match(p.name))]
-    if n // every <= max(done, default=0) // every:
+    run_dir = Path(run_dir)
+    done = [int(m.group(1)) for p in run_dir.glob("ema-*.safetensors") if (m := EMA_SNAPSHOT.match(p.name))]
+    if num_images // every <= max(done, default=0) // every:
         return None
-    meta = generator_meta(trainer.ema, trainer.cfg, n)
-    return ckpt.export_safetensors(trainer.ema.state_dict(), meta, trainer.run_dir / f"ema-{n:012d}")
+    meta = generator_meta(ema, cfg, num_images)
+    return ckpt.export_safetensors(ema.state_dict(), meta, run_dir / f"ema-{num_images:012d}")
 
 
 @torch.no_grad()

@@ -20,8 +20,7 @@ Preview = Callable  # preview(generator, path, seed, device) -> None: a sample p
 class Models:
     teacher: nn.Module  # phi, frozen
     generator: nn.Module  # G_theta (networks.generator.OneStepGenerator)
-    fake: nn.Module  # psi
-    disc: nn.Module  # eta (networks.discriminator.DiscriminatorHead)
+    critic: nn.Module  # psi and eta as one module (networks.discriminator.Critic)
     shape: tuple  # per-sample shape
     sigma_data: float
     real: RealSampler  # the real side of Eq. 5 (line 21), one return type for every family
@@ -29,3 +28,13 @@ class Models:
     preview: Preview  # how the family draws a sample picture during a run
     conditions: object = None  # ConditionSet D_c that c is drawn from (line 4), or None (unconditional)
     real_conditions: object = None  # ConditionSet of the real side's conditions (line 21), or None
+
+    @property
+    def fake(self) -> nn.Module:
+        """psi, the critic's fake score."""
+        return self.critic.fake
+
+    @property
+    def disc(self) -> nn.Module:
+        """eta's head (`DiscriminatorHead`; it owns a `separate` backbone)."""
+        return self.critic.disc

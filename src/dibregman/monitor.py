@@ -1,4 +1,4 @@
-"""Progress bar, JSONL log, TensorBoard scalars and sample grids of a distillation run (rank 0 only).
+"""Progress bar, JSONL log and TensorBoard scalars of a run (rank 0 only).
 
 Logged every `run.log_every_kimg`: losses, discriminator accuracy/logits, Bregman weight mean/max, effective
 sample size ESS = (sum w)^2 / sum w^2 (as a fraction of the batch), per sigma bin the generator step's logit mean,
@@ -15,14 +15,23 @@ from pathlib import Path
 import torch
 
 from . import divergences
-from .draws import seed_for
 
 SIGMA_BIN_EDGES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, float("inf"))  # logit statistics per sigma bin
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, cfg, *, enabled: bool, initial: int, total: int):
-        self.run_dir, self.cfg, self.enabled = Path(run_dir), cfg, enabled
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg=None,  # unused; kept so that Monitor(run_dir, cfg, ...) still reads
+        *,
+        enabled: bool,
+        initial: int,
+        total: int,
+        tensorboard: bool = False,  # also write TensorBoard scalars (when tensorboard is installed)
+        desc: str = "distill",  # progress-bar label
+    ):
+        self.run_dir, self.enabled = Path(run_dir), enabled
         self.values = defaultdict(list)
         self.bins = defaultdict(list)
         self.t_last, self.n_last = time.time(), initial
@@ -32,9 +41,9 @@ class Monitor:
         from tqdm import tqdm
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.bar = tqdm(total=total, initial=initial, unit="img", unit_scale=True, desc="distill", smoothing=0.1)
+        self.bar = tqdm(total=total, initial=initial, unit="img", unit_scale=True, desc=desc, smoothing=0.1)
         self.log = open(self.run_dir / "log.jsonl", "a")
-        if cfg.run.tensorboard:
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -100,15 +109,6 @@ class Monitor:
         post = {k: f"{rec[k]:.3g}" for k in ("loss/fake_dsm", "disc/disc_acc", "weight/ess_frac") if k in rec}
         self.bar.set_postfix(post)
         return rec
-
-    @torch.no_grad()
-    def sample_grid(self, trainer, num_images: int) -> None:
-        """The teacher family's preview of the EMA generator (`Models.preview`) under samples/."""
-        if not self.enabled:
-            return
-        path = self.run_dir / "samples" / f"samples-{num_images // 1000:06d}k.png"
-        seed, title = seed_for(trainer.cfg.run.seed, "preview"), f"{num_images / 1000:.0f} kimg"
-        trainer.m.preview(trainer.ema, path, seed, trainer.device, title=title)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,6 +1,6 @@
 """The loop toolkit shared by the distillation and the teacher loop: the generator/teacher EMA, the cosine
 learning-rate schedule (pure functions of the images seen, so resume is exact) and the guarded optimiser step
-(gradient all-reduce, NaN/Inf guard, clip), each written once."""
+(NaN/Inf guard, clip), each written once."""
 
 from __future__ import annotations
 
@@ -36,26 +36,34 @@ def cosine_factor(
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def all_finite(tensors) -> bool:
-    """True if every tensor is finite on every rank (an all-reduce under torchrun)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    ok = torch.stack(flags).all().float() if flags else torch.ones(())
+    """True if every tensor is finite on every rank (a MAX all-reduce of the local flag under torchrun)."""
+    flags = [torch.isfinite(_local(t)).all() for t in tensors if t is not None]
+    bad = (~torch.stack(flags).all()).float() if flags else torch.zeros(())
     if dist.world_size() > 1:
-        dist.all_reduce_sum_([ok])
-        return bool(ok.item() == dist.world_size())
-    return bool(ok.item())
+        dist.all_reduce_max_(bad)
+    return not bool(bad.item())
 
 
-def _finite_grads(params) -> bool:
-    return all_finite(p.grad for p in params)
+def state_finite(opt: torch.optim.Optimizer) -> bool:
+    """True if every floating-point tensor of the optimiser's state (Adam's moments) is finite: a corrupt state
+    would turn finite gradients into non-finite weights."""
+    return all_finite(
+        v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
 
 
 def guarded_step(opt: torch.optim.Optimizer, params: list, clip: float | None) -> tuple[bool, float | None]:
-    """All-reduce the gradients, skip on NaN/Inf (on any rank), clip the global norm (unless clip is None), step.
+    """Skip on a NaN/Inf gradient or optimiser state (on any rank), clip the global norm (unless clip is None),
+    step. Gradients arrive reduced over ranks (DDP/FSDP2, `parallel.py`).
 
     Returns (stepped, gradient norm before clipping or None without a clip)."""
-    dist.all_reduce_sum_([p.grad for p in params if p.grad is not None])
-    if not _finite_grads(params):
+    if not (all_finite(p.grad for p in params) and state_finite(opt)):
         opt.zero_grad(set_to_none=True)
         return False, None
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip is not None else None

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
 
+_TMP_DIR = re.compile(r"^\.ckpt-\d+(\.old)?\.tmp$")  # sharded checkpoint folders being written or replaced
 _TMP = re.compile(r"^(ckpt-\d+\.pt|generator\.(safetensors|json)|teacher-ema\.(safetensors|json)|log\.jsonl)\..*tmp$")
 
 
@@ -88,9 +90,12 @@ class RunLock:
 def clean_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
     """Remove temp files left by interrupted writes in `run_dir` (call while holding its lock)."""
     run_dir = Path(run_dir)
-    stale = [p for p in run_dir.iterdir() if _TMP.match(p.name)] if run_dir.is_dir() else []
+    stale = [p for p in run_dir.iterdir() if _TMP.match(p.name) or _TMP_DIR.match(p.name)] if run_dir.is_dir() else []
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)  # a sharded save cut short
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 

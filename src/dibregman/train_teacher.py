@@ -7,25 +7,21 @@ logit-normal t), exported as kind "flow-unet" and loaded by `flow:PATH.safetenso
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from functools import partial
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import optim, runguard
+from . import dist, optim
 from .config import opt
 from .data import load_dataset
+from .methods.denoising import OBJECTIVES
 from .networks.unet import UNET_PRESETS, build_unet
 from .noise import edm_training_sigma
 from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved to teachers/edm.py
-from .teachers.flow import FlowUNet, flow_loss
+from .teachers.flow import FlowUNet
 
-OBJECTIVES = {"edm": "edm-unet", "flow": "flow-unet"}  # training objective -> the export's kind
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -52,6 +48,7 @@ class TeacherConfig:
     seed: int = opt(0, "RNG seed")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
     device: str = opt("cpu", "where to train: cpu | cuda | auto (cuda when available); the export is on the CPU")
+    parallel: str = opt("auto", "under torchrun: auto (ddp) | ddp | fsdp (parallel.py); none for one process")
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps (each one is skipped and counted)")
     flow_t_mean: float = opt(0.0, 'objective="flow": logit(t) mean of the training times (SD3\'s logit-normal)')
     flow_t_std: float = opt(1.0, 'objective="flow": logit(t) std of the training times')
@@ -161,12 +158,17 @@ def teacher_config(preset: str = "mnist", **options) -> TeacherConfig:
 def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     """Train (or resume) a teacher in `run_dir`; returns the path of the exported EMA safetensors.
 
-    Holds the folder's lock; SIGINT/SIGTERM finish the step, checkpoint and raise `runguard.RunInterrupted`; a
-    NaN/Inf loss, gradient or weight skips the step (counted; `max_bad_steps` in a row raise TooManyBadSteps)."""
+    The `methods.denoising.Denoising` method run by the engine: it holds the folder's lock; SIGINT/SIGTERM finish
+    the step, checkpoint and raise `runguard.RunInterrupted`; a NaN/Inf loss, gradient or weight skips the step
+    (counted; `max_bad_steps` in a row raise TooManyBadSteps)."""
+    from .engine import Engine
+    from .methods.denoising import Denoising
+
     cfg = validate_teacher(cfg)
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file; give a folder")
+    device = dist.init(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -180,166 +182,9 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     net = build_unet(cfg.unet, **overrides)
     if cfg.objective == "flow":
         net = FlowUNet(net.cfg, model=net.model)  # the same network, read as a velocity v(x_t, t)
-    net = net.to(teacher_device(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with runguard.RunLock(run_dir), runguard.StopSignals() as stop:
-        runguard.clean_stale_tmp(run_dir)
-        return _train(cfg, run_dir, net, images, labels, stop)
-
-
-def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | None]:
-    """Counters {num_images, step, bad_steps, bad_in_row} and the data sampler state from the newest good checkpoint."""
-    counters = dict(num_images=0, step=0, bad_steps=0, bad_in_row=0)
-    found = ckpt.load_latest(
-        run_dir, check=lambda st: None if ckpt.all_finite(st["net"], st["ema"]) else "has non-finite weights"
-    )
-    if found is None:
-        return counters, None
-    state, path = found
-    if state["config"]["unet"] != resolved["unet"]:
-        raise ValueError(f"{path} was written for another U-Net config: {state['config']['unet']}")
-    objective = state["config"]["teacher"].get("objective", "edm")  # absent in checkpoints before flow teachers
-    if objective != resolved["teacher"]["objective"]:
-        raise ValueError(f"{path} was trained with objective={objective!r}; resume it with that objective")
-    net.load_state_dict(state["net"])
-    ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["opt"])
-    counters.update({k: state.get(k, 0) for k in counters})  # bad_* absent in checkpoints before they were kept
-    torch.set_rng_state(state["rng_cpu"])
-    device = _device(ema)
-    if "rng_cuda" in state and device.type == "cuda":  # edm_loss draws its noise on the GPU: exact resume there too
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
-    print(f"resumed from {path} at {counters['num_images'] / 1000:.1f} kimg")
-    return counters, state.get("rng_data")  # rng_data absent in checkpoints written before exact resume
-
-
-def _train(cfg: TeacherConfig, run_dir: Path, net, images, labels, stop) -> Path:
-    device = _device(net)
-    ema = type(net)(net.cfg).to(device)  # EDMDenoiser or FlowUNet
-    ema.load_state_dict(net.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    resolved = {"teacher": asdict(cfg), "unet": net.cfg.to_dict()}
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    c, data_rng = _resume(run_dir, resolved, net, ema, opt)
-    g = torch.Generator().manual_seed(cfg.seed + c["step"])
-    if data_rng is not None:
-        g.set_state(data_rng)
-    runguard.truncate_log(run_dir / "log.jsonl", c["num_images"])
-    total, every = int(cfg.total_kimg * 1000), int(cfg.ckpt_every_kimg * 1000)
-    next_ckpt = (c["num_images"] // every + 1) * every
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=c["num_images"], unit="img", unit_scale=True, desc="teacher", smoothing=0.05)
-    t0, loss_acc, n_acc = time.time(), 0.0, 0
-    save = partial(_save, run_dir, cfg, resolved, net, ema, opt)
-    with open(run_dir / "log.jsonl", "a") as log:
-        while c["num_images"] < total:
-            idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-            x0, cond = images[idx].to(device), labels[idx].to(device) if cfg.conditional else None
-            loss = _step(cfg, net, ema, opt, x0, cond, c)
-            if loss is not None:
-                loss_acc, n_acc = loss_acc + loss, n_acc + 1
-            bar.update(cfg.batch_size)
-            if c["step"] % 50 == 0 and n_acc:
-                kimg = c["num_images"] / 1000
-                rec = {"kimg": kimg, "loss": loss_acc / n_acc, "lr": lr_at(cfg, kimg), "sec": time.time() - t0}
-                log.write(json.dumps({**rec, "bad_steps": c["bad_steps"]}) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}")
-                loss_acc, n_acc = 0.0, 0
-            if c["num_images"] >= next_ckpt or c["num_images"] >= total or stop.requested:
-                path = save(c, g)
-                next_ckpt += every * (c["num_images"] >= next_ckpt)
-                if stop.requested and c["num_images"] < total:
-                    bar.close()
-                    raise runguard.interrupted(stop.signum, f"{c['num_images'] / 1000:g} kimg", path)
-    bar.close()
-    return _export(run_dir, cfg, resolved, ema, c["num_images"])
-
-
-def _step(cfg: TeacherConfig, net, ema, opt, x0, cond, c: dict) -> float | None:
-    """One Adam step and EMA update; a NaN/Inf loss, gradient or resulting weight skips both (counted in `c`).
-    Returns the loss, or None for a skipped step."""
-    for group in opt.param_groups:
-        group["lr"] = lr_at(cfg, c["num_images"] / 1000)
-    if cfg.objective == "flow":
-        loss = flow_loss(net, x0, cond, cfg.flow_t_mean, cfg.flow_t_std)
-    else:
-        loss = edm_loss(net, x0, cond, cfg)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = list(net.parameters())
-    ok = bool(torch.isfinite(loss)) and _finite(p.grad for p in params if p.grad is not None)
-    if ok:
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        ok = _finite(params)  # a corrupt optimiser state: the weights are not saved (see _save)
-    c["num_images"] += cfg.batch_size
-    c["step"] += 1
-    if not ok:
-        opt.zero_grad(set_to_none=True)
-        c["bad_steps"] += 1
-        c["bad_in_row"] += 1
-        print(f"warning: non-finite loss/gradient/weights at step {c['step'] - 1}: skipped ({c['bad_in_row']} in a "
-              f"row, {c['bad_steps']} in total)")  # fmt: skip
-        if c["bad_in_row"] >= cfg.max_bad_steps:
-            raise runguard.TooManyBadSteps(
-                f"aborting: {c['bad_in_row']} consecutive non-finite steps (max_bad_steps={cfg.max_bad_steps}); "
-                "lower lr or check the data; a resume starts from the newest healthy checkpoint"
-            )
-        return None
-    c["bad_in_row"] = 0
-    halflife = min(cfg.ema_halflife_kimg * 1000, c["num_images"] * cfg.ema_rampup_ratio)
-    optim.update_ema(ema, net, optim.ema_beta(cfg.batch_size, halflife))
-    return float(loss.detach())
-
-
-def _device(net) -> torch.device:
-    return next(net.parameters()).device
-
-
-def _finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _export(run_dir: Path, cfg: TeacherConfig, resolved: dict, ema, num_images: int) -> Path:
-    meta = {
-        "kind": OBJECTIVES[cfg.objective],
-        "unet": ema.cfg.to_dict(),
-        "num_images": num_images,
-        "teacher_config": resolved,
-    }
-    out = ckpt.export_safetensors(ema.state_dict(), meta, run_dir / "teacher-ema")
-    if cfg.export:
-        ckpt.export_safetensors(ema.state_dict(), meta, cfg.export)
-    return out
-
-
-def _save(run_dir, cfg, resolved, net, ema, opt, c: dict, data_rng) -> Path | None:
-    """Checkpoint + export, unless the weights are non-finite (a bad state never replaces a good one)."""
-    if not ckpt.all_finite(net.state_dict(), ema.state_dict()):
-        print(f"warning: no checkpoint at {c['num_images'] / 1000:g} kimg: the weights are non-finite")
-        return None
-    state = {
-        "net": net.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": opt.state_dict(),
-        "config": resolved,
-        "num_images": c["num_images"],
-        "step": c["step"],
-        "bad_steps": c["bad_steps"],
-        "bad_in_row": c["bad_in_row"],
-        ckpt.HEALTHY_KEY: c["bad_in_row"] == 0,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_data": data_rng.get_state(),
-        **({"rng_cuda": torch.cuda.get_rng_state(_device(ema))} if _device(ema).type == "cuda" else {}),
-    }
-    path = ckpt.save_atomic(state, ckpt.checkpoint_path(run_dir, c["num_images"]))
-    ckpt.prune(run_dir, cfg.keep_ckpts)
-    _export(run_dir, cfg, resolved, ema, c["num_images"])
-    return path
+    engine = Engine(Denoising(cfg, net.to(device), images, labels, device), run_dir)
+    engine.train()
+    return run_dir / "teacher-ema.safetensors"
 
 
 __all__ = ["TeacherConfig", "teacher_config", "validate_teacher", "train_teacher", "load_teacher", "edm_loss"]

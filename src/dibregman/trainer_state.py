@@ -1,7 +1,15 @@
-"""A Trainer's checkpoint: what it holds, how it is written (never with non-finite weights, the healthy flag set,
-pruning that keeps the newest healthy one) and how a run resumes from its newest loadable, healthy checkpoint.
+"""An engine's checkpoint: what it holds, how it is written (never with non-finite weights or optimiser state, the
+healthy flag set, pruning that keeps the newest healthy one) and how a run resumes from its newest healthy
+checkpoint (or, when none is healthy, its newest loadable one).
 
-Functions of the `loop.Trainer` they are given (`tr`); the loop calls them and knows nothing of the file format.
+Two formats, one meaning. A single process writes `ckpt-<images>.pt` (one `torch.save` dict, the format of every
+run before the engine existed, so old runs resume). A multi-process run (`run.parallel` ddp/fsdp) writes a sharded
+folder `ckpt-<images>/` (`sharded.py`, DCP: each rank its part). Either resumes on any number of processes: a
+sharded folder is resharded by DCP, a `.pt` file is read whole by every rank and then placed (sharded under FSDP2).
+
+Functions of the `engine.Engine` they are given (`eng`); a method names what its checkpoint holds:
+`networks()` (state-dict key -> module), `optimizer_keys()` (phase -> key), `extra_state()` /
+`load_extra_state()`, `config_dict()` and `check_resume(state, path)`.
 """
 
 from __future__ import annotations
@@ -11,100 +19,161 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import dist, runguard
-from .config import RESUMABLE_CHANGES, DistillConfig, config_diff
+from . import dist, optim, runguard, sharded
 
 
-def state_dict(tr) -> dict:
-    """Everything a bitwise-exact resume needs: networks, EMA, optimisers, counters, RNG, config, healthy flag."""
-    s = tr.state
-    return {
-        "generator": tr.m.generator.state_dict(),
-        "ema": tr.ema.state_dict(),
-        "fake": tr.m.fake.state_dict(),
-        "disc": tr.m.disc.state_dict(),
-        "opt_g": tr.opt_g.state_dict(),
-        "opt_c": tr.opt_c.state_dict(),
-        "config": tr.cfg.to_dict(),
+def _small_state(eng) -> dict:
+    s = eng.state
+    out = {
+        "config": eng.method.config_dict(),
         "step": s.step,
         "num_images": s.num_images,
         "bad_steps": s.bad_steps,
         "bad_in_row": s.bad_in_row,
-        ckpt.HEALTHY_KEY: s.bad_in_row == 0,  # weights are finite: save() writes nothing otherwise
         "rng_cpu": torch.get_rng_state(),
-        **({"reward_z": tr.target.state_dict()} if tr.target else {}),
+        ckpt.HEALTHY_KEY: s.bad_in_row == 0,  # weights are finite: save() writes nothing otherwise
     }
+    if eng.device.type == "cuda":
+        out["rng_cuda"] = torch.cuda.get_rng_state(eng.device)
+    return out
 
 
-def resume(tr) -> None:
-    """Load the newest loadable, healthy checkpoint of tr.run_dir into tr (nothing if there is none); refuse one
-    written by another config, or a change of run.total_kimg under a length-dependent lr schedule."""
+def state_dict(eng) -> dict:
+    """Everything a bitwise-exact resume needs (one process): networks, EMA, optimisers, counters, RNG, config."""
+    m = eng.method
+    out = {k: net.state_dict() for k, net in m.networks().items()}
+    if eng.ema is not None:
+        out["ema"] = eng.ema.state_dict()
+    out.update({key: m.optimizers[phase].state_dict() for phase, key in m.optimizer_keys().items()})
+    out.update(_small_state(eng))
+    out.update(m.extra_state())
+    return out
+
+
+def sharded_state(eng) -> dict:
+    """The state DCP writes and reads: per phase its network and optimiser (parameter-name keys), the EMA, the
+    method's extras."""
+    m = eng.method
+    out = {phase: sharded.model_and_optim_state(net, m.optimizers[phase]) for phase, net in m.trainable().items()}
+    if eng.ema is not None:
+        out["ema"] = eng.ema.state_dict()
+    out["extra"] = m.extra_state()
+    return out
+
+
+def _keys(eng) -> list[str]:
+    return [*eng.method.networks(), "ema", *eng.method.optimizer_keys().values()]
+
+
+def _checker(eng, *, healthy_only: bool):
+    def check(state: dict) -> str | None:
+        if healthy_only and not state.get(ckpt.HEALTHY_KEY, True):
+            return "was written after a non-finite step (not healthy)"
+        return weights_problem(state, _keys(eng))
+
+    return check
+
+
+def resume(eng) -> None:
+    """Load the newest healthy checkpoint of eng.run_dir (else the newest loadable one) into eng; nothing if there
+    is none. The method refuses one written by another config (`check_resume`)."""
     if dist.rank() == 0:  # another process on this folder: stop before reading it
-        runguard.RunLock(tr.run_dir).probe()
-    tr._newest_ckpt = (ckpt.list_checkpoints(tr.run_dir) or [None])[-1]
-    found = ckpt.load_latest(tr.run_dir, check=weights_problem)
+        runguard.RunLock(eng.run_dir).probe()
+    eng._newest_ckpt = (ckpt.list_checkpoints(eng.run_dir) or [None])[-1]
+    found = ckpt.load_latest(eng.run_dir, check=_checker(eng, healthy_only=True))
+    if found is None:
+        found = ckpt.load_latest(eng.run_dir, check=_checker(eng, healthy_only=False))
     if found is None:
         return
     state, path = found
-    try:  # sections/keys added since the checkpoint was written take their defaults
-        old = DistillConfig.from_dict(state["config"]).to_dict()
-    except ValueError:
-        old = state["config"]
-    diff = config_diff(old, tr.cfg.to_dict())
-    if "run.total_kimg" in diff and tr.cfg.optim.lr_schedule != "constant":
-        raise ValueError(
-            f"{path}: run.total_kimg differs from the checkpoint's, and the {tr.cfg.optim.lr_schedule} "
-            "lr schedule is a function of it; keep run.total_kimg or use lr_schedule=constant"
-        )
-    diff -= RESUMABLE_CHANGES
-    if diff:
-        raise ValueError(
-            f"{path} was written by a different config (differs in {sorted(diff)}); "
-            f"use another --run-dir or the same settings"
-        )
+    m = eng.method
+    m.check_resume(state, path)
     try:
-        for name, module in (
-            ("generator", tr.m.generator),
-            ("ema", tr.ema),
-            ("fake", tr.m.fake),
-            ("disc", tr.m.disc),
-        ):
-            module.load_state_dict(state[name])
-        tr.opt_g.load_state_dict(state["opt_g"])
-        tr.opt_c.load_state_dict(state["opt_c"])
-        if tr.target is not None:
-            tr.target.load_state_dict(state["reward_z"])
+        if ckpt.SHARDED_KEY in state:
+            target = sharded_state(eng)
+            sharded.load(target, path)
+            _place_sharded(eng, target)
+        else:
+            _place_whole(eng, state)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"{path} does not match this model: {e}") from e
-    s = tr.state
-    s.step, s.num_images, s.bad_steps, s.bad_in_row = (
-        state["step"],
-        state["num_images"],
-        state["bad_steps"],
-        state["bad_in_row"],
-    )
+        raise ValueError(f"{path} does not match this model: {str(e).splitlines()[0]}") from e
+    s = eng.state
+    s.step, s.num_images = state["step"], state["num_images"]
+    s.bad_steps, s.bad_in_row = state.get("bad_steps", 0), state.get("bad_in_row", 0)
     torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and eng.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], eng.device)
     dist.print0(f"resumed from {path} at {s.num_images / 1000:.1f} kimg (step {s.step})")
 
 
-def save(tr) -> Path | None:
-    """Checkpoint (rank 0), unless the weights are non-finite: a bad state never replaces a good one."""
-    path = None
+def _place_sharded(eng, target: dict) -> None:
+    m = eng.method
+    for phase, net in m.trainable().items():
+        sharded.set_model_and_optim_state(net, m.optimizers[phase], target[phase])
+    if eng.ema is not None:
+        eng.ema.load_state_dict(target["ema"])
+    m.load_extra_state(target["extra"])
+
+
+def _place_whole(eng, state: dict) -> None:
+    """A one-process checkpoint into this run (any world size): as written, or placed into FSDP2's shards."""
+    m = eng.method
+    if eng.sharded_params:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        whole = StateDictOptions(full_state_dict=True)
+        for key, net in m.networks().items():
+            set_model_state_dict(net, state[key], options=whole)
+        if eng.ema is not None:
+            set_model_state_dict(eng.ema, state["ema"], options=whole)
+        for phase, key in m.optimizer_keys().items():
+            _place_optimizer(m.trainable()[phase], m.optimizers[phase], state[key])
+    else:
+        for key, net in m.networks().items():
+            net.load_state_dict(state[key])
+        if eng.ema is not None:
+            eng.ema.load_state_dict(state["ema"])
+        for phase, key in m.optimizer_keys().items():
+            m.optimizers[phase].load_state_dict(state[key])
+    m.load_extra_state(state)
+
+
+def _place_optimizer(module, opt, saved: dict) -> None:
+    """A `torch.optim` state dict (index keys, whole tensors) into an optimiser over FSDP2-sharded parameters:
+    the indices name parameters in the optimiser's own order, which is the same in every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    state = {order[i]: st for i, st in saved["state"].items()}
+    whole = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(module, [opt], {"state": state, "param_groups": groups}, options=whole)
+
+
+def save(eng) -> Path | None:
+    """Checkpoint, unless the weights or optimiser states are non-finite (on any rank): a bad state never replaces
+    a good one. One process: rank 0 writes a `.pt` file; several: every rank writes its shards. Collective."""
+    m = eng.method
+    tensors = [p for net in (*m.networks().values(), eng.ema) if net is not None for p in net.parameters()]
+    tensors += [v for o in m.optimizers.values() for st in o.state.values() for v in st.values()]
+    if not optim.all_finite(t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        dist.print0(f"warning: no checkpoint at step {eng.state.step}: the model has non-finite weights or state")
+        return None
+    path = ckpt.checkpoint_path(eng.run_dir, eng.state.num_images)
+    if dist.world_size() > 1:
+        path = sharded.save(sharded_state(eng), _small_state(eng), path.with_suffix(""))
+    elif dist.rank() == 0:
+        ckpt.save_atomic(state_dict(eng), path)
     if dist.rank() == 0:
-        state = tr._state_dict()
-        problem = weights_problem(state)
-        if problem:
-            print(f"warning: no checkpoint at step {tr.state.step}: the model {problem}", flush=True)
-        else:
-            path = ckpt.save_atomic(state, ckpt.checkpoint_path(tr.run_dir, tr.state.num_images))
-            ckpt.prune(tr.run_dir, tr.cfg.run.keep_ckpts)
-            tr._newest_ckpt = ckpt.list_checkpoints(tr.run_dir)[-1]
+        ckpt.prune(eng.run_dir, eng.spec.keep_ckpts)
+        eng._newest_ckpt = ckpt.list_checkpoints(eng.run_dir)[-1]
     dist.barrier()
     return path
 
 
-def weights_problem(state: dict) -> str | None:
-    """Why a checkpoint's networks cannot be used (non-finite weights), or None."""
-    if not ckpt.all_finite(*(state.get(k, {}) for k in ("generator", "ema", "fake", "disc"))):
-        return "has non-finite weights"
+def weights_problem(state: dict, keys=("generator", "ema", "fake", "disc", "opt_g", "opt_c")) -> str | None:
+    """Why a checkpoint's networks or optimiser states cannot be trained on (non-finite values), or None."""
+    if not ckpt.all_finite(*(state.get(k, {}) for k in keys)):
+        return "has non-finite weights or optimiser state"
     return None

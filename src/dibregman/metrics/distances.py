@@ -54,7 +54,8 @@ class FeatureSums:
         """Sum over the ranks of a torchrun job (a no-op with one process)."""
         from .. import dist
 
-        dist.all_reduce_sum_([self.n, self.sum, self.outer])
+        for t in (self.n, self.sum, self.outer):
+            dist.all_reduce_sum_(t)
         return self
 
     def mu_sigma(self) -> tuple[torch.Tensor, torch.Tensor]:

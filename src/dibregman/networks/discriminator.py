@@ -1,13 +1,17 @@
 """Discriminator eta for the density ratio (paper Eq. 5): D_eta = sigmoid(l_t(x)), trained with label 1 on real (or
 teacher) samples and 0 on generator samples, so at the optimum l = log(p_t / q_t) and r_t = q_t / p_t = e^{-l}.
 
-The logit is a head on a backbone's features, read explicitly through `backbone.features(x, sigma, cond)`:
+The logit is a head on a backbone's features (`backbone.features(x, sigma, cond)`, [N, C, H, W] or [N, C]):
 - placement `fake_score` (SiDA, default): the backbone is the auxiliary fake-score network psi itself, so the BCE
   also trains psi's encoder;
 - placement `teacher`: the frozen teacher's features, only the head trains;
 - placement `separate`: a small network of its own.
 Heads: `linear` (pooled features -> Linear, zero-initialised so r = 1 at the start) or `mean` (SiDA: the mean of
 the feature map, no parameters).
+
+`Critic` is what the critic phase trains, as ONE module reached through `forward`: psi and the head (and a
+separate backbone) are its submodules, so DDP's reducer and FSDP2's unshard hooks see every call. Only the frozen
+teacher of placement `teacher` is held by reference (it is never trained, wrapped or checkpointed with the critic).
 """
 
 from __future__ import annotations
@@ -15,31 +19,70 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+HEADS = ("linear", "mean")
+PLACEMENTS = ("fake_score", "teacher", "separate")
+
 
 class DiscriminatorHead(nn.Module):
-    def __init__(self, backbone: nn.Module, head: str = "linear", *, own_backbone: bool = False):
+    """The logit l from a backbone's features; owns the backbone only for placement `separate`."""
+
+    def __init__(self, feature_channels: int, head: str = "linear", *, backbone: nn.Module | None = None):
         super().__init__()
-        if not hasattr(backbone, "features"):
-            raise ValueError(f"{type(backbone).__name__} has no features(x, sigma, cond) method to put a head on")
-        if head not in ("linear", "mean"):
-            raise ValueError(f"unknown discriminator head {head!r}; valid: ['linear', 'mean']")
-        # A backbone trained or frozen elsewhere (fake score, teacher) is held by reference, outside this module's
-        # parameters and state dict; a `separate` backbone is owned (registered as a submodule).
-        self.owned = backbone if own_backbone else None
-        self._ref = None if own_backbone else [backbone]
+        if head not in HEADS:
+            raise ValueError(f"unknown discriminator head {head!r}; valid: {list(HEADS)}")
+        self.owned = backbone  # placement `separate`: a submodule (its weights are the head's)
         self.head = head
-        self.linear = nn.Linear(backbone.feature_channels, 1) if head == "linear" else None
+        self.linear = nn.Linear(feature_channels, 1) if head == "linear" else None
         if self.linear is not None:
             nn.init.zeros_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
 
-    @property
-    def backbone(self) -> nn.Module:
-        return self.owned if self.owned is not None else self._ref[0]
-
-    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
-        f = self.backbone.features(x, sigma, cond).float()  # [N, C, H, W] or [N, C]
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        f = features.float()  # [N, C, H, W] or [N, C]
         pooled = f.flatten(2).mean(2) if f.ndim > 2 else f  # [N, C]
         if self.linear is None:
             return pooled.mean(1)
         return self.linear(pooled).squeeze(1)
+
+
+def _check_backbone(net: nn.Module) -> nn.Module:
+    if not hasattr(net, "features"):
+        raise ValueError(f"{type(net).__name__} has no features(x, sigma, cond) method to put a head on")
+    return net
+
+
+class Critic(nn.Module):
+    """psi and eta: `critic(x, sigma, cond)` is psi's denoised estimate, `critic(x, sigma, cond, logit=True)` the
+    discriminator logit l_t(x) [N]."""
+
+    def __init__(self, fake: nn.Module, head: str = "linear", placement: str = "fake_score", *, backbone=None):
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown discriminator placement {placement!r}; valid: {list(PLACEMENTS)}")
+        self.fake = fake  # psi
+        self.placement = placement
+        self._frozen = None  # placement `teacher`: the frozen teacher, by reference
+        if placement == "fake_score":
+            channels = _check_backbone(fake).feature_channels
+            self.disc = DiscriminatorHead(channels, head)
+        elif placement == "teacher":
+            self._frozen = [_check_backbone(backbone)]
+            self.disc = DiscriminatorHead(backbone.feature_channels, head)
+        else:
+            self.disc = DiscriminatorHead(_check_backbone(backbone).feature_channels, head, backbone=backbone)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The network whose features the head reads."""
+        if self.placement == "fake_score":
+            return self.fake
+        return self._frozen[0] if self._frozen is not None else self.disc.owned
+
+    def forward(self, x: torch.Tensor, sigma, cond=None, *, logit: bool = False) -> torch.Tensor:
+        if not logit:
+            return self.fake(x, sigma, cond)
+        return self.disc(self.backbone.features(x, sigma, cond))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The linear head's own parameters (optim.head_lr_mult), empty for the `mean` head."""
+        return list(self.disc.linear.parameters()) if self.disc.linear is not None else []

@@ -32,12 +32,30 @@ from .base import Denoiser, as_sigma, score
 from .edm import import_edm_state_dict, load_edm_teacher
 from .gmm import GaussianMixture, ring_mixture
 
+UNET_BLOCKS = ("UNetBlock", "ResnetBlock2D", "Transformer2DModel", "Attention")  # native and diffusers U-Nets
+DIT_BLOCKS = ("BasicTransformerBlock",)  # diffusers' DiT
+MMDIT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")  # SD3, FLUX
+
 
 @dataclass(frozen=True)
 class TeacherFamily:
     load: Callable  # load(arg, **kwargs) -> teacher: the `ARG` of a `KIND:ARG` spec (a path made absolute)
     build: Callable | None = None  # build(cfg, teacher, device) -> models.Models; None: build.native_models
     prompts: bool = False  # text-to-image: model.prompts is required
+    blocks: tuple[str, ...] = ()  # class names of the network's repeated blocks (see `parallelize`)
+
+    def parallelize(self, module) -> list:
+        """The blocks of `module` (a network copied from this family's teacher) that FSDP2 shards one unit each
+        and activation checkpointing recomputes (`parallel.py`): the outermost submodules whose class is one of
+        `blocks`; [] (the network is one unit) for a family without blocks."""
+        out, inside = [], ()
+        for name, sub in module.named_modules():
+            if inside and any(name.startswith(p + ".") for p in inside):
+                continue
+            if type(sub).__name__ in self.blocks:
+                out.append(sub)
+                inside = (*inside, name)
+        return out
 
 
 def _gmm(arg, **kwargs):
@@ -101,14 +119,14 @@ def _t2i_models(cfg, teacher, device):
 
 
 FAMILIES: dict[str, TeacherFamily] = {
-    "edm": TeacherFamily(load_edm_teacher),
+    "edm": TeacherFamily(load_edm_teacher, blocks=UNET_BLOCKS),
     "gmm": TeacherFamily(_gmm),
-    "diffusers": TeacherFamily(_diffusers),
-    "sd": TeacherFamily(_sd, build=_t2i_models, prompts=True),
-    "sd3": TeacherFamily(_sd3, build=_t2i_models, prompts=True),
-    "flux": TeacherFamily(_flux, build=_t2i_models, prompts=True),
-    "dit": TeacherFamily(_dit),  # native recipe, class labels as conditions
-    "flow": TeacherFamily(_flow),
+    "diffusers": TeacherFamily(_diffusers, blocks=UNET_BLOCKS),
+    "sd": TeacherFamily(_sd, build=_t2i_models, prompts=True, blocks=UNET_BLOCKS),
+    "sd3": TeacherFamily(_sd3, build=_t2i_models, prompts=True, blocks=MMDIT_BLOCKS),
+    "flux": TeacherFamily(_flux, build=_t2i_models, prompts=True, blocks=MMDIT_BLOCKS),
+    "dit": TeacherFamily(_dit, blocks=DIT_BLOCKS),  # native recipe, class labels as conditions
+    "flow": TeacherFamily(_flow, blocks=UNET_BLOCKS),
     "python": TeacherFamily(_python),
     "object": TeacherFamily(_object),  # api.distill(cfg, run_dir, teacher=obj), this process only
 }

@@ -43,7 +43,6 @@ from .. import dist
 from ..conditions import ConditionSet, load_image, read_captioned_images, read_prompts
 from ..draws import seed_for
 from ..models import Models
-from ..networks.discriminator import DiscriminatorHead
 from ..networks.generator import OneStepGenerator
 from ..networks.lora import add_lora
 from . import FAMILIES, resolve_path
@@ -73,6 +72,8 @@ def _autocast(cfg, device):
 def build_t2i_models(cfg, teacher, device) -> Models:
     """The networks of Algorithm 1 for a text-to-image teacher, with its real side, conditions, export and
     preview (the builder of the `sd`, `sd3` and `flux` families in `teachers.FAMILIES`)."""
+    from ..build import build_critic
+
     m = cfg.model
     if not m.prompts:
         raise ValueError("a text-to-image teacher needs conditions: set model.prompts (--prompts FILE)")
@@ -87,15 +88,7 @@ def build_t2i_models(cfg, teacher, device) -> Models:
     conditions = ConditionSet(read_prompts(m.prompts), teacher.encode_prompts)
     gen = OneStepGenerator(trainable_copy(teacher, grad_checkpointing=m.grad_checkpointing), m.sigma_init)
     fake = trainable_copy(teacher, lora_rank=m.fake_lora_rank, grad_checkpointing=m.grad_checkpointing)
-    if m.disc_placement == "fake_score":
-        disc = DiscriminatorHead(fake, m.disc_head)
-    elif m.disc_placement == "teacher":
-        disc = DiscriminatorHead(teacher.unguided(teacher.network), m.disc_head)
-    else:
-        raise ValueError(
-            f"model.disc_placement={m.disc_placement!r} is not available for text-to-image teachers;"
-            f" choose 'fake_score' or 'teacher'"
-        )
+    critic = build_critic(cfg, fake, teacher=teacher.unguided(teacher.network))  # no `separate` backbone here
     if m.teacher_bf16:
         teacher.to(torch.bfloat16)  # after copying: the trainable networks keep the float32 weights
     latents, captions = real_side(cfg, teacher, conditions, device)
@@ -116,7 +109,7 @@ def build_t2i_models(cfg, teacher, device) -> Models:
         save_image_grid(x, path, ncol=len(set(prompts)))
 
     shape, sd = tuple(teacher.shape), float(teacher.sigma_data)
-    return Models(teacher, gen.to(device), fake.to(device), disc.to(device), shape, sd, real, export, preview,
+    return Models(teacher, gen.to(device), critic.to(device), shape, sd, real, export, preview,
                   conditions=conditions, real_conditions=real_conditions)  # fmt: skip
 
 

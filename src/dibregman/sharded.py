@@ -1,0 +1,121 @@
+"""Sharded checkpoints of multi-process runs (`run.parallel` ddp/fsdp): `torch.distributed.checkpoint` (DCP).
+
+A checkpoint is a folder `ckpt-<images>/`: every rank writes its own shards (DCP's `.distcp` files and
+`.metadata`), rank 0 adds `meta.pt` -- the counters, config, RNG, healthy flag and a SHA-256 over every other
+file of the folder -- written with `checkpoint.save_atomic`. The folder is built as `.ckpt-<images>.tmp` and
+renamed once complete, so a kill -9 during a save leaves only a temp folder (removed at the next start) and the
+previous checkpoint intact. Loading verifies the files against `meta.pt`'s checksum first.
+
+DCP reshards on load, so a run resumes exactly on another number of processes, and a single process (or
+`dibregman export`) reads a sharded checkpoint too. The state is taken with `get_state_dict` / `set_state_dict`
+(parameter-name keys for the optimiser states), which treat plain, DDP and FSDP2 modules alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import dist
+
+DIR_PATTERN = re.compile(r"^ckpt-(\d+)$")
+META = "meta.pt"  # rank 0's small state + FILES_KEY
+FILES_KEY = "files_sha256"  # SHA-256 over the names and bytes of every other file in the folder
+
+
+def files_checksum(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(folder).rglob("*") if q.is_file() and q.name != META):
+        h.update(f"{p.relative_to(folder)}:{p.stat().st_size};".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(state: dict, meta: dict, path: str | os.PathLike) -> Path:
+    """Every rank: write `state` (nested dicts of tensors / DTensors) into the folder `path` with DCP; rank 0 adds
+    `meta` (+ the files' checksum) and renames the temp folder into place. Collective."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.initialized())
+    dist.barrier()
+    if dist.rank() == 0:
+        ckpt.save_atomic({**meta, FILES_KEY: files_checksum(tmp)}, tmp / META)
+        _fsync_dir(tmp)
+        if path.exists():  # the same images seen again (a resumed run that re-saves): replace the old one
+            old = path.with_name(f".{path.name}.old.tmp")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    dist.barrier()
+    return path
+
+
+def read_meta(path: str | os.PathLike, *, verify: bool = True) -> dict:
+    """The folder's `meta.pt`, after checking every file against its checksum; ValueError if anything is off."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise ValueError(f"checkpoint {path} has no {META}: an unfinished or foreign folder")
+    meta = ckpt.load(path / META)
+    if verify and files_checksum(path) != meta.get(FILES_KEY):
+        raise ValueError(f"checkpoint {path} is corrupt: its files do not match the checksum in {META}")
+    return meta
+
+
+def load(state: dict, path: str | os.PathLike) -> None:
+    """Fill `state` (the current model's nested state dicts, any world size) in place from the folder."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.initialized())
+
+
+def remove(path: str | os.PathLike) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def model_and_optim_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """{"model", "optim"} of one trained network, parameter-name keyed (plain, DDP-inner or FSDP2 module)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(module, [opt])
+    return {"model": model, "optim": optim}
+
+
+def set_model_and_optim_state(module: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(module, [opt], model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The module's whole state dict on rank 0's CPU (gathered from the shards under FSDP2; collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+__all__ = ["DIR_PATTERN", "full_state_dict", "load", "read_meta", "remove", "save"]

@@ -68,6 +68,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or []
         self.device = self._device()
+        found = trainer_state.preflight(self)  # every refusal before a model is built or a file written
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
@@ -93,7 +94,7 @@ class Trainer:
         lo, hi = cfg.loss.gen_sigma_min, cfg.loss.gen_sigma_max  # None: the teacher's
         self.sigma_range = (t.sigma_min if lo is None else lo, t.sigma_max if hi is None else hi)
         self.state = State()
-        self._resume()
+        self._resume(found)
 
     def _device(self) -> torch.device:
         return dist.init(self.cfg.run.device)
@@ -107,8 +108,8 @@ class Trainer:
     def _state_dict(self) -> dict:
         return trainer_state.state_dict(self)
 
-    def _resume(self) -> None:
-        trainer_state.resume(self)
+    def _resume(self, found) -> None:
+        trainer_state.resume(self, found)
 
     def save(self) -> Path | None:
         """Checkpoint (rank 0), unless the weights are non-finite: a bad state never replaces a good one."""

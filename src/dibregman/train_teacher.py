@@ -47,7 +47,7 @@ class TeacherConfig:
     p_std: float = opt(1.2, "ln(sigma) std of the training noise")
     grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)")
     ckpt_every_kimg: float = opt(50.0, "checkpoint period, thousands of images")
-    keep_ckpts: int = opt(2, "checkpoints kept on disk")
+    keep_ckpts: int = opt(2, "checkpoints kept on disk (>= 1)")
     export: str = opt("", "also write EMA weights to this .safetensors path at every checkpoint")
     seed: int = opt(0, "RNG seed")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
@@ -107,11 +107,12 @@ def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
             raise ValueError(f"{f.name}={value!r} must be of type {kind.__name__}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{f.name}={value!r} must be a finite number")
-    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps", "flow_t_std")
+    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps", "flow_t_std",
+                "keep_ckpts")  # fmt: skip
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be > 0")
-    non_negative = ("lr_warmup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "grad_clip", "keep_ckpts", "threads")
+    non_negative = ("lr_warmup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "grad_clip", "threads")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be >= 0")
@@ -167,6 +168,9 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file; give a folder")
+    runguard.RunLock(run_dir).probe()  # every refusal before the data is loaded or a file written
+    runguard.check_writable(run_dir)
+    previous = _previous_run(run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -178,6 +182,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
             raise ValueError(f"conditional=True but dataset {cfg.data!r} has no labels")
         overrides["label_dim"] = int(labels.max()) + 1
     net = build_unet(cfg.unet, **overrides)
+    _refuse_other_teacher(previous, net.cfg.to_dict(), cfg, run_dir)
     if cfg.objective == "flow":
         net = FlowUNet(net.cfg, model=net.model)  # the same network, read as a velocity v(x_t, t)
     net = net.to(teacher_device(cfg))
@@ -185,6 +190,42 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     with runguard.RunLock(run_dir), runguard.StopSignals() as stop:
         runguard.clean_stale_tmp(run_dir)
         return _train(cfg, run_dir, net, images, labels, stop)
+
+
+def _previous_run(run_dir: Path) -> dict | None:
+    """The config of the teacher run in `run_dir` (its newest readable checkpoint's; None if there is none);
+    ValueError for another kind of run's folder (a distillation's config.json or checkpoint)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):  # none, or unreadable: rewritten on start
+        config = None
+    if isinstance(config, dict) and "teacher" not in config:
+        kind = " (a distill run's)" if "model" in config else ""
+        raise ValueError(
+            f"{run_dir} is not a train-teacher run folder: its config.json{kind} has no 'teacher' section; "
+            "give train-teacher a run folder of its own"
+        )
+    for path in reversed(ckpt.list_checkpoints(run_dir)):
+        state = ckpt.peek(path)  # unverified: only its kind and config are read here
+        if isinstance(state, dict):
+            if "net" not in state:
+                by = " (distill wrote it)" if "generator" in state else ""
+                raise ValueError(f"{path} is not a teacher checkpoint{by}; give train-teacher a run folder of its own")
+            return state.get("config")
+    return None
+
+
+def _refuse_other_teacher(previous: dict | None, unet: dict, cfg: TeacherConfig, run_dir: Path) -> None:
+    """ValueError, before config.json is rewritten, if run_dir's checkpoints hold another U-Net or objective."""
+    if not previous:
+        return
+    if previous.get("unet") != unet:
+        raise ValueError(f"{run_dir} holds a teacher of another U-Net config: {previous.get('unet')}")
+    objective = previous.get("teacher", {}).get("objective", "edm")  # absent before flow teachers
+    if objective != cfg.objective:
+        raise ValueError(
+            f"{run_dir} holds a teacher trained with objective={objective!r}; resume it with that objective"
+        )
 
 
 def _resume(run_dir: Path, resolved: dict, net, ema, opt) -> tuple[dict, dict | None]:

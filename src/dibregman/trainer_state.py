@@ -2,10 +2,12 @@
 pruning that keeps the newest healthy one) and how a run resumes from its newest loadable, healthy checkpoint.
 
 Functions of the `loop.Trainer` they are given (`tr`); the loop calls them and knows nothing of the file format.
+`preflight` runs before any model is built: every refusal comes before the run folder is touched.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -36,16 +38,29 @@ def state_dict(tr) -> dict:
     }
 
 
-def resume(tr) -> None:
-    """Load the newest loadable, healthy checkpoint of tr.run_dir into tr (nothing if there is none); refuse one
-    written by another config, or a change of run.total_kimg under a length-dependent lr schedule."""
+def preflight(tr) -> tuple[dict, Path] | None:
+    """Everything a run refuses, checked before any model is built or file written (a refusal leaves the folder as it
+    found it): a world size that does not divide the micro-batch, a folder another process holds, a read-only folder,
+    another kind of run's folder, a checkpoint written by another config. Returns the newest loadable, healthy
+    checkpoint (state, path) for `resume`, or None."""
+    o, w = tr.cfg.optim, dist.world_size()
+    if (o.batch_size // o.accum_steps) % w:
+        raise ValueError(
+            f"the global micro-batch of {o.batch_size // o.accum_steps} images (optim.batch_size / optim.accum_steps) "
+            f"does not split over world size {w}: use a multiple of {w} (torchrun --nproc_per_node)"
+        )
     if dist.rank() == 0:  # another process on this folder: stop before reading it
         runguard.RunLock(tr.run_dir).probe()
+    runguard.check_writable(tr.run_dir)
+    _refuse_teacher_folder(tr.run_dir)
     tr._newest_ckpt = (ckpt.list_checkpoints(tr.run_dir) or [None])[-1]
     found = ckpt.load_latest(tr.run_dir, check=weights_problem)
     if found is None:
-        return
+        return None
     state, path = found
+    if "generator" not in state:
+        by = " (train-teacher wrote it)" if "net" in state else ""
+        raise ValueError(f"{path} is not a distillation checkpoint{by}; give distill a run folder of its own")
     try:  # sections/keys added since the checkpoint was written take their defaults
         old = DistillConfig.from_dict(state["config"]).to_dict()
     except ValueError:
@@ -62,6 +77,27 @@ def resume(tr) -> None:
             f"{path} was written by a different config (differs in {sorted(diff)}); "
             f"use another --run-dir or the same settings"
         )
+    return found
+
+
+def _refuse_teacher_folder(run_dir: Path) -> None:
+    """ValueError if run_dir's config.json is a teacher run's (`train-teacher` writes one with a `teacher` section)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):  # none, or unreadable: a distillation rewrites it
+        return
+    if isinstance(config, dict) and "teacher" in config and "model" not in config:
+        raise ValueError(
+            f"{run_dir} is a train-teacher run folder (its config.json has a 'teacher' section); "
+            "give distill a run folder of its own"
+        )
+
+
+def resume(tr, found: tuple[dict, Path] | None) -> None:
+    """Load the checkpoint `preflight` found into tr (nothing for None)."""
+    if found is None:
+        return
+    state, path = found
     try:
         for name, module in (
             ("generator", tr.m.generator),

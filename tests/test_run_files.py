@@ -240,7 +240,7 @@ def test_read_only_run_folder_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 # ---- errors during a run come after the progress bar ---------------------------------------------------------
-NAN_REWARD = """import sys, torch
+PLAIN = """import sys
 from dibregman.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -267,11 +267,11 @@ sys.exit(main(sys.argv[1:]))
 """
 CASES = {  # script, extra --set pairs, exit code, words of the error
     "max_bad_steps": (
-        NAN_REWARD,
+        PLAIN,
         {"reward.name": "python:test_run_files:nan_reward", "run.max_bad_steps": 2},
         1,
         "aborting: 2 consecutive non-finite steps",
-    ),  # fmt: skip
+    ),
     "double ctrl-c": (DOUBLE_CTRL_C, {}, 130, "interrupted"),
     "disk full": (DISK_FULL, {"run.ckpt_every_kimg": steps_kimg(2)}, 1, "no space left on device"),
 }

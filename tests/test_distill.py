@@ -221,7 +221,9 @@ def test_gan_term_never_computes_a_gradient_for_the_critic(tmp_path):
     assert tr.run_phase(tr.phase("generator"), mon) and "loss/gen_gan" in mon.values
     assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
     tr.m.teacher = _NaNTeacher(tr.m.teacher, bad_calls={2})
-    assert not tr.run_phase(tr.phase("generator"), mon)
+    with pytest.raises(Exception) as ended:  # the engine ends the step: the non-finite error is its cause
+        tr.run_phase(tr.phase("generator"), mon)
+    assert "non-finite" in str(ended.value.__cause__)
     assert all(p.grad is None for p in tr.critic_params + tr.gen_params)
 
 
@@ -233,7 +235,9 @@ def test_overflowing_unnormalised_weight_skips_the_step(tmp_path):
     tr = Trainer(cfg, tmp_path)
     tr.m.disc.register_forward_hook(lambda mod, args, out: out - 20.0)  # l = -10 after the clamp: w = e^500
     mon = Monitor(tmp_path, enabled=False, initial=0, total=1)
-    assert not tr.run_phase(tr.phase("generator"), mon)
+    with pytest.raises(Exception) as ended:  # the engine ends the step: the overflow is its cause
+        tr.run_phase(tr.phase("generator"), mon)
+    assert "overflows" in str(ended.value.__cause__)
     assert mon.values["skipped/generator"] == [1.0]
 
 

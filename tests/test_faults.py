@@ -308,7 +308,7 @@ sys.exit(main(sys.argv[2:]))
 
 def test_sigint_during_a_save_finishes_it_and_stops_cleanly(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "saving"
-    args = _distill_cmd(run, 100_000, **{"run.ckpt_every_kimg": steps_kimg(2), "run.keep_ckpts": 0})
+    args = _distill_cmd(run, 100_000, **{"run.ckpt_every_kimg": steps_kimg(2), "run.keep_ckpts": 1000})
     a = _start([str(marker), *args], "-c", SLOW_SAVE)
     try:
         _wait_for(marker.exists, a)
@@ -402,6 +402,7 @@ BAD_INPUTS = {  # name: (argv with {d} for the inputs folder, exit code, words t
     "eval text npz": ("eval --samples {d}/text.npz", 2, "text.npz is not a readable"),
     "eval nothing": ("eval", 2, "give one of"),
     "eval trials 0": ("eval --samples {d}/empty.npz --trials 0", 2, "--trials must be a positive"),
+    "eval batch 0": ("eval --samples {d}/empty.npz --batch 0", 2, "--batch must be a positive"),
     "import-edm list kwargs": (
         "import-edm {d}/object.pt {d}/list.json --out {d}/new.safetensors",
         2,
@@ -425,6 +426,9 @@ BAD_INPUTS = {  # name: (argv with {d} for the inputs folder, exit code, words t
     "teacher data kind": ("train-teacher --run-dir {d}/new --data nosuch:", 2, "unknown dataset kind"),
     "distill ckpt period": ("distill --set run.ckpt_every_kimg=-1 --run-dir {d}/new", 2, "run.ckpt_every_kimg=-1.0"),
     "distill max bad 0": ("distill --set run.max_bad_steps=0 --run-dir {d}/new", 2, "run.max_bad_steps=0 must"),
+    "distill keep -1": ("distill --set run.keep_ckpts=-1 --run-dir {d}/new", 2, "run.keep_ckpts=-1 must be >= 1"),
+    "distill keep 0": ("distill --set run.keep_ckpts=0 --run-dir {d}/new", 2, "run.keep_ckpts=0 must be >= 1"),
+    "teacher keep -1": ("train-teacher --run-dir {d}/new --set keep_ckpts=-1", 2, "keep_ckpts=-1 must be > 0"),
     "distill mlp depth": ("distill --set model.mlp_depth=0 --run-dir {d}/new", 2, "model.mlp_depth=0 must"),
     "distill threads": ("distill --set run.threads=-1 --run-dir {d}/new", 2, "run.threads=-1 must"),
     "distill lr": ("distill --set optim.gen_lr=-1 --run-dir {d}/new", 2, "optim.gen_lr=-1.0 must"),

@@ -9,10 +9,15 @@ Loading uses `weights_only=True`: nothing in a file is ever executed.
 
 A writer marks a checkpoint `healthy` (finite weights, no NaN/Inf step pending); `prune` never deletes the newest
 healthy one, so a run that goes bad can always be resumed from the last good state.
+
+A write that fails for lack of space or permission is one `OSError` saying so (`write_error`), whatever form it took
+underneath (an OSError, torch's `RuntimeError: [enforce fail at inline_container.cc]`, a safetensors error).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -62,17 +67,67 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # errno values of a full disk or quota
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # errno values of a folder that cannot be written
+
+
+def _errno(e: BaseException | None) -> int | None:
+    """The errno of the first OSError in e's chain (cause, then context), or of a Rust `os error N` in its text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        if m := re.search(r"os error (\d+)", str(e)):
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class WriteError(OSError):
+    """A write that failed for lack of space or permission, said in one line; `errno` is the underlying one."""
+
+
+def write_error(e: BaseException, path=None, codes=NO_SPACE + NOT_WRITABLE) -> WriteError | None:
+    """`WriteError` for a write of `path` that failed with an errno in `codes` (anywhere in e's chain), else None."""
+    code = _errno(e)
+    if code not in codes:
+        return None
+    path = path or getattr(e, "filename", None)
+    where = f" writing {path}" if path else ""
+    if code in NO_SPACE:
+        err = WriteError(f"no space left on device{where}")
+    else:
+        folder = f" {Path(path).parent}" if path else ""
+        err = WriteError(f"run folder{folder} is not writable ({os.strerror(code)}{where})")
+    err.errno = code
+    return err
+
+
+@contextlib.contextmanager
+def _writing(path: Path, tmp: Path):
+    """Around a write of `path` through `tmp`: `write_error` for a full disk or a read-only folder; `tmp` removed."""
+    try:
+        yield
+    except Exception as e:  # OSError, torch's RuntimeError, SafetensorError
+        err = write_error(e, path)
+        if err is None:
+            raise
+        raise err from e
+    finally:
+        with contextlib.suppress(OSError):  # a read-only folder cannot even drop the temp file
+            tmp.unlink(missing_ok=True)
+
+
 def _replace_from_temp(path: Path, write) -> Path:
     """write(tmp) then fsync and rename to `path`; the temp file is removed if anything fails."""
     tmp = temp_path(path)
-    try:
+    with _writing(path, tmp):
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -85,24 +140,24 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> Path:
     return _replace_from_temp(path, lambda f: torch.save(body, f))
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and verify a checkpoint without executing code; ValueError for a corrupt file."""
+def load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint") -> dict:
+    """Load and verify a file of `save_atomic` (a `what`) without executing code; ValueError for a corrupt file."""
     path = Path(path)
     if path.is_dir():  # sharded: its small state, verified; the shards are read by `sharded.load`
         from . import sharded
 
         return {**sharded.read_meta(path), SHARDED_KEY: str(path)}
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, foreign pickle
-        raise ValueError(f"checkpoint {path} is corrupt or not a dibregman checkpoint ({_first_line(e)})") from None
+        raise ValueError(f"{what} {path} is corrupt or not a dibregman {what} ({_first_line(e)})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dibregman checkpoint")
+        raise ValueError(f"{what} {path} holds a {type(state).__name__}, not a dibregman {what}")
     expected = state.pop(CHECKSUM_KEY, None)
     if expected is not None and content_checksum(state) != expected:
-        raise ValueError(f"checkpoint {path} is corrupt: its content does not match its checksum")
+        raise ValueError(f"{what} {path} is corrupt: its content does not match its checksum")
     if map_location != "cpu":
         state = _to(state, map_location)
     return state
@@ -223,11 +278,9 @@ def export_safetensors(state_dict: dict, config: dict, path: str | os.PathLike) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = temp_path(path.with_suffix(".safetensors"))
-    try:
+    with _writing(path.with_suffix(".safetensors"), tmp):
         save_file(tensors, str(tmp), metadata={"config": json.dumps(config)})
         os.replace(tmp, path.with_suffix(".safetensors"))
-    finally:
-        tmp.unlink(missing_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True).encode()
     _replace_from_temp(path.with_suffix(".json"), lambda f: f.write(text))
     return path.with_suffix(".safetensors")

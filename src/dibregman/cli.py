@@ -130,7 +130,7 @@ def cmd_eval(args) -> None:
 def _eval(args, device) -> None:
     from . import dist, evaluate
 
-    _positive(args, "num", "trials")
+    _positive(args, "num", "trials", "batch")
     if args.out:
         _writable(args.out, "--out")
     kw = dict(feature_net=args.features, protocol=args.protocol, device=device, progress=not args.quiet)
@@ -254,12 +254,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _one_line(e: BaseException, limit: int = 600) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-    text = lines[0] + (" ..." if len(lines) > 1 else "")
-    return text if len(text) <= limit else text[: limit - 4] + " ..."
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -348,33 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; every failure is one line on stderr: exit 2 for bad input, 1 for a failed run,
-    128 + signal for a stop by SIGINT/SIGTERM (DIBREGMAN_TRACEBACK=1 shows tracebacks of unexpected errors)."""
-    from .runguard import RunInterrupted, TooManyBadSteps
+    """Run a command; every failure is one line on stderr after the progress bar is closed (`console.run_reported`):
+    exit 2 for bad input, 1 for a failed run, 128 + signal for a stop by SIGINT/SIGTERM (during start-up too)."""
+    from .console import run_reported
 
     args = build_parser().parse_args(argv)
-    prefix = f"dibregman {args.command}"
-    try:
-        COMMANDS[args.command](args)
-    except RunInterrupted as e:
-        print(f"{prefix}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
-    except TooManyBadSteps as e:
-        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:
-        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if os.environ.get("DIBREGMAN_TRACEBACK") == "1":
-            raise
-        print(f"{prefix}: internal error: {type(e).__name__}: {_one_line(e)} (DIBREGMAN_TRACEBACK=1 shows where)",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    run = args.command in ("distill", "train-teacher")
+    return run_reported(COMMANDS[args.command], args, prefix=f"dibregman {args.command}", starts_a_run=run)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ class RunConfig:
     log_every_kimg: float = opt(1.0, "JSONL / TensorBoard period")
     ckpt_every_kimg: float = opt(10.0, "checkpoint period")
     sample_every_kimg: float | None = opt(10.0, "sample-picture period (None = off)")
-    keep_ckpts: int = opt(2, "checkpoints kept on disk")
+    keep_ckpts: int = opt(2, "checkpoints kept on disk (>= 1; the newest healthy one is never pruned)")
     keep_ema_every_kimg: float | None = opt(None, "also keep the EMA generator as ema-<images>.safetensors this often")
     seed: int = opt(0, "all randomness derives from (seed, stream, counters): draws.seed_for")
     max_bad_steps: int = opt(20, "abort after this many consecutive NaN/Inf steps")
@@ -236,7 +236,7 @@ AT_LEAST = {  # lower bounds of counts, rates and periods (0 = off where the fie
     **dict.fromkeys(("model.init_steps", "optim.gen_lr", "optim.fake_lr", "optim.head_lr_mult"), 0),
     **dict.fromkeys(("optim.weight_decay", "optim.grad_clip", "optim.ema_halflife_kimg", "run.threads"), 0),
     **dict.fromkeys(("run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg"), 0),
-    "run.max_bad_steps": 1,
+    **dict.fromkeys(("run.max_bad_steps", "run.keep_ckpts"), 1),
     "model.resolution": 1,
 }
 

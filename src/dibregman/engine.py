@@ -95,8 +95,10 @@ class Engine:
         self.state = State()
         method.state = self.state  # the method reads the step's counters (its draws are seeded by them)
         self._newest_ckpt = None
-        if self.run_dir is not None:
-            trainer_state.resume(self)
+        if self.run_dir is not None:  # the method's own preflight (before it built its networks), or one now
+            pre = method.preflight if getattr(method, "preflight", None) else trainer_state.preflight(run_dir, method)
+            found, self._newest_ckpt = pre
+            trainer_state.resume(self, found)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def set_lrs(self) -> float:
@@ -108,7 +110,8 @@ class Engine:
         return f
 
     def run_phase(self, phase: Phase, mon: Monitor) -> bool:
-        """Accumulate the phase's micro-batches (gradient sync only on the last), then the guarded step."""
+        """Accumulate the phase's micro-batches (gradient sync only on the last), then the guarded step; False for
+        a skipped update. A non-finite loss raises `_EndStep` (the step's remaining phases are skipped too)."""
         spec, opt = self.spec, self.method.optimizers[phase.name]
         n = spec.batch_size // spec.accum_steps
         scale = float(dist.world_size()) if self.spec.parallel != "none" else 1.0  # DDP/FSDP average over ranks
@@ -117,10 +120,10 @@ class Engine:
                 with parallel.no_sync(self.wrapped.get(phase.name), last=rnd == spec.accum_steps - 1):
                     loss = phase.loss(rnd, n, spec.batch_size, mon)
                     (loss * scale if scale != 1.0 else loss).backward()
-        except NonFiniteError:
+        except NonFiniteError as e:
             opt.zero_grad(set_to_none=True)
             mon.add({f"skipped/{phase.name}": 1.0})
-            return False
+            raise _EndStep from e
         ok = self._apply(opt, self.phase_params[phase.name], phase.name, mon)
         if ok and phase.ema and self.ema is not None:
             optim.update_ema(self.ema, self.method.ema_source(), self.method.ema_beta(self.state))
@@ -148,7 +151,11 @@ class Engine:
             mon.add({"optim/lr_mult": factor})
         ok = True
         for phase in self.method.phases(s):
-            ok &= self.run_phase(phase, mon)
+            try:
+                ok &= self.run_phase(phase, mon)
+            except _EndStep:  # a non-finite loss (or a non-finite input of one) ends the step's remaining phases
+                ok = False
+                break
         if ok:
             s.bad_in_row = 0
         else:  # a NaN/Inf step is skipped, counted and logged, never absorbed
@@ -274,6 +281,10 @@ class Engine:
             return None
         out = self.method.export(ema, self.run_dir, self.state.num_images)
         return None if out is None else str(out)
+
+
+class _EndStep(Exception):
+    """A phase's loss was non-finite: its update is skipped, and so are the step's remaining phases."""
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -2,9 +2,10 @@
 
 Once per run, `loss.regression_pairs` latents z are drawn from their own seeded stream and the teacher's
 deterministic Heun sampler (`loss.regression_steps` intervals, the Karras schedule) solves the probability-flow
-ODE from sigma_max z; (z, condition, ODE(z)) are kept in `<run_dir>/regression_pairs.pt` (written atomically,
-reused on resume, refused when they were made for another config). Every generator step draws a micro-batch of
-pair indices from the stream ("regression", step, round) -- the engine's other draws are untouched -- and adds
+ODE from sigma_max z; (z, condition, ODE(z)) are kept in `<run_dir>/regression_pairs.pt`, written like a checkpoint
+(atomically, with a checksum), reused on resume, made again with a warning when corrupt, refused when they were made
+for another config. Every generator step draws a micro-batch of pair indices from the stream ("regression", step,
+round) -- the engine's other draws are untouched -- and adds
 
     regression_weight * mean_i mean_d (G(z_i) - ODE(z_i))_d^2
 
@@ -17,11 +18,12 @@ and backward on a micro-batch per step.
 
 from __future__ import annotations
 
-import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
 from .draws import generator_for, local_slice
 from .sample import sample_teacher
 
@@ -94,20 +96,29 @@ def build_regression(cfg, models, run_dir: Path, device) -> Regression | None:
     if L.regression_weight <= 0:
         return None
     path = Path(run_dir) / FILE
-    if path.is_file():
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data.get("key") != _key(cfg):
-            raise ValueError(
-                f"{path} holds pairs made for {data.get('key')}, this config needs {_key(cfg)}: "
-                "delete the file or use another run folder"
-            )
-    else:
+    data = _stored_pairs(path, cfg) if path.is_file() else None
+    if data is None:
         data = make_pairs(cfg, models, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        ckpt.save_atomic(data, path)  # checksummed, through a temp file (a stale one is removed on start)
     return Regression(data["z"], data["x"], data["cond_index"], L.regression_weight, cfg.run.seed)
+
+
+def _stored_pairs(path: Path, cfg) -> dict | None:
+    """The verified pairs of `path`; None, with a one-line warning naming the file, for a corrupt or truncated file
+    (the pairs are a deterministic function of the config: they are made again); ValueError for another config's."""
+    try:
+        data = ckpt.load(path, what="regression pairs file")
+        if missing := sorted({"key", "z", "x", "cond_index"} - set(data)):
+            raise ValueError(f"regression pairs file {path} lacks {missing}")
+    except ValueError as e:
+        warnings.warn(f"{e}; regenerating it", stacklevel=3)
+        return None
+    if data["key"] != _key(cfg):
+        raise ValueError(
+            f"{path} holds pairs made for {data['key']}, this config needs {_key(cfg)}: "
+            "delete the file or use another run folder"
+        )
+    return data
 
 
 __all__ = ["FILE", "Regression", "build_regression", "make_pairs"]

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from . import divergences
 from .distill import NonFiniteError
 from .draws import generator_for
+from .runguard import UserCodeError
 
 LogRewardFn = Callable[[Tensor, Tensor, object], Tensor]  # (x [N, *shape], sigma [N], cond) -> log R [N]
 TARGETS = ("auto", "sigma", "denoised", "noisy")
@@ -103,7 +104,11 @@ def _log_of_values(name: str, fn: Callable[..., Tensor], num_args: int) -> LogRe
     """log of a user R(x[, sigma[, cond]]) >= 0, with clear errors for negative / NaN / misshaped values."""
 
     def log_fn(x, sigma, cond):
-        r = _checked(name, fn(*(x, sigma, cond)[:num_args]), x.shape[0])
+        try:
+            out = fn(*(x, sigma, cond)[:num_args])
+        except Exception as e:  # the user's bug: shown with the user's traceback (cli), never as an internal error
+            raise UserCodeError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+        r = _checked(name, out, x.shape[0])
         if (r < 0).any():
             raise ValueError(f"reward {name!r} must be >= 0; got min {float(r.min()):.4g}")
         return torch.log(r)
@@ -266,10 +271,6 @@ class NormalizerEstimator:
         return z
 
     @property
-    def log_z(self) -> float:
-        return math.log(self.z)
-
-    @property
     def stderr(self) -> float:
         if self.kind == "fixed" or self.sums[0] == 0:
             return 0.0
@@ -334,7 +335,6 @@ class TargetRatio:
     @torch.no_grad()
     def observe(self, x_real: Tensor, gather=None) -> dict:
         """Critic step: update Z with R on clean real samples (all ranks' samples when `gather` is given)."""
-        x_real = x_real[0] if isinstance(x_real, tuple) else x_real  # a real-side sampler: (samples, index)
         r = self.reward(x_real.float(), 0.0)
         r = gather(r) if gather is not None else r
         self.estimator.update(r)
@@ -345,11 +345,11 @@ class TargetRatio:
         """Average R over `num_samples` real samples drawn with their own seeded generator before step 0."""
         g = generator_for(seed, "reward_z")
         for i in range(0, num_samples, chunk):
-            self.observe(real(g, min(chunk, num_samples - i)))
+            self.observe(real(g, min(chunk, num_samples - i))[0])  # a real-side sampler: (samples, conditions)
 
     def term(self, x_t: Tensor, sigma: Tensor, cond, *, div, stab) -> tuple[Tensor, Tensor]:
         """(grad_x log R_t(x_t), log w(r*_t)) at the generator step's x_t, with this run's Z (`target_term`)."""
-        kw = dict(log_z=self.estimator.log_z, div=div, target=self.target, teacher=self.teacher, stab=stab)
+        kw = dict(log_z=math.log(self.estimator.z), div=div, target=self.target, teacher=self.teacher, stab=stab)
         return target_term(self.reward, x_t, sigma, cond, **kw)
 
     @torch.no_grad()
@@ -381,13 +381,9 @@ def check_config(cfg) -> None:
         raise ValueError(f"reward.floor must lie in (0, 1), got {rc.floor}")
     if rc.z_init_samples < 0:
         raise ValueError(f"reward.z_init_samples must be >= 0, got {rc.z_init_samples}")
-    if rc.name != "none" and cfg.loss.gan_weight > 0:
-        raise ValueError("loss.gan_weight must be 0 with a reward: the GAN term pulls q to p, not to p r*")
-    if rc.name != "none" and cfg.loss.regression_weight > 0:
-        raise ValueError(
-            "loss.regression_weight must be 0 with a reward: the regression term pulls G to the teacher's ODE map, "
-            "i.e. q to p, not to p r*"
-        )
+    for key, term in (("gan_weight", "the GAN term"), ("regression_weight", "the regression term (to the ODE map)")):
+        if rc.name != "none" and getattr(cfg.loss, key) > 0:  # both pull q to the untilted p
+            raise ValueError(f"loss.{key} must be 0 with a reward: {term} pulls q to p, not to p r*")
 
 
 def build_target(cfg, models, device) -> TargetRatio | None:

@@ -2,16 +2,21 @@
 
 - `RunLock`: an advisory lock (`fcntl.flock` on `<run_dir>/.lock`, which holds the holder's PID). The kernel drops
   it when the process exits or dies, so a lock is never stale; a second process on the folder gets `RunLocked`.
-- `clean_stale_tmp`: temp files of writes that never finished (`*.tmp` of checkpoints and exports), removed on
-  start by the lock holder.
+- `check_writable`: a read-only run folder is refused before anything is built.
+- `clean_stale_tmp`: temp files of writes that never finished (`*.tmp` of checkpoints, exports and the regression
+  pairs), removed on start by the lock holder.
 - `truncate_log`: `log.jsonl` cut back to the resumed images seen, so records are never duplicated.
 - `StopSignals`: SIGINT/SIGTERM ask the loop to finish its step, checkpoint and raise `RunInterrupted`; a second
   signal stops at once (checkpoints are atomic, so even that loses only the current interval).
-- `TooManyBadSteps`: the typed error of a run that hit `max_bad_steps` NaN/Inf steps in a row.
+- `sigterm_raises`: SIGTERM before `StopSignals` takes over (start-up) raises `RunInterrupted` instead of killing
+  the process without a word.
+- `TooManyBadSteps`: the typed error of a run that hit `max_bad_steps` NaN/Inf steps in a row; `UserCodeError`: a
+  user's function (`python:MODULE:FUNCTION`) raised, its own exception chained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +26,10 @@ import threading
 from pathlib import Path
 
 _TMP_DIR = re.compile(r"^\.ckpt-\d+(\.old)?\.tmp$")  # sharded checkpoint folders being written or replaced
-_TMP = re.compile(r"^(ckpt-\d+\.pt|generator\.(safetensors|json)|teacher-ema\.(safetensors|json)|log\.jsonl)\..*tmp$")
+_TMP = re.compile(
+    r"^(ckpt-\d+\.pt|generator\.(safetensors|json)|teacher-ema\.(safetensors|json)|log\.jsonl|\.?regression_pairs\.pt)"
+    r"\..*tmp$"
+)
 
 
 class RunLocked(ValueError):
@@ -30,6 +38,10 @@ class RunLocked(ValueError):
 
 class TooManyBadSteps(RuntimeError):
     """`max_bad_steps` consecutive NaN/Inf steps: the run stopped; its newest healthy checkpoint is intact."""
+
+
+class UserCodeError(Exception):
+    """A user's function (`python:MODULE:FUNCTION`) raised; `__cause__` is its exception, with its traceback."""
 
 
 class RunInterrupted(Exception):
@@ -50,11 +62,21 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         try:
-            import fcntl
+            import fcntl  # noqa: F401
         except ImportError:  # Windows: no advisory locks, run unguarded
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def _lock(self, fd: int) -> None:
+        """flock `fd` (exclusive, non-blocking); RunLocked naming the holder's PID, `fd` closed, if it is held."""
+        import fcntl
+
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -64,10 +86,6 @@ class RunLock:
                 f"{self.path.parent} is in use by another dibregman process (PID {holder}); "
                 "wait for it to finish, stop it, or use another run folder"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
 
     def release(self) -> None:
         if self.fd is not None:
@@ -76,15 +94,31 @@ class RunLock:
             self.fd = None
 
     def probe(self) -> None:
-        """Raise `RunLocked` now if another process holds the folder (nothing is kept locked)."""
-        if self.path.exists():
-            self.acquire().release()
+        """Raise `RunLocked` now if another process holds the folder; the lock file is neither made nor changed."""
+        try:
+            import fcntl  # noqa: F401
+
+            fd = os.open(self.path, os.O_RDONLY)
+        except (ImportError, OSError):  # no advisory locks, or no lock file: nobody holds the folder
+            return
+        self._lock(fd)
+        os.close(fd)  # closing drops the flock
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_writable(run_dir: str | os.PathLike) -> None:
+    """PermissionError if `run_dir` (or, where it does not exist yet, the nearest folder above it) is not writable."""
+    path = Path(run_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        above = "" if path == Path(run_dir) else f" ({path} is read-only)"
+        raise PermissionError(f"run folder {run_dir} is not writable{above}; give another --run-dir")
 
 
 def clean_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
@@ -160,6 +194,24 @@ class StopSignals:
         self._old.clear()
 
 
+@contextlib.contextmanager
+def sigterm_raises(message: str):
+    """`with sigterm_raises("stopped by SIGTERM during start-up"):` -- SIGTERM raises RunInterrupted(message) (exit
+    code 143) instead of ending the process silently; `StopSignals` overrides it while a loop runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise RunInterrupted(signum, message)
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def interrupted(signum: int, where: str, path) -> RunInterrupted:
     name = signal.Signals(signum).name
     saved = f"checkpoint {path} written" if path else "no new checkpoint written"
@@ -170,9 +222,12 @@ __all__ = [
     "RunLock",
     "RunLocked",
     "TooManyBadSteps",
+    "UserCodeError",
     "RunInterrupted",
     "StopSignals",
+    "check_writable",
     "clean_stale_tmp",
+    "sigterm_raises",
     "truncate_log",
     "interrupted",
 ]

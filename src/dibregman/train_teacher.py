@@ -7,13 +7,15 @@ logit-normal t), exported as kind "flow-unet" and loaded by `flow:PATH.safetenso
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from . import dist, optim
+from . import checkpoint as ckpt
+from . import dist, optim, runguard
 from .config import opt
 from .data import load_dataset
 from .methods.denoising import OBJECTIVES
@@ -43,7 +45,7 @@ class TeacherConfig:
     p_std: float = opt(1.2, "ln(sigma) std of the training noise")
     grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)")
     ckpt_every_kimg: float = opt(50.0, "checkpoint period, thousands of images")
-    keep_ckpts: int = opt(2, "checkpoints kept on disk")
+    keep_ckpts: int = opt(2, "checkpoints kept on disk (>= 1)")
     export: str = opt("", "also write EMA weights to this .safetensors path at every checkpoint")
     seed: int = opt(0, "RNG seed")
     threads: int = opt(0, "torch CPU threads (0 = torch default)")
@@ -104,11 +106,12 @@ def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:
             raise ValueError(f"{f.name}={value!r} must be of type {kind.__name__}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{f.name}={value!r} must be a finite number")
-    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps", "flow_t_std")
+    positive = ("batch_size", "lr", "total_kimg", "p_std", "ckpt_every_kimg", "max_bad_steps", "flow_t_std",
+                "keep_ckpts")  # fmt: skip
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be > 0")
-    non_negative = ("lr_warmup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "grad_clip", "keep_ckpts", "threads")
+    non_negative = ("lr_warmup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "grad_clip", "threads")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be >= 0")
@@ -168,6 +171,9 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file; give a folder")
+    runguard.RunLock(run_dir).probe()  # every refusal before the data is loaded or a file written
+    runguard.check_writable(run_dir)
+    _previous_run(run_dir)
     device = dist.init(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -185,6 +191,29 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     engine = Engine(Denoising(cfg, net.to(device), images, labels, device), run_dir)
     engine.train()
     return run_dir / "teacher-ema.safetensors"
+
+
+def _previous_run(run_dir: Path) -> None:
+    """ValueError for another kind of run's folder (a distillation's config.json or checkpoint), checked before the
+    data is loaded or a file written."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):  # none, or unreadable: rewritten on start
+        config = None
+    if isinstance(config, dict) and "teacher" not in config:
+        kind = " (a distill run's)" if "model" in config else ""
+        raise ValueError(
+            f"{run_dir} is not a train-teacher run folder: its config.json{kind} has no 'teacher' section; "
+            "give train-teacher a run folder of its own"
+        )
+    for path in reversed(ckpt.list_checkpoints(run_dir)):
+        state = ckpt.peek(path)  # unverified: only its config is read here
+        if isinstance(state, dict):
+            saved = state.get("config")
+            if not (isinstance(saved, dict) and "teacher" in saved):
+                by = " (distill wrote it)" if "generator" in state or "model" in (saved or {}) else ""
+                raise ValueError(f"{path} is not a teacher checkpoint{by}; give train-teacher a run folder of its own")
+            return
 
 
 __all__ = ["TeacherConfig", "teacher_config", "validate_teacher", "train_teacher", "load_teacher", "edm_loss"]

@@ -14,6 +14,7 @@ Functions of the `engine.Engine` they are given (`eng`); a method names what its
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -61,33 +62,48 @@ def sharded_state(eng) -> dict:
     return out
 
 
-def _keys(eng) -> list[str]:
-    return [*eng.method.networks(), "ema", *eng.method.optimizer_keys().values()]
-
-
-def _checker(eng, *, healthy_only: bool):
+def _checker(keys: list[str], *, healthy_only: bool):
     def check(state: dict) -> str | None:
         if healthy_only and not state.get(ckpt.HEALTHY_KEY, True):
             return "was written after a non-finite step (not healthy)"
-        return weights_problem(state, _keys(eng))
+        return weights_problem(state, keys)
 
     return check
 
 
-def resume(eng) -> None:
-    """Load the newest healthy checkpoint of eng.run_dir (else the newest loadable one) into eng; nothing if there
-    is none. The method refuses one written by another config (`check_resume`)."""
+def preflight(run_dir: Path, method) -> tuple[tuple[dict, Path] | None, Path | None]:
+    """Everything a run refuses, before the method builds a model or anything is written (a refusal leaves the
+    folder as it found it): a folder another process holds or that cannot be written, another kind of run's
+    folder or checkpoint (`method.run_kind`: the config section only its kind writes), a checkpoint written by
+    another config (`method.check_resume`). Returns ((state, path) of the newest healthy checkpoint, else of the
+    newest loadable one, or None; the newest checkpoint's path)."""
+    run_dir, kind = Path(run_dir), method.run_kind
     if dist.rank() == 0:  # another process on this folder: stop before reading it
-        runguard.RunLock(eng.run_dir).probe()
-    eng._newest_ckpt = (ckpt.list_checkpoints(eng.run_dir) or [None])[-1]
-    found = ckpt.load_latest(eng.run_dir, check=_checker(eng, healthy_only=True))
+        runguard.RunLock(run_dir).probe()
+    runguard.check_writable(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):  # none, or unreadable: rewritten on start
+        config = None
+    if isinstance(config, dict) and kind not in config:
+        raise ValueError(f"{run_dir} is another kind of run's folder (its config.json has no {kind!r} section)")
+    keys = method.checkpoint_keys
+    found = ckpt.load_latest(run_dir, check=_checker(keys, healthy_only=True))
     if found is None:
-        found = ckpt.load_latest(eng.run_dir, check=_checker(eng, healthy_only=False))
+        found = ckpt.load_latest(run_dir, check=_checker(keys, healthy_only=False))
+    if found is not None:
+        state, path = found
+        if not (isinstance(state.get("config"), dict) and kind in state["config"]):
+            raise ValueError(f"{path} is another kind of run's checkpoint; give this command a run folder of its own")
+        method.check_resume(state, path)
+    return found, (ckpt.list_checkpoints(run_dir) or [None])[-1]
+
+
+def resume(eng, found: tuple[dict, Path] | None) -> None:
+    """Load the checkpoint `preflight` found into eng (nothing for None)."""
     if found is None:
         return
     state, path = found
-    m = eng.method
-    m.check_resume(state, path)
     try:
         if ckpt.SHARDED_KEY in state:
             target = sharded_state(eng)

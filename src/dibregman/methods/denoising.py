@@ -30,6 +30,8 @@ class Denoising:
 
     logs_lr = False
     bad_step_advice = "lower lr or check the data"
+    run_kind = "teacher"  # the config section only a teacher run writes
+    checkpoint_keys = ("net", "ema", "opt")
 
     def __init__(self, cfg, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, device):
         self.cfg, self.net, self.device = cfg, net, device

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from .. import dist, divergences, optim, parallel
+from .. import dist, divergences, optim, parallel, trainer_state
 from .. import distill as losses
 from ..build import build_models, objective
 from ..config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
@@ -70,12 +70,22 @@ def critic_round(
 class DiBregman:
     """The method of `dibregman distill`: `Engine(DiBregman(cfg, run_dir), run_dir).train()`."""
 
+    run_kind = "model"  # the config section only a distillation writes
+    checkpoint_keys = ("generator", "ema", "fake", "disc", "opt_g", "opt_c")
+
     logs_lr: bool
     bad_step_advice = "lower the learning rates or check the teacher"
 
     def __init__(self, cfg: DistillConfig, run_dir: str | Path, *, pretrain=None):
         self.cfg = cfg = validate(cfg)
         self.device = dist.init(cfg.run.device)
+        o, w = cfg.optim, dist.world_size()
+        if (o.batch_size // o.accum_steps) % w:
+            raise ValueError(
+                f"the global micro-batch of {o.batch_size // o.accum_steps} images (optim.batch_size / "
+                f"optim.accum_steps) does not split over world size {w}: use a multiple of {w}"
+            )
+        self.preflight = trainer_state.preflight(run_dir, self)  # every refusal before a network is built
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)

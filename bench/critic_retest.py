@@ -368,9 +368,9 @@ def setup_record(args, sizes: dict) -> dict:
 
 
 def run(args) -> dict:
+    sizes = sizes_of(args)  # refuses bad flags before anything is written
     device = common.setup(args)
     args.device_type = device.type
-    sizes = sizes_of(args)
     seeds = [args.seed, args.seed + 1]
     data = common.record(NAME, args, device, sizes)
     data.update(

@@ -45,6 +45,16 @@ def bce_summary(curve: list[dict], kimg: float) -> dict:
     }
 
 
+def classify(bins: list[dict], lam: str) -> tuple[str, list[int]]:
+    """("uniform" | "signal" | "noise" | "mixed", the 1-based bins whose weights' retest r < NOISE_CORR)."""
+    fac = [b["factor"][lam] for b in bins]
+    sig = [b["signal_factor"][lam] for b in bins]
+    noisy = [i + 1 for i, b in enumerate(bins) if not b["weight_corr"][lam] >= NOISE_CORR]
+    if max(max(fac), max(sig)) < FLAT:
+        return "uniform", noisy
+    return ("signal" if not noisy else "noise" if len(noisy) == len(bins) else "mixed"), noisy
+
+
 def verdict(bins: list[dict], lam: str, sigma_bins: list[dict]) -> str:
     """One line per head and lambda: the weight error factor's range over bins and the retest correlation of the
     weights, classified by NOISE_CORR."""
@@ -52,20 +62,48 @@ def verdict(bins: list[dict], lam: str, sigma_bins: list[dict]) -> str:
     sig = [b["signal_factor"][lam] for b in bins]
     wc = [b["weight_corr"][lam] for b in bins]
     hi, lo = max(range(len(fac)), key=fac.__getitem__), min(range(len(fac)), key=fac.__getitem__)
-    noisy = [i + 1 for i, r in enumerate(wc) if not r >= NOISE_CORR]
-    if max(max(fac), max(sig)) < FLAT:
-        tail = "the weights stay within 10 % of uniform: SBA(λ) acts as reverse KL"
-    elif not noisy:
-        tail = "the weights **carry signal** in every bin (reproducible; not necessarily correct)"
-    elif len(noisy) == len(bins):
-        tail = "the weights are **dominated by noise** in every bin"
-    else:
-        tail = f"the weights are **dominated by noise** in bins {noisy} of {len(bins)}, reproducible in the others"
+    kind, noisy = classify(bins, lam)
+    tail = {
+        "uniform": "the weights stay within 10 % of uniform: SBA(λ) acts as reverse KL",
+        "signal": "the weights **carry signal** in every bin (reproducible; not necessarily correct)",
+        "noise": "the weights are **dominated by noise** in every bin",
+        "mixed": f"the weights are **dominated by noise** in bins {noisy} of {len(bins)}, reproducible in the others",
+    }[kind]
     return (
         f"λ = {lam}: weight error factor e^{{{lam}δ}} ×{_f(fac[hi])} in bin {hi + 1} ({_sig(sigma_bins[hi])}), "
         f"×{_f(fac[lo])} at best (bin {lo + 1}); reproducible spread e^{{{lam}·sd}} ×{_f(min(sig))}–×{_f(max(sig))}; "
         f"retest r of the weights {_f(min(wc))}–{_f(max(wc))}: {tail}."
     )
+
+
+def summary(d: dict) -> list[str]:
+    """The verdict per head and lambda in one line each, then the training length and the analytic check."""
+    lams, out = [f"{x:g}" for x in d["lambdas"]], ["**Verdict** (details and every number below):", ""]
+    word = {"uniform": "near-uniform", "signal": "signal", "noise": "noise", "mixed": "noise in bins {}"}
+    for label, res in d["mnist"].items():
+        bins = res["points"][-1]["bins"]
+        parts = []
+        for lam in lams:
+            kind, noisy = classify(bins, lam)
+            worst = max(b["factor"][lam] for b in bins)
+            parts.append(f"λ = {lam}: {word[kind].format(noisy)} (weight error up to ×{_f(worst)})")
+        bce = [bce_summary(r["curve"], res["points"][-1]["kimg"]) for r in res["runs"]]
+        flat = all(b["last_half_drop"] is not None and b["last_half_drop"] <= 0.25 * b["total_drop"] for b in bce)
+        drops = ", ".join(f"{_f(b['total_drop'])} ({_f(b['last_half_drop'])} in the second half)" for b in bce)
+        out.append(
+            f"- MNIST, `{LABELS.get(label, label)}`: "
+            + "; ".join(parts)
+            + f". Training BCE fell by {drops}: "
+            + ("flat by the end." if flat else "**still falling** at the end (a longer critic may be less noisy).")
+        )
+    for label, res in gmm_heads(d):
+        bins = at_kimg(res, d["sizes"]["kimg"])["bins"]
+        err, dc = _mean([_mean(b["rmse_centred"]) for b in bins]), _mean([b["delta_centred"] for b in bins])
+        out.append(
+            f"- d = 784 pair, `{LABELS.get(label, label)}`: true centred error {_f(err)} vs test-retest δ {_f(dc)} "
+            f"(mean over bins): the true error is ×{_f(err / dc)} the test-retest δ."
+        )
+    return out + [""]
 
 
 def mnist_section(d: dict) -> list[str]:
@@ -278,7 +316,7 @@ def render(d: dict, all_data: dict | None = None) -> str:
         "pair measures how large they are where the exact logit is known.",
         "",
     ]
-    lines += mnist_section(d) + gmm_section(d)
+    lines += summary(d) + mnist_section(d) + gmm_section(d)
     lines += [f"![critic test-retest]({NAME}.png)"]
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import critic_retest_gmm as cgmm  # noqa: E402
 import critic_retest_report as report  # noqa: E402
-from critic_stats import exact_stats, heldout, pearson, retest_stats  # noqa: E402
+from critic_stats import exact_retest_stats, heldout, pearson, retest_stats  # noqa: E402
 from dibregman.build import pretrain_mlp  # noqa: E402
 from dibregman.calibration import SBA_LAMBDAS  # noqa: E402
 from dibregman.config import override, parse_set  # noqa: E402
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=8, help="sigma bins over the generator step's range")
     p.add_argument("--heads", default=",".join(HEADS), help=f"comma-separated subset of {list(HEADS)}")
     p.add_argument("--gmm-init-steps", type=int, default=None, help="MLP fit steps of the analytic control (500)")
+    p.add_argument(
+        "--generator",
+        default="student",
+        choices=("student", "init"),
+        help="the frozen generator: the shipped student, or the untrained teacher copy every run starts from",
+    )
+    p.add_argument("--no-gmm", action="store_true", help="skip the analytic control")
+    p.add_argument("--tag", default="", help="write critic_retest_<tag>.{json,md,png} (a variant beside the main one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md and .png from an existing JSON")
     return common.add_common_args(p)
@@ -159,11 +167,14 @@ def read_curve(run_dir: Path) -> list[dict]:
     return [{"kimg": r["kimg"], **{k: r.get(v) for k, v in keys.items()}} for r in rows if "loss/disc_bce" in r]
 
 
-def train_mnist_critic(cfg, run_dir: Path, state: dict, points: list[int], items: list[dict]) -> dict:
-    """One critic trained the engine's way on the frozen student; its logits on the generator side of `items` after
-    each of `points` steps, on the real side at the end, and its training curve."""
+def train_mnist_critic(cfg, run_dir: Path, state: dict | None, points: list[int], items: list[dict]) -> dict:
+    """One critic trained the engine's way on the frozen generator (`state`, or None: the Trainer's own initial
+    one); its logits on the generator side of `items` after each of `points` steps, on the real side at the end,
+    and its training curve."""
     t_cpu, t_wall = time.process_time(), time.time()
     trainer = Trainer(cfg, run_dir)
+    if state is None:
+        state = {k: v.detach().clone() for k, v in trainer.m.generator.state_dict().items()}
     for net in (trainer.m.generator, trainer.ema):  # the student export is the EMA generator's state dict
         net.load_state_dict(state)
     fake, done = {}, 0
@@ -180,7 +191,7 @@ def train_mnist_critic(cfg, run_dir: Path, state: dict, points: list[int], items
             "seed": cfg.run.seed,
             "steps": trainer.state.step,
             "images": trainer.state.num_images,
-            "generator_frozen": frozen,  # the student's weights after training, bit for bit
+            "generator_frozen": frozen,  # the generator's weights after training, bit for bit
             "cpu_sec": round(time.process_time() - t_cpu, 1),
             "wall_sec": round(time.time() - t_wall, 1),
             "curve": read_curve(run_dir),
@@ -195,14 +206,16 @@ def points_of(sizes: dict, extra: tuple = ()) -> list[int]:
 
 
 def run_mnist(args, sizes: dict, seeds: list[int]) -> tuple[dict, dict]:
-    """Two critics per head on the frozen student; returns (per-head results, the evaluation's bins)."""
+    """Two critics per head on the frozen generator; returns (per-head results, the evaluation's bins)."""
     student, meta = load_generator(STUDENT)
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    points, out = points_of(sizes), {}
+    work, points, out = args.work / args.name, points_of(sizes), {}
     # an untrained `mean`-head critic (psi = the teacher copy, as every critic starts): the bins, the evaluation set
     # and the mean head's logits before training
     cfg = override(mnist_config(args, "mean", None, args.seed, sizes), {"model.sigma_init": meta["sigma_init"]})
-    t = Trainer(cfg, common.fresh_dir(args.work / NAME / "untrained"))
+    t = Trainer(cfg, common.fresh_dir(work / "untrained"))
+    if args.generator == "init":  # the teacher copy G(z) = D(sigma_init z, sigma_init): the same for every seed
+        student, state = t.m.generator, None
     bins, sigma_of_t = sigma_bins(cfg, t.sigma_range, sizes["bins"])
     items = mnist_eval_set(t, student, bins, sigma_of_t, sizes["n_eval"], args.seed, cfg.model.real)
     init = disc_logits(t.m.disc, items, "fake", t.device), disc_logits(t.m.disc, items, "real", t.device)
@@ -212,9 +225,7 @@ def run_mnist(args, sizes: dict, seeds: list[int]) -> tuple[dict, dict]:
         crit = []
         for seed in seeds:
             cfg = override(mnist_config(args, head, mult, seed, sizes), {"model.sigma_init": meta["sigma_init"]})
-            crit.append(
-                train_mnist_critic(cfg, common.fresh_dir(args.work / NAME / f"{label}-s{seed}"), state, points, items)
-            )
+            crit.append(train_mnist_critic(cfg, common.fresh_dir(work / f"{label}-s{seed}"), state, points, items))
             r = crit[-1]["record"]
             print(
                 f"{label} seed {seed}: {r['images']} images, {r['cpu_sec']} s CPU, frozen {r['generator_frozen']}",
@@ -274,41 +285,13 @@ def run_gmm(args, sizes: dict, seeds: list[int], bins: list[dict]) -> dict:
             t = time.process_time()
             ls, log = cgmm.train_pair(cfg, p, q, init, points, total, items)
             logits.append(ls)
-            runs.append({"seed": seed, "cpu_sec": round(time.process_time() - t, 1), "curve": gmm_curve(log, sizes)})
+            runs.append({"seed": seed, "cpu_sec": round(time.process_time() - t, 1), "curve": cgmm.curve(log, sizes)})
         res = {"runs": runs, "points": []}
         for j, pt in enumerate(points):
-            rows = []
-            for i, it in enumerate(items):
-                l1, l2, ex = logits[0][j][i], logits[1][j][i], it["exact"]
-                e1, e2 = exact_stats(l1, ex), exact_stats(l2, ex)
-                shared = (0.5 * ((l1 - ex) + (l2 - ex))).var(unbiased=False)
-                row = retest_stats(l1, l2)
-                row.update(
-                    exact_std=float(ex.std(unbiased=False)),
-                    rmse=[e1["rmse"], e2["rmse"]],
-                    rmse_centred=[e1["rmse_centred"], e2["rmse_centred"]],
-                    corr_exact=[e1["corr"], e2["corr"]],
-                    shared_centred=math.sqrt(max(float(shared) - row["noise_var"] / 2, 0.0)),
-                )
-                rows.append(row)
+            rows = [exact_retest_stats(logits[0][j][i], logits[1][j][i], it["exact"]) for i, it in enumerate(items)]
             res["points"].append({"kimg": pt * sizes["batch"] / 1000, "bins": rows})
         out[label] = res
         print(f"gmm {label}: {[r['cpu_sec'] for r in runs]} s CPU", flush=True)
-    return out
-
-
-def gmm_curve(log: list[dict], sizes: dict) -> list[dict]:
-    """The per-step training log averaged over chunks of log_every_kimg (as the Trainer's log.jsonl)."""
-    every = max(1, round(sizes["log_every_kimg"] * 1000 / sizes["batch"]))
-    out = []
-    for i in range(0, len(log), every):
-        chunk = log[i : i + every]
-        out.append(
-            {
-                "kimg": (i + len(chunk)) * sizes["batch"] / 1000,
-                **{k: sum(r[k] for r in chunk) / len(chunk) for k in ("bce", "acc", "dsm")},
-            }
-        )
     return out
 
 
@@ -347,7 +330,7 @@ def setup_record(args, sizes: dict) -> dict:
     cfg = mnist_config(args, "linear", None, args.seed, sizes)
     L, o, d = cfg.loss, cfg.optim, cfg.divergence
     return {
-        "student": STUDENT,
+        "generator": STUDENT if args.generator == "student" else "init",
         "teacher": common.teacher_info(cfg.model.teacher),
         "recipe": {k: v for k, v in RECIPE.items()},
         "overrides": parse_set(args.set),
@@ -372,27 +355,30 @@ def run(args) -> dict:
     device = common.setup(args)
     args.device_type = device.type
     seeds = [args.seed, args.seed + 1]
-    data = common.record(NAME, args, device, sizes)
+    data = common.record(args.name, args, device, sizes)
     data.update(
         setup=setup_record(args, sizes), lambdas=list(SBA_LAMBDAS), heads={k: HEADS[k][0] for k in sizes["heads"]}
     )
     data["mnist"], bins = run_mnist(args, sizes, seeds)
     data["bins"] = bins
-    data["gmm"] = run_gmm(args, sizes, seeds, bins)
+    data["gmm"] = {} if args.no_gmm else run_gmm(args, sizes, seeds, bins)
     data["cpu_sec"] = round(time.process_time(), 1)  # the machine is shared: CPU time next to the wall time
     data["plots"] = [report.plot(data, args.out)]
     common.finish(data, args.out)
-    (args.out / f"{NAME}.md").write_text(report.render(data) + "\n")
+    (args.out / f"{args.name}.md").write_text(report.render(data) + "\n")
     return data
 
 
 def main(argv: list[str] | None = None) -> int:
     args = common.parse(build_parser(), argv, NAME)
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", args.tag):
+        raise ValueError(f"--tag {args.tag!r}: use letters, digits, '_' and '-' only")
+    args.name = f"{NAME}_{args.tag}" if args.tag else NAME
     if args.render_only:  # rewrite the .md and .png from the JSON (no training)
         out = Path(args.out)
-        data = json.loads((out / f"{NAME}.json").read_text())
+        data = json.loads((out / f"{args.name}.json").read_text())
         report.plot(data, out)
-        (out / f"{NAME}.md").write_text(report.render(data) + "\n")
+        (out / f"{args.name}.md").write_text(report.render(data) + "\n")
         return 0
     run(args)
     return 0

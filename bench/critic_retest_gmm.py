@@ -132,3 +132,14 @@ def train_pair(cfg, p, q, init, points: list[int], total: int, items: list[dict]
         done = stop
         out.append(logits(critic.disc, items))
     return out, log
+
+
+def curve(log: list[dict], sizes: dict) -> list[dict]:
+    """The per-step training log averaged over chunks of log_every_kimg (as the Trainer's log.jsonl)."""
+    every = max(1, round(sizes["log_every_kimg"] * 1000 / sizes["batch"]))
+    out = []
+    for i in range(0, len(log), every):
+        chunk = log[i : i + every]
+        mean = {k: sum(r[k] for r in chunk) / len(chunk) for k in ("bce", "acc", "dsm")}
+        out.append({"kimg": (i + len(chunk)) * sizes["batch"] / 1000, **mean})
+    return out

@@ -22,6 +22,16 @@ def _sig(b: dict) -> str:
     return f"σ {_f(b['sigma'][0])}–{_f(b['sigma'][1])}"
 
 
+def _generator(s: dict) -> str:
+    g = s.get("generator", s.get("student"))  # "student": the key of the first JSON
+    if g == "init":
+        return (
+            "the untrained teacher copy G(z) = D(σ_init z, σ_init) that every run starts from (in-loop FID 314 at "
+            "n = 500 in the sweep's logs)"
+        )
+    return f"the shipped one-step student (`{g}`)"
+
+
 def _lr(res: dict) -> str:
     if res["head"] == "mean":
         return "no parameters of its own: only ψ's encoder moves its logit"
@@ -108,7 +118,7 @@ def summary(d: dict) -> list[str]:
 
 def mnist_section(d: dict) -> list[str]:
     lines, lams, sb = (
-        ["## MNIST: two critics per head on the frozen student", ""],
+        ["## MNIST: two critics per head on the frozen generator", ""],
         [f"{x:g}" for x in d["lambdas"]],
         d["bins"],
     )
@@ -203,6 +213,8 @@ def mnist_section(d: dict) -> list[str]:
 
 def gmm_section(d: dict) -> list[str]:
     g, sb = d["gmm"], d["bins"]
+    if not gmm_heads(d):
+        return []
     lines = [
         "## Where the answer is known: an analytic pair at d = 784",
         "",
@@ -292,15 +304,15 @@ def render(d: dict, all_data: dict | None = None) -> str:
         "",
         common.header_line(d) + f" CPU time {_f(d.get('cpu_sec'), 4)} s (2-core machine shared with other jobs).",
         "",
-        "**What was measured.** The generator is frozen at the shipped one-step student "
-        f"(`{s['student']}`), the teacher is `{s['teacher']['spec']}`. For each head, two critics (fake score ψ + "
+        f"**What was measured.** The generator is frozen at {_generator(s)}, the teacher is "
+        f"`{s['teacher']['spec']}`. For each head, two critics (fake score ψ + "
         "discriminator head) with different seeds are trained the way the engine trains them: `loop.Trainer` with "
         f"the `mnist` preset + the MNIST sweep's RECIPE, batch {s['batch']}, fake lr {s['fake_lr']:g}, betas "
         f"{s['betas']}, {s['lr_schedule']} (the critics stop after {_f(z['kimg'], 3)} kimg of it), grad clip "
         f"{s['grad_clip']:g}, fake-score σ at the `{s['fake_sigma']}` draws, discriminator t ~ U[0, "
-        f"{s['disc_t_max']:g}], real side `{s['real']}`; the student's weights in `trainer.m.generator` and the EMA, "
+        f"{s['disc_t_max']:g}], real side `{s['real']}`; the generator's weights in `trainer.m.generator` and the EMA, "
         "`loss.gen_warmup_kimg` beyond the run so the generator never steps (checked bit for bit). Then both "
-        f"critics score the same {z['n_eval']} fresh noisy student samples in each of {n_bins} σ bins (equal widths "
+        f"critics score the same {z['n_eval']} fresh noisy generator samples in each of {n_bins} σ bins (equal widths "
         f"in Karras t over the generator step's [0, {s['gen_t_max']:g}], highest σ first), and {z['n_eval']} noised "
         "MNIST test images per bin for the held-out accuracy and BCE gain (log 2 − BCE per side; > 0: better than "
         f"l = 0). Logits clamped to ±{s['logit_clamp']:g} as the weights see them.",
@@ -317,7 +329,7 @@ def render(d: dict, all_data: dict | None = None) -> str:
         "",
     ]
     lines += summary(d) + mnist_section(d) + gmm_section(d)
-    lines += [f"![critic test-retest]({NAME}.png)"]
+    lines += [f"![critic test-retest]({d['benchmark']}.png)"]
     return "\n".join(lines)
 
 
@@ -344,8 +356,9 @@ def plot(d: dict, out: Path) -> str:
         ax[1, 1].plot(x, [_mean(v["corr_exact"]) for v in b], "o-", c=c, label=f"{LABELS[label]}: r(l, l*)")
         ax[1, 1].plot(x, [v["corr"] for v in b], "s--", c=c, label=f"{LABELS[label]}: retest r")
         _band(ax[1, 2], res["runs"], c, LABELS[label])
-    first = at_kimg(gmm_heads(d)[0][1], d["sizes"]["kimg"])["bins"]
-    ax[1, 0].plot(x, [v["exact_std"] for v in first], "k:", label="sd(l*) exact")
+    if gmm_heads(d):
+        first = at_kimg(gmm_heads(d)[0][1], d["sizes"]["kimg"])["bins"]
+        ax[1, 0].plot(x, [v["exact_std"] for v in first], "k:", label="sd(l*) exact")
     for a, t in (
         (ax[0, 0], "MNIST: logit spread and noise"),
         (ax[0, 1], "MNIST: retest correlation"),
@@ -364,9 +377,9 @@ def plot(d: dict, out: Path) -> str:
         a.legend(fontsize=7)
     fig.suptitle(f"Critic test-retest, two seeds per head, {_f(d['sizes']['kimg'], 3)} kimg of critic training")
     fig.tight_layout()
-    fig.savefig(out / f"{NAME}.png", dpi=80)
+    fig.savefig(out / f"{d['benchmark']}.png", dpi=80)
     plt.close(fig)
-    return f"{NAME}.png"
+    return f"{d['benchmark']}.png"
 
 
 def _band(ax, runs: list[dict], c: str, label: str) -> None:

@@ -71,3 +71,19 @@ def exact_stats(l: torch.Tensor, exact: torch.Tensor, clamp: float = 10.0) -> di
         "corr": pearson(l, exact),
         "bias": float(err.mean()),
     }
+
+
+def exact_retest_stats(l1: torch.Tensor, l2: torch.Tensor, exact: torch.Tensor) -> dict:
+    """`retest_stats` of two critics plus each one's error against the exact logit, and the part of the error they
+    share (invisible to a test-retest): shared^2 = var((e1 + e2) / 2) - delta^2 / 2 for independent noises."""
+    e1, e2 = exact_stats(l1, exact), exact_stats(l2, exact)
+    shared = float((0.5 * ((l1 - exact) + (l2 - exact))).var(unbiased=False))
+    row = retest_stats(l1, l2)
+    row.update(
+        exact_std=float(exact.std(unbiased=False)),
+        rmse=[e1["rmse"], e2["rmse"]],
+        rmse_centred=[e1["rmse_centred"], e2["rmse_centred"]],
+        corr_exact=[e1["corr"], e2["corr"]],
+        shared_centred=math.sqrt(max(shared - row["noise_var"] / 2, 0.0)),
+    )
+    return row

@@ -99,6 +99,21 @@ def test_quick_run_writes_json_md_png(bench, tmp_path):
     assert (out / "critic_retest.md").read_text() == md
 
 
+@pytest.mark.slow
+def test_quick_variant_untrained_generator_without_the_analytic_control(bench, tmp_path):
+    import critic_retest
+
+    argv = ["--quick", "--threads", "1", "--heads", "linear_x50", "--generator", "init", "--no-gmm", "--tag", "init"]
+    assert critic_retest.main([*argv, "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 0
+    d = json.loads((tmp_path / "critic_retest_init.json").read_text())
+    assert d["benchmark"] == "critic_retest_init" and d["setup"]["generator"] == "init" and d["gmm"] == {}
+    assert all(r["generator_frozen"] for r in d["mnist"]["linear_x50"]["runs"])
+    md = (tmp_path / "critic_retest_init.md").read_text()
+    assert "untrained teacher copy" in md and "## Where the answer is known" not in md
+    assert "(critic_retest_init.png)" in md and (tmp_path / "critic_retest_init.png").is_file()
+    assert not (tmp_path / "critic_retest.json").exists()
+
+
 def test_bad_flags_are_refused_in_one_line(bench, tmp_path):
     import critic_retest
 
@@ -106,3 +121,6 @@ def test_bad_flags_are_refused_in_one_line(bench, tmp_path):
         critic_retest.main(["--quick", "--heads", "linear_x7", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--eval-kimg"):
         critic_retest.main(["--quick", "--kimg", "1", "--eval-kimg", "2", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--tag"):
+        critic_retest.main(["--quick", "--tag", "../x", "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []  # nothing written

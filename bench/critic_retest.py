@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import critic_retest_gmm as cgmm  # noqa: E402
+import critic_retest_plot  # noqa: E402
 import critic_retest_report as report  # noqa: E402
 from critic_stats import exact_retest_stats, heldout, pearson, retest_stats  # noqa: E402
 from dibregman.build import pretrain_mlp  # noqa: E402
@@ -363,10 +364,17 @@ def run(args) -> dict:
     data["bins"] = bins
     data["gmm"] = {} if args.no_gmm else run_gmm(args, sizes, seeds, bins)
     data["cpu_sec"] = round(time.process_time(), 1)  # the machine is shared: CPU time next to the wall time
-    data["plots"] = [report.plot(data, args.out)]
+    data["plots"] = [critic_retest_plot.plot(data, args.out)]
     common.finish(data, args.out)
-    (args.out / f"{args.name}.md").write_text(report.render(data) + "\n")
+    (args.out / f"{args.name}.md").write_text(report.render(data, variants(args.out, args.name)) + "\n")
     return data
+
+
+def variants(out: Path, name: str) -> dict:
+    """{name: JSON} of the `--tag` variants in `out`, summarised in the main report (only there)."""
+    if name != NAME:
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob(f"{NAME}_*.json"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:  # rewrite the .md and .png from the JSON (no training)
         out = Path(args.out)
         data = json.loads((out / f"{args.name}.json").read_text())
-        report.plot(data, out)
-        (out / f"{args.name}.md").write_text(report.render(data) + "\n")
+        critic_retest_plot.plot(data, out)
+        (out / f"{args.name}.md").write_text(report.render(data, variants(out, args.name)) + "\n")
         return 0
     run(args)
     return 0

@@ -2,7 +2,11 @@
 (issue 31, item 1).
 
     python bench/critic_retest.py --threads 1 [--kimg 8] [--eval-kimg 2,4] [--n-eval 256] [--bins 8]
-                                  [--heads linear_x10,linear_x50,mean] [--quick] [--out DIR] [--render-only]
+                                  [--heads linear_x10,linear_x50,mean] [--generator student|init] [--no-gmm]
+                                  [--tag TAG] [--quick] [--out DIR] [--render-only]
+
+The committed results: `--threads 1` (critic_retest.*, 16 CPU minutes on the shared 2-core machine) and the
+control `--threads 1 --generator init --heads linear_x50 --kimg 4 --no-gmm --tag init` (critic_retest_init.*).
 
 SBA(lambda) weights a generator sample by e^{-lambda l}; a logit error delta multiplies that weight by e^{lambda
 delta}. Here the generator is frozen at the shipped one-step student (assets/mnist_student.safetensors) and the

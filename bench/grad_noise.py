@@ -5,7 +5,7 @@ at one checkpoint of a distillation run.
 
 For each checkpoint (any run's `ckpt-*.pt`; the run's generator, fake score and discriminator as they were
 there), the same K fresh generator batches (the run's batch size, draws of steps 10^7 + k, never seen in
-training) go through the engine's own generator step (`Trainer._generator_round`: Eq. 4 with the run's weighting,
+training) go through the engine's own generator step (`DiBregman.generator_round`: Eq. 4 with the run's weighting,
 normalisation and clip) once per objective. Only the weights differ between objectives, so the comparison is
 paired. Per objective, with g_k the flattened generator gradient of batch k and g the mean over batches:
 
@@ -100,7 +100,7 @@ def measure(tr: Trainer, specs: list[tuple[str, str, dict]], batches: int, sets:
         for lab, (div, stab) in objs.items():
             tr.div, tr.stab = div, stab
             tr.opt_g.zero_grad(set_to_none=True)
-            loss, st = tr._generator_round(b, gan_w, norm=B, rnd=0, n=B)
+            loss, st = tr.method.generator_round(b, gan_w, norm=B, rnd=0, n=B)
             loss.backward()
             g = flat_grad(tr.gen_params)
             half = sums[lab]

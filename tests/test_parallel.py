@@ -96,7 +96,7 @@ def test_a_corrupt_shard_is_skipped_for_the_previous_checkpoint(tmp_path):
     from dibregman.config import override
     from dibregman.loop import Trainer
     from dibregman.presets import get_preset
-    from dibregman.sharded import META, files_checksum
+    from dibregman.checkpoint import META, files_checksum
 
     first, second = tmp_path / "ckpt-000000000032", tmp_path / "ckpt-000000000064"
     cfg = override(get_preset("gmm"), {**PAIRS, "run.total_kimg": steps_kimg(4)})

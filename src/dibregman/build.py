@@ -14,7 +14,6 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -25,10 +24,9 @@ from .config import DistillConfig
 from .draws import generator_for
 from .generators import export_generator, preview_samples
 from .models import Models
-from .networks.discriminator import Critic
+from .networks.discriminator import build_critic
 from .networks.generator import OneStepGenerator
 from .networks.mlp import MLPConfig, MLPDenoiser
-from .networks.unet import EDMDenoiser, build_unet
 from .noise import edm_preconditioning
 
 
@@ -83,33 +81,6 @@ def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
         opt.step()
         decay.step()
     return net
-
-
-def _separate_backbone(init: nn.Module) -> nn.Module:
-    if isinstance(init, MLPDenoiser):
-        return MLPDenoiser(replace(init.cfg, hidden=64, depth=2))
-    if isinstance(init, EDMDenoiser):
-        c = init.cfg
-        attn = (c.img_resolution // 2,)
-        return build_unet(c, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=attn, dropout=0.0)
-    raise ValueError(f"disc_placement=separate has no small backbone for {type(init).__name__}")
-
-
-def build_critic(cfg: DistillConfig, fake: nn.Module, *, teacher: nn.Module | None = None, init=None) -> Critic:
-    """psi and eta (`model.disc_placement`, `model.disc_head`): the one placement rule. eta reads psi's features
-    (fake_score), the frozen `teacher`'s, or a small network of its own made from the copied network `init`
-    (separate; families that give no `init` do not offer it)."""
-    placement, head = cfg.model.disc_placement, cfg.model.disc_head
-    if placement == "teacher":
-        return Critic(fake, head, placement, backbone=teacher)
-    if placement == "separate":
-        if init is None:
-            raise ValueError(
-                f"model.disc_placement='separate' is not available for {cfg.model.teacher!r}; choose 'fake_score' "
-                "or 'teacher'"
-            )
-        return Critic(fake, head, placement, backbone=_separate_backbone(init).eval())
-    return Critic(fake, head, placement)
 
 
 def real_sampler(cfg: DistillConfig, teacher, shape, device, labels=None) -> Callable:
@@ -182,7 +153,8 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
     labels = LabelSet(num_classes) if num_classes else None
     if labels is not None and hasattr(teacher, "guidance_scale"):
         teacher.guidance_scale = cfg.model.guidance_scale  # after copying: only phi is guided
-    critic = build_critic(cfg, fake, teacher=teacher, init=init).to(device)
+    m = cfg.model
+    critic = build_critic(fake, m.disc_head, m.disc_placement, teacher=teacher, init=init).to(device)
     real = real_sampler(cfg, teacher, shape, device, labels)
     decode = getattr(teacher, "decode", None)  # a latent-space teacher's pictures are decoded
     preview = functools.partial(preview_samples, real=real, shape=shape, num_classes=num_classes, decode=decode)

@@ -4,7 +4,7 @@ On an analytic pair, teacher p and a *fixed* "student" q (both `GaussianMixture`
 exact log-density), the fake score psi and the discriminator eta are built and trained exactly as the engine does:
 
 - networks: the MLP fitted to p's exact denoiser (`build.pretrain_mlp`), psi = its trainable copy, eta = a
-  `DiscriminatorHead` on psi (`fake_score`), on a small network of its own (`build._separate_backbone`, `separate`)
+  `DiscriminatorHead` on psi (`fake_score`), on a small network of its own (`separate_backbone`, `separate`)
   or on frozen teacher features (`teacher`). An analytic teacher has no features, so `build_models` refuses that
   placement; here `teacher` reads the *frozen fitted MLP* instead, the stand-in that a network teacher would be;
 - one critic step = `draws.draw_batch` (same sigma samplers: EDM log-normal for the DSM, S(t) with S the
@@ -28,11 +28,12 @@ import math
 
 import torch
 
-from .build import Models, _frozen, _trainable_copy, build_critic, pretrain_mlp
+from .build import Models, _frozen, _trainable_copy, pretrain_mlp
 from .config import DistillConfig
 from .engine import Engine
 from .methods.critic import CriticOnly
 from .monitor import Monitor
+from .networks.discriminator import build_critic
 from .networks.mlp import MLPDenoiser
 from .noise import schedule_of
 from .teachers.gmm import GaussianMixture
@@ -60,8 +61,8 @@ def sigma_range(cfg: DistillConfig, teacher) -> tuple[float, float]:
 
 
 class Critic:
-    """psi + eta + the critic's AdamW, built by `build.build_critic` / `critic_optimizer` and stepped by the engine
-    (`methods.critic.CriticOnly`), as a distillation run builds and steps them."""
+    """psi + eta + the critic's AdamW, built by `networks.discriminator.build_critic` / `critic_optimizer` and
+    stepped by the engine (`methods.critic.CriticOnly`), as a distillation run builds and steps them."""
 
     def __init__(self, cfg: DistillConfig, teacher: GaussianMixture, device=None, init=None, total_steps: int = 1):
         device = torch.device("cpu") if device is None else device
@@ -77,7 +78,8 @@ class Critic:
             MLPDenoiser(init.cfg)
         fake = _trainable_copy(init).to(device)
         # an analytic teacher has no features: placement `teacher` reads the frozen fitted MLP, its stand-in
-        critic = build_critic(cfg, fake, teacher=_frozen(copy.deepcopy(init)), init=init).to(device)
+        frozen = _frozen(copy.deepcopy(init))
+        critic = build_critic(fake, head, placement, teacher=frozen, init=init).to(device)
         self.models = Models(
             teacher=teacher,
             generator=None,

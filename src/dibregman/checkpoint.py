@@ -144,9 +144,7 @@ def load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint") 
     """Load and verify a file of `save_atomic` (a `what`) without executing code; ValueError for a corrupt file."""
     path = Path(path)
     if path.is_dir():  # sharded: its small state, verified; the shards are read by `sharded.load`
-        from . import sharded
-
-        return {**sharded.read_meta(path), SHARDED_KEY: str(path)}
+        return {**read_sharded_meta(path), SHARDED_KEY: str(path)}
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
@@ -163,6 +161,31 @@ def load(path: str | os.PathLike, map_location="cpu", what: str = "checkpoint") 
     return state
 
 
+META = "meta.pt"  # a sharded checkpoint's small state (`sharded.py`), with FILES_KEY
+FILES_KEY = "files_sha256"  # SHA-256 over the names and bytes of every other file of a sharded checkpoint
+
+
+def files_checksum(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(folder).rglob("*") if q.is_file() and q.name != META):
+        h.update(f"{p.relative_to(folder)}:{p.stat().st_size};".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read_sharded_meta(path: str | os.PathLike, *, verify: bool = True) -> dict:
+    """The folder's `meta.pt`, after checking every file against its checksum; ValueError if anything is off."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise ValueError(f"checkpoint {path} has no {META}: an unfinished or foreign folder")
+    meta = load(path / META)
+    if verify and files_checksum(path) != meta.get(FILES_KEY):
+        raise ValueError(f"checkpoint {path} is corrupt: its files do not match the checksum in {META}")
+    return meta
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -175,9 +198,7 @@ def peek(path: str | os.PathLike) -> dict | None:
     """The checkpoint's dict with tensors memory-mapped (cheap, unverified); None if it cannot be read."""
     try:
         if Path(path).is_dir():
-            from . import sharded
-
-            return sharded.read_meta(path, verify=False)
+            return read_sharded_meta(path, verify=False)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None

@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def cmd_train_teacher(args) -> None:
     from dataclasses import asdict
 
-    from .config import describe_keys, parse_set
+    from .config import parse_set
+    from .config_help import describe_keys
     from .train_teacher import teacher_config, train_teacher
 
     if args.list_keys:
@@ -59,7 +60,7 @@ def resolve_config(args):
 
 def cmd_distill(args) -> None:
     from . import dist
-    from .config import describe_keys
+    from .config_help import describe_keys
     from .loop import distill
     from .presets import get_preset
 

@@ -10,7 +10,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, get_args, get_origin
 
 from .distill import Weighting
@@ -204,33 +204,6 @@ def choices(section_cls) -> dict[str, tuple]:
     return {f.name: get_args(hints[f.name]) for f in fields(section_cls) if get_origin(hints[f.name]) is Literal}
 
 
-def _type_name(hint) -> str:
-    if get_origin(hint) is Literal:
-        return "|".join(get_args(hint))
-    args = get_args(hint)
-    return " | ".join("None" if a is type(None) else a.__name__ for a in args) if args else hint.__name__
-
-
-def _key_rows(obj, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    hints = typing.get_type_hints(type(obj))
-    rows = []
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            rows += _key_rows(value, f"{prefix}{f.name}.")
-        else:
-            rows.append((prefix + f.name, _type_name(hints[f.name]), repr(value), f.metadata.get("help", "")))
-    return rows
-
-
-def describe_keys(cfg) -> str:
-    """Every key of a config dataclass (`DistillConfig`: section.key; `TeacherConfig`: key) with its type, value
-    (the preset's default) and help: `dibregman distill --list-keys`, `dibregman train-teacher --list-keys`."""
-    rows = _key_rows(cfg)
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]]) for r in rows)
-
-
 AT_LEAST = {  # lower bounds of counts, rates and periods (0 = off where the field says so)
     **dict.fromkeys(("model.teacher_pool", "model.teacher_pool_steps", "model.mlp_hidden", "model.mlp_depth"), 1),
     **dict.fromkeys(("model.init_steps", "optim.gen_lr", "optim.fake_lr", "optim.head_lr_mult"), 0),
@@ -420,7 +393,6 @@ __all__ = [
     "RewardConfig",
     "override",
     "parse_set",
-    "describe_keys",
     "choices",
     "config_diff",
     "validate",

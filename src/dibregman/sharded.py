@@ -13,7 +13,6 @@ DCP reshards on load, so a run resumes exactly on another number of processes, a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -23,20 +22,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import dist
+from .checkpoint import FILES_KEY, META, files_checksum
 
 DIR_PATTERN = re.compile(r"^ckpt-(\d+)$")
-META = "meta.pt"  # rank 0's small state + FILES_KEY
-FILES_KEY = "files_sha256"  # SHA-256 over the names and bytes of every other file in the folder
-
-
-def files_checksum(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(q for q in Path(folder).rglob("*") if q.is_file() and q.name != META):
-        h.update(f"{p.relative_to(folder)}:{p.stat().st_size};".encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,17 +63,6 @@ def save(state: dict, meta: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_meta(path: str | os.PathLike, *, verify: bool = True) -> dict:
-    """The folder's `meta.pt`, after checking every file against its checksum; ValueError if anything is off."""
-    path = Path(path)
-    if not (path / META).is_file():
-        raise ValueError(f"checkpoint {path} has no {META}: an unfinished or foreign folder")
-    meta = ckpt.load(path / META)
-    if verify and files_checksum(path) != meta.get(FILES_KEY):
-        raise ValueError(f"checkpoint {path} is corrupt: its files do not match the checksum in {META}")
-    return meta
-
-
 def load(state: dict, path: str | os.PathLike) -> None:
     """Fill `state` (the current model's nested state dicts, any world size) in place from the folder."""
     import torch.distributed.checkpoint as dcp
@@ -118,4 +95,4 @@ def full_state_dict(module: torch.nn.Module) -> dict:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["DIR_PATTERN", "full_state_dict", "load", "read_meta", "remove", "save"]
+__all__ = ["DIR_PATTERN", "full_state_dict", "load", "remove", "save"]

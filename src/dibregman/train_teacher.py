@@ -18,9 +18,8 @@ from . import checkpoint as ckpt
 from . import dist, optim, runguard
 from .config import opt
 from .data import load_dataset
-from .methods.denoising import OBJECTIVES
+from .methods.denoising import OBJECTIVES, edm_loss
 from .networks.unet import UNET_PRESETS, build_unet
-from .noise import edm_training_sigma
 from .teachers.edm import load_edm_teacher as load_teacher  # re-export: moved to teachers/edm.py
 from .teachers.flow import FlowUNet
 
@@ -86,14 +85,6 @@ TEACHER_PRESETS: dict[str, TeacherConfig] = {
 def lr_at(cfg: TeacherConfig, kimg: float) -> float:
     warm = min(1.0, kimg / cfg.lr_warmup_kimg) if cfg.lr_warmup_kimg > 0 else 1.0
     return cfg.lr * warm * optim.cosine_factor(kimg / cfg.total_kimg, cfg.lr_final_ratio)
-
-
-def edm_loss(net, x0: torch.Tensor, cond, cfg: TeacherConfig, generator=None) -> torch.Tensor:
-    """EDM denoising loss: lambda(sigma) * ||D(x0 + sigma n, sigma) - x0||^2, mean over pixels and batch."""
-    sigma, weight = edm_training_sigma(x0.shape[0], cfg.p_mean, cfg.p_std, net.sigma_data, device=x0.device)
-    s = sigma.view(-1, 1, 1, 1)
-    denoised = net(x0 + s * torch.randn_like(x0), sigma, cond)
-    return (weight.view(-1, 1, 1, 1) * (denoised - x0).square()).mean()
 
 
 def validate_teacher(cfg: TeacherConfig) -> TeacherConfig:

@@ -20,9 +20,18 @@ from .. import checkpoint as ckpt
 from .. import optim
 from ..draws import local_slice
 from ..engine import EngineSpec, Phase
+from ..noise import edm_training_sigma
 
 OBJECTIVES = {"edm": "edm-unet", "flow": "flow-unet"}  # training objective -> the export's kind
 LOG_EVERY_STEPS = 50  # log records every this many steps
+
+
+def edm_loss(net, x0: torch.Tensor, cond, cfg, generator=None) -> torch.Tensor:
+    """EDM denoising loss: lambda(sigma) * ||D(x0 + sigma n, sigma) - x0||^2, mean over pixels and batch."""
+    sigma, weight = edm_training_sigma(x0.shape[0], cfg.p_mean, cfg.p_std, net.sigma_data, device=x0.device)
+    s = sigma.view(-1, 1, 1, 1)
+    denoised = net(x0 + s * torch.randn_like(x0), sigma, cond)
+    return (weight.view(-1, 1, 1, 1) * (denoised - x0).square()).mean()
 
 
 class Denoising:
@@ -140,7 +149,6 @@ class Denoising:
     def loss(self, rnd: int, n: int, norm: int, mon) -> torch.Tensor:
         """The denoising loss of this rank's slice of n drawn images (a mean over them)."""
         from ..teachers.flow import flow_loss
-        from ..train_teacher import edm_loss
 
         idx = torch.randint(len(self.images), (n,), generator=self.data)[local_slice(n)]
         x0 = self.images[idx].to(self.device)
@@ -154,4 +162,4 @@ class Denoising:
         return loss * (len(idx) / norm)  # normalised by the global batch, as the engine expects
 
 
-__all__ = ["Denoising", "OBJECTIVES"]
+__all__ = ["Denoising", "OBJECTIVES", "edm_loss"]

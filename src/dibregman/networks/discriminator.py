@@ -16,6 +16,8 @@ teacher of placement `teacher` is held by reference (it is never trained, wrappe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -86,3 +88,38 @@ class Critic(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """The linear head's own parameters (optim.head_lr_mult), empty for the `mean` head."""
         return list(self.disc.linear.parameters()) if self.disc.linear is not None else []
+
+
+def separate_backbone(init: nn.Module) -> nn.Module:
+    """A small network of the kind of `init` (the copied teacher network) for placement `separate`."""
+    from .mlp import MLPDenoiser
+    from .unet import EDMDenoiser, build_unet
+
+    if isinstance(init, MLPDenoiser):
+        return MLPDenoiser(replace(init.cfg, hidden=64, depth=2))
+    if isinstance(init, EDMDenoiser):
+        c = init.cfg
+        attn = (c.img_resolution // 2,)
+        return build_unet(c, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=attn, dropout=0.0)
+    raise ValueError(f"disc_placement=separate has no small backbone for {type(init).__name__}")
+
+
+def build_critic(
+    fake: nn.Module,  # psi
+    head: str = "linear",  # model.disc_head
+    placement: str = "fake_score",  # model.disc_placement
+    *,
+    teacher: nn.Module | None = None,  # the frozen teacher network (placement `teacher`)
+    init: nn.Module | None = None,  # the copied network a `separate` backbone is made like; None: not offered
+) -> Critic:
+    """psi and eta: the one placement rule. eta reads psi's features (fake_score), the frozen `teacher`'s, or a
+    small network of its own made like `init` (separate; families that give no `init` do not offer it)."""
+    if placement == "teacher":
+        return Critic(fake, head, placement, backbone=teacher)
+    if placement == "separate":
+        if init is None:
+            raise ValueError(
+                "model.disc_placement='separate' is not available for this teacher; choose 'fake_score' or 'teacher'"
+            )
+        return Critic(fake, head, placement, backbone=separate_backbone(init).eval())
+    return Critic(fake, head, placement)

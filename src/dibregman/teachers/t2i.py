@@ -43,6 +43,7 @@ from .. import dist
 from ..conditions import ConditionSet, load_image, read_captioned_images, read_prompts
 from ..draws import seed_for
 from ..models import Models
+from ..networks.discriminator import build_critic
 from ..networks.generator import OneStepGenerator
 from ..networks.lora import add_lora
 from . import FAMILIES, resolve_path
@@ -72,8 +73,6 @@ def _autocast(cfg, device):
 def build_t2i_models(cfg, teacher, device) -> Models:
     """The networks of Algorithm 1 for a text-to-image teacher, with its real side, conditions, export and
     preview (the builder of the `sd`, `sd3` and `flux` families in `teachers.FAMILIES`)."""
-    from ..build import build_critic
-
     m = cfg.model
     if not m.prompts:
         raise ValueError("a text-to-image teacher needs conditions: set model.prompts (--prompts FILE)")
@@ -88,7 +87,7 @@ def build_t2i_models(cfg, teacher, device) -> Models:
     conditions = ConditionSet(read_prompts(m.prompts), teacher.encode_prompts)
     gen = OneStepGenerator(trainable_copy(teacher, grad_checkpointing=m.grad_checkpointing), m.sigma_init)
     fake = trainable_copy(teacher, lora_rank=m.fake_lora_rank, grad_checkpointing=m.grad_checkpointing)
-    critic = build_critic(cfg, fake, teacher=teacher.unguided(teacher.network))  # no `separate` backbone here
+    critic = build_critic(fake, m.disc_head, m.disc_placement, teacher=teacher.unguided(teacher.network))
     if m.teacher_bf16:
         teacher.to(torch.bfloat16)  # after copying: the trainable networks keep the float32 weights
     latents, captions = real_side(cfg, teacher, conditions, device)

@@ -23,6 +23,7 @@ Writes `<out>/plan_check.json` and `plan_check.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import sys
@@ -81,15 +82,16 @@ def configs(quick: bool) -> list[tuple[str, callable, object]]:
         ("tiny SD UNet", functools.partial(tiny, "unet"), override(sd, {**FP32, "optim.batch_size": 4})),
         ("tiny SD UNet, LoRA 4", functools.partial(tiny, "unet"),
          override(sd, {**FP32, "optim.batch_size": 4, "model.fake_lora_rank": 4})),
-        ("tiny SD3", functools.partial(tiny, "sd3"), override(sd, {**FP32, "optim.batch_size": 4})),
-        ("tiny FLUX", functools.partial(tiny, "flux"), override(sd, {**FP32, "optim.batch_size": 4})),
+        ("tiny SD3", functools.partial(tiny, "sd3"), override(sd, {**FP32, "optim.batch_size": 16})),
+        ("tiny FLUX", functools.partial(tiny, "flux"), override(sd, {**FP32, "optim.batch_size": 16})),
     ]  # fmt: skip
     if quick:
         return out[:1]
+    presets = []
     for name, batch in (("gmm", 512), ("mnist", 64), ("cifar10", 4)):
         cfg = override(PRESETS[name], {**FP32, "optim.batch_size": batch})
-        out.insert(0, (name, functools.partial(pm.arch_for, cfg.model.teacher, cfg, name), cfg))
-    return out
+        presets.append((name, functools.partial(pm.arch_for, cfg.model.teacher, cfg, name), cfg))
+    return presets + out
 
 
 # ---- measuring one Algorithm 1 step ------------------------------------------------------------------------
@@ -133,13 +135,20 @@ def _peak_allocated(prof) -> int:
 
 
 class Step:
-    """Teacher, G, psi, head, EMA and both foreach-AdamW optimisers, and the two rounds of `loop.Trainer`."""
+    """Teacher, G, psi, head, EMA and both foreach-AdamW optimisers, and the two rounds of `loop.Trainer`.
 
-    def __init__(self, arch: pm.Arch, cfg, checkpointing: bool):
-        self.teacher = arch.network.eval().requires_grad_(False)
-        self.shape, self.batch, self.cfg = tuple(arch.shape), cfg.optim.batch_size, cfg
-        self.gen = OneStepGenerator(copy.deepcopy(self.teacher).requires_grad_(True), cfg.model.sigma_init)
-        self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
+    prepare(step): called once the networks exist and before the EMA and the optimisers are made (FSDP2 shards
+    there); autocast: the context each round runs in (`loop.Trainer._autocast`); teacher_dtype: the frozen
+    teacher's weights (t2i's model.teacher_bf16)."""
+
+    def __init__(self, arch: pm.Arch, cfg, checkpointing: bool, *, prepare=None, autocast=contextlib.nullcontext,
+                 teacher_dtype: torch.dtype = torch.float32):  # fmt: skip
+        net = arch.network
+        self.shape, self.batch, self.cfg, self.autocast = tuple(arch.shape), cfg.optim.batch_size, cfg, autocast
+        self.guided = planner.guided(arch, cfg)  # the teacher's two passes (classifier-free guidance)
+        self.gen = OneStepGenerator(copy.deepcopy(net).requires_grad_(True), cfg.model.sigma_init)
+        self.fake = copy.deepcopy(net).requires_grad_(True)
+        self.teacher = net.eval().requires_grad_(False).to(teacher_dtype)
         if cfg.model.fake_lora_rank:
             from dibregman.networks.lora import add_lora
 
@@ -148,53 +157,70 @@ class Step:
         if checkpointing:
             _checkpoint(self.gen.denoiser)
             _checkpoint(self.fake)
-        self.ema = copy.deepcopy(self.gen).requires_grad_(False)
+        if prepare is not None:
+            prepare(self)
+        self.ema = [p.detach().clone() for p in self.gen.parameters()]  # sharded like G's parameters
         critic = [p for p in [*self.fake.parameters(), *self.disc.linear.parameters()] if p.requires_grad]
         self.critic_params, self.gen_params = critic, list(self.gen.parameters())
-        self.opt_c = torch.optim.AdamW(critic, lr=1e-6, betas=(0.0, 0.999), foreach=True)  # CUDA's default kernel
-        self.opt_g = torch.optim.AdamW(self.gen_params, lr=1e-6, betas=(0.0, 0.999), foreach=True)
-        self.g = torch.Generator().manual_seed(0)
+        adam = dict(lr=1e-6, betas=(0.0, 0.999), foreach=True)  # foreach: CUDA's default kernel, on every device
+        self.opt_c, self.opt_g = torch.optim.AdamW(critic, **adam), torch.optim.AdamW(self.gen_params, **adam)
+        device = next(self.gen.parameters()).device
+        self.device = device if device.type != "cpu" else torch.device("cpu")
+        self.g = torch.Generator(self.device).manual_seed(0)
 
     def held(self) -> int:
-        return _tensor_bytes(self.teacher, self.gen, self.fake, self.disc, self.ema, self.opt_c, self.opt_g)
+        ema = torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False) for t in self.ema])
+        return _tensor_bytes(self.teacher, self.gen, self.fake, self.disc, ema, self.opt_c, self.opt_g)
 
     def _draw(self, *shape):
-        return torch.randn(*shape, generator=self.g)
+        return torch.randn(*shape, generator=self.g, device=self.device)
 
     def critic(self) -> None:
         b, shape = self.batch, self.shape
-        sigma = torch.rand(b, generator=self.g) + 0.1
-        with torch.no_grad():
-            x_fake = self.gen(self._draw(b, *shape))
-        s = losses.bcast(sigma, x_fake)
-        d_psi = self.fake(x_fake + s * self._draw(b, *shape), sigma)
-        dsm = losses.fake_score_loss(d_psi, x_fake, torch.ones(b), b)
-        real = self._draw(b, *shape)
-        l_real = self.disc(real + s * self._draw(b, *shape), sigma)
-        l_fake = self.disc(x_fake + s * self._draw(b, *shape), sigma)
-        (dsm + losses.discriminator_loss(l_real, l_fake, b)[0]).backward()
+        sigma = torch.rand(b, generator=self.g, device=self.device) + 0.1
+        with self.autocast():
+            with torch.no_grad():
+                x_fake = self.gen(self._draw(b, *shape)).float()
+            s = losses.bcast(sigma, x_fake)
+            d_psi = self.fake(x_fake + s * self._draw(b, *shape), sigma).float()
+            dsm = losses.fake_score_loss(d_psi, x_fake, torch.ones(b, device=self.device), b)
+            real = self._draw(b, *shape)
+            l_real = self.disc(real + s * self._draw(b, *shape), sigma)
+            l_fake = self.disc(x_fake + s * self._draw(b, *shape), sigma)
+            loss = dsm + losses.discriminator_loss(l_real, l_fake, b)[0]
+        loss.backward()
         self._apply(self.opt_c, self.critic_params)
 
     def generator(self) -> None:
         b, shape, gan = self.batch, self.shape, self.cfg.loss.gan_weight
-        sigma = torch.rand(b, generator=self.g) + 0.1
-        x = self.gen(self._draw(b, *shape))
-        s = losses.bcast(sigma, x)
-        x_t = x.detach() + s * self._draw(b, *shape)
-        with torch.no_grad():
-            d_phi, d_psi = self.teacher(x_t, sigma), self.fake(x_t, sigma)
-            divisor = losses.time_weight_divisor("dmd", sigma, x.detach(), d_phi)
-            weight = torch.sigmoid(self.disc(x_t, sigma))  # a weight of the logits' shape (its values do not matter)
-        loss = losses.dibregman_loss(x, d_phi, d_psi, weight, divisor, b)
-        if gan > 0:
-            loss = loss + gan * losses.gan_generator_loss(self.disc(x + s * self._draw(b, *shape), sigma)).sum() / b
+        sigma = torch.rand(b, generator=self.g, device=self.device) + 0.1
+        with self.autocast():
+            x = self.gen(self._draw(b, *shape)).float()
+            s = losses.bcast(sigma, x)
+            x_t = x.detach() + s * self._draw(b, *shape)
+            with torch.no_grad():
+                d_phi = self._teacher(x_t, sigma)
+                d_psi = self.fake(x_t, sigma).float()
+                divisor = losses.time_weight_divisor("dmd", sigma, x.detach(), d_phi)
+                weight = torch.sigmoid(self.disc(x_t, sigma))  # of the logits' shape (its values do not matter)
+            loss = losses.dibregman_loss(x, d_phi, d_psi, weight, divisor, b)
+            if gan > 0:
+                logits = self.disc(x + s * self._draw(b, *shape), sigma)
+                loss = loss + gan * losses.gan_generator_loss(logits).sum() / b
         loss.backward()
         for p in self.critic_params:
             p.grad = None
         self._apply(self.opt_g, self.gen_params)
         with torch.no_grad():
-            for pe, pn in zip(self.ema.parameters(), self.gen.parameters(), strict=True):
-                pe.lerp_(pn, 0.01)
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.gen_params], 0.01)
+
+    def _teacher(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D_phi at x_t, guided like `teachers/sd.py`: one batched pass over [uncond, cond]."""
+        x = x_t.to(next(self.teacher.parameters()).dtype)
+        if not self.guided:
+            return self.teacher(x, sigma).float()
+        out_u, out_c = self.teacher(torch.cat([x, x]), torch.cat([sigma, sigma])).float().chunk(2)
+        return out_u + self.cfg.model.guidance_scale * (out_c - out_u)
 
     @staticmethod
     def _apply(opt, params) -> None:

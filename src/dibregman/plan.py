@@ -9,21 +9,30 @@ b = ceil(batch / (accum W)) samples per rank and micro-batch. Per rank, in bytes
   encoders         P_E in the teacher's dtype, replicated (prompts are encoded at every step)
   weights          4 (P_G + P_psi + P_h): fp32 masters (a LoRA psi keeps its frozen base in fp32); fsdp: / W
   EMA              4 P_G (the EMA generator); fsdp: / W
-  AdamW            8 (P_G + P_psi' + P_h): exp_avg and exp_avg_sq; fsdp: / W; offloaded: 0 (host memory)
+  AdamW            8 (P_G + P_psi' + P_h): exp_avg and exp_avg_sq; fsdp: / W
   gradients        fp32 of the network the phase trains: none max over phases (set_to_none frees them after each
                    step); ddp 4 (P_G + P_psi' + P_h) (the reducer's buckets persist, gradient_as_bucket_view); fsdp / W
   activations      `plan_trace` (read its docstring) of the passes with gradients, counted at one sample, x b:
                    generator phase G(z) [+ psi's features with x's gradient for the GAN term],
                    critic phase psi(x) + 2 psi.features (Eq. 5's real and fake logits)
+  no-grad passes   generator phase: the larger working set (`plan_trace.working_set`, x b) of the teacher at x_t
+                   (twice the samples under classifier-free guidance) and psi at x_t, alive beside G's activations
   autocast copies  bf16 autocast (none, ddp): 2 (P_G + P_psi), the bf16 weight copies autocast caches until the round
                    ends and the backward keeps
-  step scratch     foreach AdamW: one fp32 temporary of the stepped network's trainable part; fsdp: / W; offloaded: 0
+  step scratch     foreach AdamW: one fp32 temporary of the stepped network's trainable part; fsdp: / W
+  offload          none, ddp: AdamW's states and its step on the host; fsdp: FSDP2's CPUOffloadPolicy, the sharded
+                   weights, EMA, gradients and AdamW states on the host (the gathered blocks still come to the GPU)
   FSDP buffers     fsdp: parameters gathered in the compute dtype: each network's root (what no unit holds) for the
                    phase, plus two units in flight (one prefetched) and one unit's gradients (compute dtype + fp32)
   total = teacher + encoders + weights + EMA + AdamW [+ ddp gradients]
-          + max over phases (gradients + max(activations + autocast copies, step scratch)) [+ FSDP buffers].
+          + max over phases of max(forward, activations + autocast copies + gradients, gradients + step scratch)
+          [+ FSDP buffers], the peaks of the forward (generator phase: G's activations + the no-grad passes +
+          autocast copies, before the GAN term's pass), the backward and the optimiser step. With accum_steps = 1
+          activations + gradients is an upper bound (the backward frees activations as it fills gradients); with
+          accumulation both are alive.
 A setting fits when its total is at most `USABLE` of the GPU's memory: the rest is left to what is not counted
-(CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation, kernels' temporaries, the backward's working set).
+(CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation, kernels' hidden temporaries, the backward's
+gradient buffers of activations).
 `bench/plan_check.py` compares these numbers with measured peaks on the CPU.
 """
 
@@ -37,7 +46,7 @@ import torch
 from torch import nn
 
 from . import plan_models as pm
-from .plan_trace import ZERO, trace_denoiser
+from .plan_trace import ZERO, trace_denoiser, working_set
 
 GIB = 2**30
 USABLE = 0.9  # fraction of the GPU's memory the plan may fill (the rest: context, workspaces, fragmentation)
@@ -145,9 +154,17 @@ def _counts(arch: pm.Arch, net: nn.Module, fake: nn.Module) -> Counts:
     )
 
 
-def traces(arch: pm.Arch, net: nn.Module, fake: nn.Module, backbone: nn.Module, *, bf16: bool, gan: bool) -> dict:
-    """Activation traces at one sample: G's pass, psi's pass, psi's features, the GAN term's path."""
-    shape = arch.shape
+def guided(arch: pm.Arch, cfg) -> bool:
+    """Whether the teacher runs classifier-free guidance: two passes ([uncond, cond]) per sample."""
+    embedded = getattr(getattr(arch.network, "net", None), "config", {}).get("guidance_embeds", False)
+    return arch.text_to_image and cfg.model.guidance_scale != 1 and not embedded
+
+
+def traces(arch: pm.Arch, net: nn.Module, fake: nn.Module, backbone: nn.Module, cfg) -> dict:
+    """What the passes keep, per sample: G's pass, psi's pass, psi's features, the GAN term's path (`Trace`s), and
+    'nograd', the larger working set of the generator phase's passes without gradients (the teacher at x_t, twice
+    under classifier-free guidance; psi at x_t)."""
+    shape, bf16, gan = arch.shape, cfg.optim.bf16, cfg.loss.gan_weight > 0
     out = {
         "generator": trace_denoiser(net, shape, 1, bf16=bf16),
         "fake": trace_denoiser(fake, shape, 1, bf16=bf16),
@@ -161,47 +178,57 @@ def traces(arch: pm.Arch, net: nn.Module, fake: nn.Module, backbone: nn.Module, 
         out["gan"] = trace_denoiser(backbone, shape, 1, features=True, input_grad=True, bf16=bf16)
         if frozen:
             backbone.requires_grad_(True)
+    teacher_half = bf16 or (cfg.model.teacher_bf16 and arch.text_to_image)
+    out["nograd"] = max((2 if guided(arch, cfg) else 1) * working_set(net, shape, 1, bf16=teacher_half),
+                        working_set(fake, shape, 1, bf16=bf16))  # fmt: skip
     return out
 
 
 def phase_bytes(c: Counts, t: dict, *, mode: str, world: int, micro: int, checkpointing: bool, offload: bool,
                 bf16: bool, teacher_bytes: int) -> dict:  # fmt: skip
-    """The rows of one setting (see the module docstring), bytes per rank; 'total' and the peak 'phase'."""
+    """The rows of one setting (see the module docstring), bytes per rank; 'total', the peak 'phase', every phase's
+    total ('phases') and what offloading puts in host memory ('host')."""
     shard = world if mode == "fsdp" else 1
     pb = 2 if bf16 else 4  # compute dtype of the sharded networks' gathered parameters
     critic = c.fake_trainable + c.head
-    phases = {
-        "generator": (c.generator, t["generator"] + t["gan"], [("net", pb, True), ("net", teacher_bytes, False),
-                                                              ("fake", pb, False)]),
-        "critic": (critic, t["fake"] + t["features"].times(2), [("net", pb, False), ("fake", pb, True)]),
-    }  # fmt: skip
+    nets = {"generator": [("net", pb, True), ("net", teacher_bytes, False), ("fake", pb, False)],
+            "critic": [("net", pb, False), ("fake", pb, True)]}  # fmt: skip
+    phases = {  # what trains; what the forward keeps before the no-grad passes, and after; the no-grad passes
+        "generator": (c.generator, t["generator"], t["gan"], micro * t.get("nograd", 0)),
+        "critic": (critic, ZERO, t["fake"] + t["features"].times(2), 0),
+    }
+    host_all = offload and mode == "fsdp"  # FSDP2's CPUOffloadPolicy: sharded weights, gradients, optimiser
     rows = {
         "teacher": (c.teacher * teacher_bytes + c.buffers) / shard,
         "encoders": c.encoders * teacher_bytes,
         "weights": (4 * (c.generator + c.fake + c.head) + 2 * c.buffers) / shard,
         "ema": (4 * c.generator + c.buffers) / shard,
-        "adamw": 0 if offload else 8 * (c.generator + critic) / shard,
+        "adamw": 8 * (c.generator + critic) / shard,
     }
+    host = rows["adamw"] + (rows["weights"] + rows["ema"] + 4 * (c.generator + critic) / shard if host_all else 0)
+    if offload:
+        rows.update(adamw=0, **({"weights": 0, "ema": 0} if host_all else {}))
     persistent = sum(rows.values())
     if mode == "ddp":
         rows["gradients"] = 4 * (c.generator + critic)
         persistent += rows["gradients"]
     best, extras = None, {}
-    for phase, (trained, trace, nets) in phases.items():
-        grads = 0 if mode == "ddp" else 4 * trained / shard
-        act = micro * trace.activations(checkpointing)
+    for phase, (trained, before, after, nograd) in phases.items():
+        grads = 0 if mode == "ddp" or host_all else 4 * trained / shard
+        act = micro * (before + after).activations(checkpointing)
         copies = 2 * (c.generator + c.fake) if bf16 and mode != "fsdp" else 0
         scratch = 0 if offload else 4 * trained / shard
-        buffers = _fsdp_buffers(c, nets) if mode == "fsdp" else 0
-        extra = grads + max(act + copies, scratch) + buffers
+        buffers = _fsdp_buffers(c, nets[phase]) if mode == "fsdp" else 0
+        forward = micro * before.activations(checkpointing) + nograd  # the no-grad passes beside G's activations
+        extra = max(forward + copies, act + copies + grads, grads + scratch) + buffers  # forward, backward, step
         extras[phase] = persistent + extra
         if best is None or extra > best[0]:
-            best = (extra, phase, grads, act, copies, scratch, buffers)
-    extra, phase, grads, act, copies, scratch, buffers = best
-    if mode != "ddp":
-        rows["gradients"] = grads
-    rows.update(activations=act, autocast=copies, scratch=scratch, fsdp_buffers=buffers)
-    return {**rows, "total": persistent + extra, "phase": phase, "phases": extras}
+            best = (extra, phase, dict(gradients=grads, activations=act, nograd=nograd, autocast=copies,
+                                       scratch=scratch, fsdp_buffers=buffers))  # fmt: skip
+    extra, phase, peak = best
+    if mode == "ddp":
+        peak.pop("gradients")
+    return {**rows, **peak, "total": persistent + extra, "phase": phase, "phases": extras, "host": host}
 
 
 def _fsdp_buffers(c: Counts, nets: list[tuple[str, int, bool]]) -> float:
@@ -257,7 +284,7 @@ def plan_arch(name: str, arch: pm.Arch, cfg, *, gpus: int, gpu_mem_gib: float, p
     p = Plan(name, arch.title, arch.source, arch.note, gpus, gpu_mem_gib, MODES if parallel == "all" else (parallel,),
              cfg.optim.batch_size, cfg.optim.accum_steps, bf16, teacher_bf16, cfg.model.grad_checkpointing,
              cfg.model.fake_lora_rank, gan, _counts(arch, net, fake), tuple(arch.shape))  # fmt: skip
-    t = traces(arch, net, fake, backbone, bf16=bf16, gan=gan)
+    t = traces(arch, net, fake, backbone, cfg)
     for mode in p.modes:
         for ckpt in (False, True):
             for offload in (False, True):
@@ -289,6 +316,7 @@ ROWS = (
     ("adamw", "AdamW states (2 x fp32)"),
     ("gradients", "gradients (fp32)"),
     ("activations", "activations"),
+    ("nograd", "no-grad passes (working set)"),
     ("autocast", "bf16 autocast weight copies"),
     ("scratch", "AdamW step scratch (foreach)"),
     ("fsdp_buffers", "FSDP gathered parameters"),
@@ -321,7 +349,7 @@ def render(p: Plan) -> str:
     def _gib(x: float) -> str:
         return f"{x / scale:.2f}"
 
-    lines = [*_header(p), "", f"per rank, {unit} (activation checkpointing {'on' if ckpt else 'off'}, AdamW on GPU)"]
+    lines = [*_header(p), "", f"per rank, {unit} (activation checkpointing (AC) {'on' if ckpt else 'off'}, no offload)"]
     width = 34
     lines.append(f"  {'':{width}}" + "".join(f"{m:>10}" for m in p.modes))
     for key, label in ROWS:
@@ -333,16 +361,15 @@ def render(p: Plan) -> str:
     fitting: dict[str, list[str]] = {m: [] for m in p.modes}
     for ac in (False, True):
         for offload in (False, True):
-            label = f"AC {'on' if ac else 'off'}, AdamW on {'CPU' if offload else 'GPU'}"
+            label = f"AC {'on' if ac else 'off'}, offload {'on' if offload else 'off'}"
             cells = []
             for m in p.modes:
                 ok = p.fits(m, ac, offload)
                 cells.append(f"{_gib(p.total(m, ac, offload))} {'fits' if ok else 'no'}")
                 fitting[m] += [label] if ok else []
             lines.append(f"  {label:{width}}" + "".join(f"{c:>14}" for c in cells))
-    host = {m: 8 * (p.counts.generator + p.counts.fake_trainable + p.counts.head) / (p.gpus if m == "fsdp" else 1)
-            for m in p.modes}  # fmt: skip
-    lines.append("  (AdamW on CPU: host memory per rank " + ", ".join(f"{m} {_gib(v)}" for m, v in host.items()) + ")")
+    host = ", ".join(f"{m} {_gib(p.rows[(m, False, True)]['host'])}" for m in p.modes)
+    lines.append(f"  offload: AdamW on the host (none, ddp), FSDP2's CPUOffloadPolicy (fsdp); host memory/rank {host}")
     verdict = {m: "every setting" if len(v) == 4 else "; ".join(v) if v else "nothing" for m, v in fitting.items()}
     lines += ["", "fits: " + " | ".join(f"{m}: {v}" for m, v in verdict.items())]
     return "\n".join(lines)

@@ -22,12 +22,15 @@ allocator rounding; `bench/plan_check.py` measures how far the count is from a m
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .plan_models import UNIT_CLASSES
 
@@ -191,6 +194,46 @@ def trace(net: nn.Module, run, *, bf16: bool = False, fused_attention: bool = Tr
     )
 
 
+class _Live(TorchDispatchMode):
+    """Bytes alive among the tensors the ops create: a storage counts from the op that makes it until the last
+    tensor on it is gone (`weakref.finalize`); `peak` is the highest total. Storages in `known` are not counted."""
+
+    def __init__(self, known: set[int]):
+        super().__init__()
+        self.known, self.refs, self.now, self.peak = known, {}, 0, 0
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _key(t) not in self.known:
+                entry = self.refs.setdefault(_key(t), [t.untyped_storage().nbytes(), 0])
+                if entry[1] == 0:
+                    self.now += entry[0]
+                    self.peak = max(self.peak, self.now)
+                entry[1] += 1
+                weakref.finalize(t, self._release, _key(t))
+        return out
+
+
+def working_set(net: nn.Module, shape: tuple[int, ...], batch: int, *, bf16: bool = False) -> int:
+    """Peak bytes alive during a forward pass of D(x, sigma) without gradients (the teacher's and psi's passes at
+    x_t): the U-Net's skip connections, the largest layer's input and output, the result."""
+    device = next(net.parameters()).device
+    x, sigma = torch.zeros(batch, *shape, device=device), torch.ones(batch, device=device)
+    live = _Live({_key(t) for t in [*net.parameters(), *net.buffers(), x, sigma]})
+    mode = _Autocast({id(p) for p in net.parameters()}) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), _patched_sdpa(), mode, live:
+        net(x, sigma)
+    return live.peak
+
+
 def trace_denoiser(net: nn.Module, shape: tuple[int, ...], batch: int, *, features: bool = False,
                    input_grad: bool = False, bf16: bool = False, fused_attention: bool = True) -> Trace:  # fmt: skip
     """`trace` of D(x, sigma) (or `features(x, sigma)`) at `batch` samples of `shape` on the device of `net`;
@@ -202,4 +245,4 @@ def trace_denoiser(net: nn.Module, shape: tuple[int, ...], batch: int, *, featur
     return trace(net, lambda: fn(x, sigma), bf16=bf16, fused_attention=fused_attention)
 
 
-__all__ = ["Trace", "ZERO", "trace", "trace_denoiser"]
+__all__ = ["Trace", "ZERO", "trace", "trace_denoiser", "working_set"]

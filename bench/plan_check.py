@@ -51,10 +51,10 @@ FP32 = {"optim.bf16": False, "model.teacher_bf16": False, "optim.accum_steps": 1
 
 def tiny(kind: str) -> pm.Arch:
     """Tiny diffusers networks of the three text-to-image families (random weights, the current device)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    import diffusers  # each class imported alone: diffusers.models.transformers imports every transformer at once
 
     if kind == "unet":
-        net = UNet2DConditionModel(
+        net = diffusers.UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
@@ -62,13 +62,13 @@ def tiny(kind: str) -> pm.Arch:
         )  # fmt: skip
         return pm.Arch("tiny SD UNet", "bench/plan_check.py", pm.TextNet(net, "unet", (8, 32)), (4, 16, 16), {}, True)
     if kind == "sd3":
-        net = SD3Transformer2DModel(
+        net = diffusers.SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
             pos_embed_max_size=16,
         )  # fmt: skip
         return pm.Arch("tiny SD3", "bench/plan_check.py", pm.TextNet(net, "sd3", (8, 32), 32), (4, 16, 16), {}, True)
-    net = FluxTransformer2DModel(
+    net = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4),
     )  # fmt: skip
@@ -138,11 +138,13 @@ class Step:
     """Teacher, G, psi, head, EMA and both foreach-AdamW optimisers, and the two rounds of `loop.Trainer`.
 
     prepare(step): called once the networks exist and before the EMA and the optimisers are made (FSDP2 shards
-    there); autocast: the context each round runs in (`loop.Trainer._autocast`); teacher_dtype: the frozen
-    teacher's weights (t2i's model.teacher_bf16)."""
+    there); autocast: the context each round runs in (`loop.Trainer._autocast`); device: where the draws and the
+    compute are (default: G's parameters'); teacher_dtype: the frozen teacher's weights (model.teacher_bf16);
+    foreach: AdamW's and the clip's multi-tensor kernels (CUDA's default; the planner's step scratch assumes them)."""
 
     def __init__(self, arch: pm.Arch, cfg, checkpointing: bool, *, prepare=None, autocast=contextlib.nullcontext,
-                 teacher_dtype: torch.dtype = torch.float32):  # fmt: skip
+                 device: torch.device | None = None, teacher_dtype: torch.dtype = torch.float32,
+                 foreach: bool = True):  # fmt: skip
         net = arch.network
         self.shape, self.batch, self.cfg, self.autocast = tuple(arch.shape), cfg.optim.batch_size, cfg, autocast
         self.guided = planner.guided(arch, cfg)  # the teacher's two passes (classifier-free guidance)
@@ -162,10 +164,10 @@ class Step:
         self.ema = [p.detach().clone() for p in self.gen.parameters()]  # sharded like G's parameters
         critic = [p for p in [*self.fake.parameters(), *self.disc.linear.parameters()] if p.requires_grad]
         self.critic_params, self.gen_params = critic, list(self.gen.parameters())
-        adam = dict(lr=1e-6, betas=(0.0, 0.999), foreach=True)  # foreach: CUDA's default kernel, on every device
+        self.foreach = foreach
+        adam = dict(lr=1e-6, betas=(0.0, 0.999), foreach=foreach)
         self.opt_c, self.opt_g = torch.optim.AdamW(critic, **adam), torch.optim.AdamW(self.gen_params, **adam)
-        device = next(self.gen.parameters()).device
-        self.device = device if device.type != "cpu" else torch.device("cpu")
+        self.device = device or next(self.gen.parameters()).device  # where the draws and the compute are
         self.g = torch.Generator(self.device).manual_seed(0)
 
     def held(self) -> int:
@@ -189,7 +191,7 @@ class Step:
             l_fake = self.disc(x_fake + s * self._draw(b, *shape), sigma)
             loss = dsm + losses.discriminator_loss(l_real, l_fake, b)[0]
         loss.backward()
-        self._apply(self.opt_c, self.critic_params)
+        self._apply(self.opt_c, self.critic_params, self.foreach)
 
     def generator(self) -> None:
         b, shape, gan = self.batch, self.shape, self.cfg.loss.gan_weight
@@ -210,9 +212,13 @@ class Step:
         loss.backward()
         for p in self.critic_params:
             p.grad = None
-        self._apply(self.opt_g, self.gen_params)
+        self._apply(self.opt_g, self.gen_params, self.foreach)
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.gen_params], 0.01)
+            if self.foreach:
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.gen_params], 0.01)
+            else:
+                for pe, pn in zip(self.ema, self.gen_params, strict=True):
+                    pe.lerp_(pn.detach(), 0.01)
 
     def _teacher(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D_phi at x_t, guided like `teachers/sd.py`: one batched pass over [uncond, cond]."""
@@ -223,8 +229,8 @@ class Step:
         return out_u + self.cfg.model.guidance_scale * (out_c - out_u)
 
     @staticmethod
-    def _apply(opt, params) -> None:
-        torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=True)
+    def _apply(opt, params, foreach: bool) -> None:
+        torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=foreach)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -219,7 +219,7 @@ def phase_bytes(c: Counts, t: dict, *, mode: str, world: int, micro: int, checkp
         copies = 2 * (c.generator + c.fake) if bf16 and mode != "fsdp" else 0
         scratch = 0 if offload else 4 * trained / shard
         buffers = _fsdp_buffers(c, nets[phase]) if mode == "fsdp" else 0
-        forward = micro * before.activations(checkpointing) + nograd  # the no-grad passes beside G's activations
+        forward = micro * before.activations(checkpointing, recompute=False) + nograd  # no-grad passes beside G's
         extra = max(forward + copies, act + copies + grads, grads + scratch) + buffers  # forward, backward, step
         extras[phase] = persistent + extra
         if best is None or extra > best[0]:

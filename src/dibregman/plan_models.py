@@ -133,7 +133,9 @@ def _diffusers(cls_name: str, cfg: dict) -> nn.Module:
     return getattr(diffusers, cls_name)(**cfg)
 
 
-def _encoders(vae: dict, *clips: tuple[str, dict], t5: bool = False) -> dict[str, nn.Module]:
+def _encoders(vae: dict, *clips: tuple[str, dict], t5: bool = False, build: bool = True) -> dict[str, nn.Module]:
+    if not build:
+        return {}
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -146,27 +148,28 @@ def _encoders(vae: dict, *clips: tuple[str, dict], t5: bool = False) -> dict[str
     return out
 
 
-def published(name: str, feature_depth: float = 0.5) -> Arch:
-    """sd15 | sdxl | sd3 | flux: the published network and its frozen encoders, built on the current device."""
+def published(name: str, feature_depth: float = 0.5, encoders: bool = True) -> Arch:
+    """sd15 | sdxl | sd3 | flux: the published network and (unless encoders=False) its frozen VAE and text encoders,
+    built on the current device."""
     hub = "huggingface.co/"
     if name == "sd15":
         net = TextNet(_diffusers("UNet2DConditionModel", SD15_UNET), "unet", (77, 768))
         return Arch("SD1.5 UNet (UNet2DConditionModel)", hub + "stable-diffusion-v1-5/stable-diffusion-v1-5", net,
-                    (4, 64, 64), _encoders(VAE_SD, ("plain", CLIP_L)), True)  # fmt: skip
+                    (4, 64, 64), _encoders(VAE_SD, ("plain", CLIP_L), build=encoders), True)  # fmt: skip
     if name == "sdxl":
         net = TextNet(_diffusers("UNet2DConditionModel", SDXL_UNET), "unet", (77, 2048), pooled=1280)
         return Arch("SDXL base 1.0 UNet (UNet2DConditionModel)", hub + "stabilityai/stable-diffusion-xl-base-1.0",
-                    net, (4, 128, 128), _encoders(VAE_SD, ("plain", CLIP_L), ("proj", CLIP_BIGG)), True,
+                    net, (4, 128, 128), _encoders(VAE_SD, ("plain", CLIP_L), ("proj", CLIP_BIGG), build=encoders), True,
                     note="size only: the sd family does not load SDXL pipelines (second text encoder, added "
                     "conditions) today")  # fmt: skip
     if name == "sd3":
         net = TextNet(_diffusers("SD3Transformer2DModel", SD3_MEDIUM), "sd3", (77 + 256, 4096), 2048, feature_depth)
-        enc = _encoders(VAE_16, ("proj", CLIP_L), ("proj", CLIP_BIGG), t5=True)
+        enc = _encoders(VAE_16, ("proj", CLIP_L), ("proj", CLIP_BIGG), t5=True, build=encoders)
         source = hub + "stabilityai/stable-diffusion-3-medium-diffusers"
         return Arch("SD3-medium transformer (SD3Transformer2DModel)", source, net, (16, 128, 128), enc, True)
     if name == "flux":
         net = TextNet(_diffusers("FluxTransformer2DModel", FLUX1_DEV), "flux", (512, 4096), 768, feature_depth)
-        enc = _encoders(VAE_16, ("plain", CLIP_L), t5=True)
+        enc = _encoders(VAE_16, ("plain", CLIP_L), t5=True, build=encoders)
         return Arch("FLUX.1-dev transformer (FluxTransformer2DModel)", hub + "black-forest-labs/FLUX.1-dev", net,
                     (16, 128, 128), enc, True)  # fmt: skip
     raise ValueError(f"unknown published model {name!r}; valid: {list(PUBLISHED)}")

@@ -45,11 +45,11 @@ class Trace:
     unit_max: int  # the largest one unit saves (what one recomputation adds back)
     weights: int  # parameters cast to bf16 and kept (autocast's weight copies)
 
-    def activations(self, checkpointing: bool) -> int:
-        """Saved activation bytes with activation checkpointing off (everything) or on (outside + inputs + the
-        largest unit, recomputed)."""
+    def activations(self, checkpointing: bool, recompute: bool = True) -> int:
+        """Saved activation bytes with activation checkpointing off (everything) or on (outside + inputs, + the
+        largest unit recomputed during the backward unless recompute=False: the end of the forward)."""
         if checkpointing and self.unit_max:
-            return self.outside + self.unit_inputs + self.unit_max
+            return self.outside + self.unit_inputs + (self.unit_max if recompute else 0)
         return self.outside + self.inside
 
     def __add__(self, other: Trace) -> Trace:

@@ -155,7 +155,8 @@ class Step:
             from dibregman.networks.lora import add_lora
 
             add_lora(self.fake.net, cfg.model.fake_lora_rank)
-        self.disc = DiscriminatorHead(self.fake, "linear")
+        self.device = device or next(net.parameters()).device  # where the draws and the compute are
+        self.disc = DiscriminatorHead(self.fake, "linear").to(self.device)
         if checkpointing:
             _checkpoint(self.gen.denoiser)
             _checkpoint(self.fake)
@@ -167,7 +168,6 @@ class Step:
         self.foreach = foreach
         adam = dict(lr=1e-6, betas=(0.0, 0.999), foreach=foreach)
         self.opt_c, self.opt_g = torch.optim.AdamW(critic, **adam), torch.optim.AdamW(self.gen_params, **adam)
-        self.device = device or next(self.gen.parameters()).device  # where the draws and the compute are
         self.g = torch.Generator(self.device).manual_seed(0)
 
     def held(self) -> int:

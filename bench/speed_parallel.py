@@ -1,7 +1,7 @@
 """Step time and peak GPU memory of one Algorithm 1 step with SD1.5- and SDXL-sized UNets under FSDP2 (issue 32),
 next to `dibregman plan`'s estimate for the same setting.
 
-    python bench/speed_parallel.py --parallel fsdp [--sizes sd15,sdxl] [--batch 1] [--steps 5] [--warmup 2]
+    python bench/speed_parallel.py --parallel fsdp [--sizes sd15,sdxl] [--batch 1] [--steps 3] [--warmup 1]
                                    [--checkpointing both|on|off] [--offload auto|on|off] [--budget-sec 270]
     python bench/speed.py --parallel fsdp [the same flags]      (speed.py hands --parallel over to this script)
     python bench/speed_parallel.py --parallel fsdp --quick      (CPU, gloo, a tiny UNet: a smoke run of seconds)
@@ -14,7 +14,10 @@ One step = the critic round then the generator round of `loop.Trainer` (bench/pl
 Eq. 5's BCE; G(z), the guided teacher and psi at x_t without gradient, Eq. 4's surrogate, the GAN term; clip, AdamW,
 EMA). --parallel fsdp: `fully_shard` on every ResnetBlock2D / BasicTransformerBlock, then on each UNet and the head,
 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), the teacher sharded for inference; --parallel none:
-bf16 autocast, as the loop runs today. One process is world size 1 through a local process group (nccl on CUDA,
+bf16 autocast, as the loop runs today. AdamW and the gradient clip run tensor by tensor under fsdp (foreach kernels
+elsewhere): in torch 2.13 the first foreach step over N DTensors spends time growing faster than N in sharding
+propagation (measured on the CPU: 4.7 s for 200 tensors, 47.5 s for 800; a UNet has about 1,700), so the plan's
+foreach step scratch is an upper bound there. One process is world size 1 through a local process group (nccl on CUDA,
 gloo on the CPU): the sharding is trivial but every all-gather, reduce-scatter and mixed-precision cast runs.
 --offload auto turns FSDP2's CPUOffloadPolicy on for G and psi where the plan says the setting does not fit the GPU
 without it. Measured: the median step time after the warm-up steps and `torch.cuda.max_memory_allocated` over the
@@ -56,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", default="fsdp", choices=("none", "fsdp"), help="how G, psi and the teacher are held")
     p.add_argument("--sizes", default=None, help="comma-separated: sd15,sdxl (default; --quick: tiny)")
     p.add_argument("--batch", type=int, default=None, help="samples per rank and step (default 1; --quick 2)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; --quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; --quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1)")
     p.add_argument("--checkpointing", default="both", choices=("off", "on", "both"), help="activation checkpointing")
     p.add_argument("--offload", default="auto", choices=("auto", "on", "off"), help="FSDP2 CPUOffloadPolicy for G, psi")
-    p.add_argument("--budget-sec", type=float, default=270.0, help="start no run after this many seconds")
+    p.add_argument("--budget-sec", type=float, default=240.0, help="start no run after this many seconds")
     return common.add_common_args(p)
 
 
@@ -138,7 +141,7 @@ def run_one(args, size: str, ckpt: bool, device: torch.device, sizes: dict) -> d
         step = plan_check.Step(arch_of(size, device), cfg, ckpt, prepare=fsdp_prepare(offload) if mode == "fsdp"
                                else None, autocast=autocast, device=device,
                                teacher_dtype=torch.bfloat16 if bf16 else torch.float32,
-                               foreach=device.type == "cuda")  # fmt: skip
+                               foreach=mode != "fsdp")  # fmt: skip
         for _ in range(sizes["warmup"]):
             step.critic()
             step.generator()
@@ -177,8 +180,8 @@ def run(args) -> dict:
     sizes = {
         "sizes": (args.sizes or ("tiny" if args.quick else "sd15,sdxl")).split(","),
         "batch": args.batch or (2 if args.quick else 1),
-        "steps": args.steps or (2 if args.quick else 5),
-        "warmup": args.warmup if args.warmup is not None else (1 if args.quick else 2),
+        "steps": args.steps or (2 if args.quick else 3),
+        "warmup": args.warmup if args.warmup is not None else 1,
     }
     unknown = set(sizes["sizes"]) - {"tiny", "sd15", "sdxl", "sd3", "flux"}
     if unknown:

@@ -101,9 +101,9 @@ class _Autocast(TorchFunctionMode):
     """CUDA autocast's casting rules for the ops that carry the memory, on any device (the meta device has no
     autocast): float inputs of `_LOWER` ops in bf16, of `_FP32` ops in fp32. Records which casts were parameters."""
 
-    def __init__(self, params: set[int]):
+    def __init__(self, params: set[int], hold: bool = True):  # hold: keep the parameters' casts (see `_cast`)
         super().__init__()
-        self.params, self.weight_copies = params, set()
+        self.params, self.weight_copies, self.held, self.hold = params, set(), [], hold
 
     def _cast(self, x, dtype):
         if isinstance(x, (list, tuple)):
@@ -111,8 +111,9 @@ class _Autocast(TorchFunctionMode):
         if not (torch.is_tensor(x) and x.is_floating_point() and x.dtype != torch.float64 and x.dtype != dtype):
             return x
         y = x.to(dtype)
-        if id(x) in self.params:
+        if id(x) in self.params and self.hold:
             self.weight_copies.add(y.untyped_storage()._cdata)
+            self.held.append(y)  # alive until the count ends: no later storage reuses its key
         return y
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -146,6 +147,7 @@ def trace(net: nn.Module, run, *, bf16: bool = False, fused_attention: bool = Tr
     excluded = {_key(t) for t in [*net.parameters(), *net.buffers()]}
     saved: dict[int, tuple[int, int | None]] = {}  # storage -> (bytes, the unit that saved it first or None)
     inputs: dict[int, int] = {}  # storage -> bytes of the units' inputs
+    held: list[torch.Tensor] = []  # the units' inputs, alive until the count ends (storage keys stay unique)
     active: list[int] = []
     mode = _Autocast({id(p) for p in net.parameters()}) if bf16 else contextlib.nullcontext()
 
@@ -162,6 +164,7 @@ def trace(net: nn.Module, run, *, bf16: bool = False, fused_attention: bool = Tr
             for x in [*args, *kwargs.values()]:
                 if torch.is_tensor(x) and x.is_floating_point() and _key(x) not in excluded:
                     inputs[_key(x)] = x.untyped_storage().nbytes()
+                    held.append(x)
         active.append(id(module))
 
     def post(module, args, kwargs, out):
@@ -224,11 +227,12 @@ class _Live(TorchDispatchMode):
 
 def working_set(net: nn.Module, shape: tuple[int, ...], batch: int, *, bf16: bool = False) -> int:
     """Peak bytes alive during a forward pass of D(x, sigma) without gradients (the teacher's and psi's passes at
-    x_t): the U-Net's skip connections, the largest layer's input and output, the result."""
+    x_t): the U-Net's skip connections, the largest layer's input and output, the result. Under bf16 a weight's
+    cast counts while its op runs (autocast's cached copies of trainable weights are the planner's own row)."""
     device = next(net.parameters()).device
     x, sigma = torch.zeros(batch, *shape, device=device), torch.ones(batch, device=device)
     live = _Live({_key(t) for t in [*net.parameters(), *net.buffers(), x, sigma]})
-    mode = _Autocast({id(p) for p in net.parameters()}) if bf16 else contextlib.nullcontext()
+    mode = _Autocast(set(), hold=False) if bf16 else contextlib.nullcontext()  # weight casts: transient here
     with torch.no_grad(), _patched_sdpa(), mode, live:
         net(x, sigma)
     return live.peak

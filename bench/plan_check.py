@@ -301,7 +301,9 @@ def markdown(data: dict) -> str:
         *common.table(head, rows), "",
         f"measured / estimated: {f(min(ratios), 3)} to {f(max(ratios), 3)} over {len(ratios)} phases.", "",
         "Saved activations of one pass at the batch above (AC off): the planner's count on the meta device (fused "
-        "attention model, one sample x batch) and the same count on the real CPU tensors (the CPU's own kernels).", "",
+        "attention model, one sample x batch) and the same count on the real CPU tensors (the CPU's own kernels); "
+        "`pass` = D(x, sigma) of the teacher's network with trainable weights (G's pass), `features` = the pass up "
+        "to the discriminator's tap.", "",
         *common.table(["configuration", "pass", "estimated MiB", "measured MiB", "measured / estimated"], acts), "",
     ])  # fmt: skip
 

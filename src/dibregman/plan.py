@@ -51,7 +51,7 @@ from .plan_trace import ZERO, trace_denoiser, working_set
 GIB = 2**30
 USABLE = 0.9  # fraction of the GPU's memory the plan may fill (the rest: context, workspaces, fragmentation)
 MODES = ("none", "ddp", "fsdp")
-SIZES = {"sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}  # planner-only names: the sd15 recipe on that network
+SIZES = ("sdxl", "sd3", "flux")  # planner-only names: the sd15 recipe on that published network
 
 
 @dataclass(frozen=True)
@@ -349,14 +349,15 @@ def render(p: Plan) -> str:
     def _gib(x: float) -> str:
         return f"{x / scale:.2f}"
 
-    lines = [*_header(p), "", f"per rank, {unit} (activation checkpointing (AC) {'on' if ckpt else 'off'}, no offload)"]
+    ac = "on" if ckpt else "off"
+    lines = [*_header(p), "", f"per rank, {unit}, at each column's peak phase (activation checkpointing (AC) {ac})"]
     width = 34
-    lines.append(f"  {'':{width}}" + "".join(f"{m:>10}" for m in p.modes))
+    lines.append(f"  {'':{width}}" + "".join(f"{m:>12}" for m in p.modes))
     for key, label in ROWS:
         values = [p.rows[(m, ckpt, False)].get(key, 0) for m in p.modes]
         if any(values):
-            lines.append(f"  {label:{width}}" + "".join(f"{_gib(v):>10}" for v in values))
-    lines.append(f"  {'peak phase':{width}}" + "".join(f"{p.rows[(m, ckpt, False)]['phase']:>10}" for m in p.modes))
+            lines.append(f"  {label:{width}}" + "".join(f"{_gib(v):>12}" for v in values))
+    lines.append(f"  {'peak phase':{width}}" + "".join(f"{p.rows[(m, ckpt, False)]['phase']:>12}" for m in p.modes))
     lines += ["", f"total per rank, {unit} (fits: <= {_gib(USABLE * p.gpu_mem_gib * GIB)})"]
     fitting: dict[str, list[str]] = {m: [] for m in p.modes}
     for ac in (False, True):
@@ -367,7 +368,7 @@ def render(p: Plan) -> str:
                 ok = p.fits(m, ac, offload)
                 cells.append(f"{_gib(p.total(m, ac, offload))} {'fits' if ok else 'no'}")
                 fitting[m] += [label] if ok else []
-            lines.append(f"  {label:{width}}" + "".join(f"{c:>14}" for c in cells))
+            lines.append(f"  {label:{width}}" + "".join(f"{c:>12}" for c in cells))
     host = ", ".join(f"{m} {_gib(p.rows[(m, False, True)]['host'])}" for m in p.modes)
     lines.append(f"  offload: AdamW on the host (none, ddp), FSDP2's CPUOffloadPolicy (fsdp); host memory/rank {host}")
     verdict = {m: "every setting" if len(v) == 4 else "; ".join(v) if v else "nothing" for m, v in fitting.items()}

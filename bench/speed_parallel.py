@@ -22,7 +22,7 @@ gloo on the CPU): the sharding is trivial but every all-gather, reduce-scatter a
 --offload auto turns FSDP2's CPUOffloadPolicy on for G and psi where the plan says the setting does not fit the GPU
 without it. Measured: the median step time after the warm-up steps and `torch.cuda.max_memory_allocated` over the
 timed steps (on the CPU: time only). A run that would start after --budget-sec is skipped and says so; an
-out-of-memory error is recorded with the plan's estimate. Writes `<out>/speed_parallel[_quick].json` and `.md`.
+out-of-memory error is recorded with the plan's estimate. Writes `<out>/parallel_speed[_quick].json` and `.md`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from dibregman import plan_models as pm  # noqa: E402
 from dibregman.config import override  # noqa: E402
 from dibregman.presets import PRESETS  # noqa: E402
 
-NAME = "speed_parallel"
+NAME = "parallel_speed"  # result files: not speed_*.json, which run_all.py renders as bench/speed.py's variants
 GIB = 2**30
 
 
@@ -225,7 +225,7 @@ def render(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(common.parse(build_parser(), argv, NAME))
+    return run(common.parse(build_parser(), argv, "speed_parallel"))  # the command line names this script
 
 
 if __name__ == "__main__":

@@ -168,5 +168,5 @@ def test_speed_parallel_quick_runs_a_step_under_fsdp2_on_the_cpu(tmp_path, monke
     (row,) = d["rows"]
     assert row["status"] == "ok" and row["mode"] == "fsdp" and row["world"] == 1 and row["sharded"]
     assert row["checkpointing"] and len(row["times_sec"]) == 1 and row["median_sec"] > 0
-    assert json.loads((out / "speed_parallel_quick.json").read_text())["rows"] == d["rows"]
-    assert "| tiny |" in (out / "speed_parallel_quick.md").read_text() and not dist.is_initialized()
+    assert json.loads((out / "parallel_speed_quick.json").read_text())["rows"] == d["rows"]
+    assert "| tiny |" in (out / "parallel_speed_quick.md").read_text() and not dist.is_initialized()

@@ -372,6 +372,9 @@ def render(p: Plan) -> str:
     host = ", ".join(f"{m} {_gib(p.rows[(m, False, True)]['host'])}" for m in p.modes)
     lines.append(f"  offload: AdamW on the host (none, ddp), FSDP2's CPUOffloadPolicy (fsdp); host memory/rank {host}")
     verdict = {m: "every setting" if len(v) == 4 else "; ".join(v) if v else "nothing" for m, v in fitting.items()}
+    for m, v in fitting.items():  # a verdict that needs offloading also needs the host memory
+        if v and all("offload on" in s for s in v):
+            verdict[m] += f" ({_gib(p.rows[(m, False, True)]['host'])} {unit} host memory per rank)"
     lines += ["", "fits: " + " | ".join(f"{m}: {v}" for m, v in verdict.items())]
     return "\n".join(lines)
 

@@ -286,7 +286,7 @@ def check(label: str, build, cfg) -> list[dict]:
 def markdown(data: dict) -> str:
     f = common.fmt
     head = ["configuration", "params", "batch", "AC", "phase", "estimated MiB", "measured MiB", "measured / estimated"]
-    rows = [[r["config"], planner._n(r["params"]), r["batch"], "on" if r["checkpointing"] else "off", r["phase"],
+    rows = [[r["config"], planner.fmt_count(r["params"]), r["batch"], "on" if r["checkpointing"] else "off", r["phase"],
              f(r["estimated"] / MIB, 4), f(r["measured"] / MIB, 4), f(r["ratio"], 3)]
             for r in data["rows"]]  # fmt: skip
     acts = [[r["config"], k, f(v["estimated"] / MIB, 4), f(v["measured"] / MIB, 4),

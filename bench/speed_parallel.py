@@ -215,7 +215,7 @@ def render(d: dict) -> str:
     f = common.fmt
     head = ["network", "params", "AC", "parallel", "ranks", "batch/rank", "offload", "s/step (median)", "images/s",
             "peak GiB (max allocated)", "plan GiB", "peak / plan", "status"]  # fmt: skip
-    rows = [[r["size"], planner._n(r["params"]) if "params" in r else "", "on" if r["checkpointing"] else "off",
+    rows = [[r["size"], planner.fmt_count(r["params"]) if "params" in r else "", "on" if r["checkpointing"] else "off",
              r.get("mode", ""), r.get("world", ""), r.get("batch_per_rank", ""), r.get("offload", ""),
              f(r.get("median_sec"), 4), f(r.get("img_per_sec"), 3), f(r.get("peak_gib"), 4),
              f(r.get("estimate_gib"), 4), f(r.get("measured_over_estimate"), 3), r["status"]]

@@ -296,7 +296,8 @@ def plan_arch(name: str, arch: pm.Arch, cfg, *, gpus: int, gpu_mem_gib: float, p
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------
-def _n(x: float) -> str:
+def fmt_count(x: float) -> str:
+    """A parameter count as text: 859.5 M, 2.567 B, 1.281 k."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
             return f"{x / scale:.4g} {unit}"
@@ -326,13 +327,17 @@ ROWS = (
 def _header(p: Plan) -> list[str]:
     c = p.counts
     t_dtype = "bf16" if p.teacher_bf16 else "fp32"
-    psi = f"{_n(c.fake)} ({_n(c.fake_trainable)} trainable, LoRA rank {p.lora_rank})" if p.lora_rank else _n(c.fake)
+    psi = (
+        f"{fmt_count(c.fake)} ({fmt_count(c.fake_trainable)} trainable, LoRA rank {p.lora_rank})"
+        if p.lora_rank
+        else fmt_count(c.fake)
+    )
     lines = [
         f"dibregman plan {p.name}: {p.title}",
         f"  config: {p.source}" + (f"; {p.note}" if p.note else ""),
-        f"  teacher {_n(c.teacher)} ({t_dtype}, frozen)"
-        + (f" + VAE/text encoders {_n(c.encoders)}" if c.encoders else "")
-        + f"; G {_n(c.generator)} and psi {psi} (fp32 masters); head {_n(c.head)}",
+        f"  teacher {fmt_count(c.teacher)} ({t_dtype}, frozen)"
+        + (f" + VAE/text encoders {fmt_count(c.encoders)}" if c.encoders else "")
+        + f"; G {fmt_count(c.generator)} and psi {psi} (fp32 masters); head {fmt_count(c.head)}",
         f"  sample {'x'.join(map(str, p.shape))}; batch {p.batch} in {p.accum} micro-batch(es): "
         + ", ".join(f"{m} {p.micro(m)}/rank" for m in p.modes)
         + f"; {'bf16 autocast' if p.bf16 else 'fp32'}; GAN term {'on' if p.gan else 'off'}",
@@ -388,4 +393,16 @@ def summary(p: Plan) -> dict:
     }
 
 
-__all__ = ["plan", "plan_arch", "render", "summary", "names", "phase_bytes", "traces", "Counts", "Plan", "USABLE"]
+__all__ = [
+    "plan",
+    "plan_arch",
+    "render",
+    "fmt_count",
+    "summary",
+    "names",
+    "phase_bytes",
+    "traces",
+    "Counts",
+    "Plan",
+    "USABLE",
+]

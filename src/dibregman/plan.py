@@ -384,25 +384,4 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def summary(p: Plan) -> dict:
-    """The plan as JSON-able numbers (bytes)."""
-    return {
-        **{k: v for k, v in vars(p).items() if k not in ("rows", "counts")},
-        "counts": {k: v for k, v in vars(p.counts).items() if k != "units"},
-        "rows": {f"{m}|ac={int(a)}|offload={int(o)}": r for (m, a, o), r in p.rows.items()},
-    }
-
-
-__all__ = [
-    "plan",
-    "plan_arch",
-    "render",
-    "fmt_count",
-    "summary",
-    "names",
-    "phase_bytes",
-    "traces",
-    "Counts",
-    "Plan",
-    "USABLE",
-]
+__all__ = ["plan", "plan_arch", "render", "fmt_count", "names", "phase_bytes", "traces", "guided", "Plan"]

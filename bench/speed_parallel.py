@@ -74,9 +74,9 @@ def init_group(device: torch.device) -> bool:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
         return True
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,7 +176,7 @@ def run_one(args, size: str, ckpt: bool, device: torch.device, sizes: dict) -> d
 def run(args) -> dict:
     device = common.setup(args)
     made = init_group(device)
-    t0 = time.time()
+    rank, t0 = dist.get_rank(), time.time()
     sizes = {
         "sizes": (args.sizes or ("tiny" if args.quick else "sd15,sdxl")).split(","),
         "batch": args.batch or (2 if args.quick else 1),
@@ -199,12 +199,13 @@ def run(args) -> dict:
                     continue
                 data["rows"].append(run_one(args, size, ckpt, device, sizes))
                 r = data["rows"][-1]
-                print(f"[{NAME}] {size} AC {'on' if ckpt else 'off'}: {r['status']}"
-                      + (f", {r['median_sec']:.3f} s/step" if "median_sec" in r else ""), flush=True)  # fmt: skip
+                if rank == 0:
+                    speed = f", {r['median_sec']:.3f} s/step" if "median_sec" in r else ""
+                    print(f"[{NAME}] {size} AC {'on' if ckpt else 'off'}: {r['status']}{speed}", flush=True)
     finally:
         if made:
             dist.destroy_process_group()
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if rank != 0:
         return data
     common.finish(data, args.out)
     (args.out / f"{name}.md").write_text(render(data))

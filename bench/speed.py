@@ -4,6 +4,7 @@ stabiliser) versus the reverse-KL step, interleaved (A B B A ...) so that both s
 
     python bench/speed.py [--n-student 2048] [--n-teacher 256] [--repeats 3] [--steps 20] [--batch 64]
     python bench/speed.py --preset cifar10 --device cuda [--set optim.bf16=false --tag fp32]
+    python bench/speed.py --parallel fsdp [...]   (SD1.5/SDXL-sized UNets under FSDP2: bench/speed_parallel.py)
 
 `--preset cifar10` measures the CIFAR-10-sized DDPM++ teacher (55.7 M parameters, 32x32x3) of that preset; where
 its file is missing, a randomly initialised network of the same architecture stands in (speed and memory do not
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="mnist", choices=("mnist", "cifar10"), help="whose teacher and settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (both runs)")
     p.add_argument("--tag", default="", help="suffix of the result's name: speed_<preset>_<tag>.json")
+    p.add_argument("--parallel", choices=("none", "fsdp"), help="SD-sized UNets under FSDP2: bench/speed_parallel.py")
     return common.add_common_args(p)
 
 
@@ -344,6 +346,11 @@ def render(d: dict, all_data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--parallel" or a.startswith("--parallel=") for a in argv):  # its own flags: speed_parallel --help
+        import speed_parallel
+
+        return speed_parallel.main(argv)
     return run(common.parse(build_parser(), argv, NAME))
 
 

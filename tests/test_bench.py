@@ -150,3 +150,23 @@ def test_repro_quick_runs_every_stage_and_the_pipeline_composes(tmp_path, monkey
     assert (out / "results/verdict.md").read_text().startswith("## Verdict")
     cmp = (out / "results/compare_figure4.md").read_text()
     assert "fid_mnist" in cmp and (out / "results/compare_figure4.png").stat().st_size > 1000
+
+
+def test_speed_parallel_quick_runs_a_step_under_fsdp2_on_the_cpu(tmp_path, monkeypatch):
+    """`bench/speed.py --parallel fsdp --quick` hands over to bench/speed_parallel.py: one Algorithm 1 step of a tiny
+    UNet under FSDP2 (`fully_shard`, bf16 MixedPrecisionPolicy) on gloo with world size 1, JSON + Markdown written,
+    the process group it made destroyed again."""
+    import torch.distributed as dist
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.chdir(ROOT)
+    import speed
+
+    out = tmp_path / "results"
+    argv = ["--parallel", "fsdp", "--quick", "--threads", "1", "--checkpointing", "on", "--steps", "1", "--warmup", "0"]
+    d = speed.main([*argv, "--out", str(out)])
+    (row,) = d["rows"]
+    assert row["status"] == "ok" and row["mode"] == "fsdp" and row["world"] == 1 and row["sharded"]
+    assert row["checkpointing"] and len(row["times_sec"]) == 1 and row["median_sec"] > 0
+    assert json.loads((out / "parallel_speed_quick.json").read_text())["rows"] == d["rows"]
+    assert "| tiny |" in (out / "parallel_speed_quick.md").read_text() and not dist.is_initialized()

@@ -93,10 +93,10 @@ def test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_pa
 
 def test_a_corrupt_shard_is_skipped_for_the_previous_checkpoint(tmp_path):
     """A flipped byte in a shard fails the folder's checksum: the run falls back to the previous checkpoint."""
+    from dibregman.checkpoint import META, files_checksum
     from dibregman.config import override
     from dibregman.loop import Trainer
     from dibregman.presets import get_preset
-    from dibregman.checkpoint import META, files_checksum
 
     first, second = tmp_path / "ckpt-000000000032", tmp_path / "ckpt-000000000064"
     cfg = override(get_preset("gmm"), {**PAIRS, "run.total_kimg": steps_kimg(4)})

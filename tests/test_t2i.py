@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dibregman import trainer_state
 from dibregman.build import build_models
 from dibregman.cli import main
 from dibregman.conditions import load_image, read_captioned_images, read_prompts
@@ -255,5 +256,5 @@ def test_resume_is_bitwise_exact(sd_dir, prompts_file, tmp_path):
     assert resumed.state.step == 2
     resumed.train()
     for name in ("generator", "fake", "disc", "ema"):
-        a, b = full._state_dict()[name], resumed._state_dict()[name]
+        a, b = trainer_state.state_dict(full)[name], trainer_state.state_dict(resumed)[name]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

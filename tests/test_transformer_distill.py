@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dibregman import trainer_state
 from dibregman.build import build_models
 from dibregman.conditions import LabelSet
 from dibregman.config import override, validate
@@ -74,7 +75,7 @@ def assert_resumes_bitwise(folders, kind: str, tmp_path, **pairs) -> Trainer:
     trained, copied = full.m.generator.denoiser.network, full.m.teacher.network
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), copied.parameters(), strict=True))
     for name in ("generator", "fake", "disc", "ema"):
-        a, b = full._state_dict()[name], resumed._state_dict()[name]
+        a, b = trainer_state.state_dict(full)[name], trainer_state.state_dict(resumed)[name]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     return full
 
@@ -146,7 +147,8 @@ def test_dit_run_with_labels_resumes_bitwise_and_its_export_reloads(folders, tmp
     assert isinstance(m.conditions, LabelSet) and len(m.conditions) == 1000 and m.real_conditions is m.conditions
     assert m.teacher.guidance_scale == 2.0 and m.generator.denoiser.guidance_scale == 1.0 == m.fake.guidance_scale
     assert m.fake.feature_depth == 0.75 and m.fake.vae is m.teacher.vae  # the VAE is shared, never copied
-    assert all(k.startswith(("denoiser.transformer.", "transformer.", "linear.")) for k in full._state_dict()["ema"])
+    ema_keys = trainer_state.state_dict(full)["ema"]
+    assert all(k.startswith(("denoiser.transformer.", "transformer.", "linear.")) for k in ema_keys)
     b, real = draw_batch(full.cfg, m, 0, 0, BATCH, "cpu", full.sigma_range)
     assert b.cond.dtype == torch.int64 and b.cond.shape == (BATCH,) and b.real_cond.shape == (BATCH,)
     assert real.shape == (BATCH, 4, 8, 8)

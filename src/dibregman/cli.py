@@ -1,6 +1,6 @@
 """Command-line interface: thin wrappers that turn flags into configs and call the library.
 
-dibregman train-teacher | distill | sample | eval | bench | divergences | import-edm | demo
+dibregman train-teacher | distill | sample | eval | bench | divergences | import-edm | demo | compare | plan
 """
 
 from __future__ import annotations
@@ -215,6 +215,14 @@ def cmd_compare(args) -> None:
     print(f"curves: {r['png']}  table: {r['md']}")
 
 
+def cmd_plan(args) -> None:
+    from .config import parse_set
+    from .plan import plan, render
+
+    kw = dict(parallel=args.parallel, batch=args.batch, lora_rank=args.lora_rank, pairs=parse_set(args.set))
+    print(render(plan(args.preset, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, **kw)))
+
+
 COMMANDS = {
     "train-teacher": cmd_train_teacher,
     "distill": cmd_distill,
@@ -226,6 +234,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "bench": cmd_bench,
     "compare": cmd_compare,
+    "plan": cmd_plan,
 }
 
 
@@ -336,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare", help="output path without suffix: writes OUT.png and OUT.md")
     c.add_argument("--fid", default="", help="logged FID key to draw (default: the first key starting with fid)")
     c.add_argument("--kimg", type=float, default=None, help="read every run only up to this many kimg (equal images)")
+
+    pl = sub.add_parser("plan", help="GPU memory per rank under none / ddp / fsdp, and which settings fit")
+    pl.add_argument("--preset", required=True, help="gmm | mnist | cifar10 | sd15, or a size: sdxl | sd3 | flux")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs, one rank each (ddp, fsdp)")
+    pl.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB")
+    pl.add_argument("--parallel", default="all", help="none | ddp | fsdp | all")
+    pl.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+    pl.add_argument("--lora-rank", type=int, default=None, help="text-to-image: LoRA rank of psi (0 = full weights)")
+    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config field")
 
     b = sub.add_parser("bench", help="run the benchmark scripts under bench/ (source checkout)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -88,14 +88,20 @@ def checkpoint_blocks(blocks) -> None:
 
 
 @contextlib.contextmanager
-def keep_activations():
-    """Blocks run without recomputation here: for a forward whose parameters are swapped for constants
+def keep_activations(module: nn.Module | None = None):
+    """Blocks run without recomputation here -- ours (`checkpoint_blocks`) and diffusers' own
+    (`gradient_checkpointing` flags inside `module`): for a forward whose parameters are swapped for constants
     (`torch.func.functional_call`), which a recomputation in the backward pass would not see."""
+    flagged = [m for m in (module.modules() if module is not None else ()) if getattr(m, "gradient_checkpointing", 0)]
     before, _RECOMPUTE["on"] = _RECOMPUTE["on"], False
+    for m in flagged:
+        m.gradient_checkpointing = False
     try:
         yield
     finally:
         _RECOMPUTE["on"] = before
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 def wrap(

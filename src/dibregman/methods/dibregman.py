@@ -311,7 +311,7 @@ class DiBregman:
         if gan_w > 0:  # the GAN term's gradient flows through x into G only: eta's weights enter as constants
             frozen = {k: v.detach() for k, v in critic.named_parameters()}
             args = (x + s * b.gan_noise, b.gen_sigma, b.cond)
-            with parallel.keep_activations():
+            with parallel.keep_activations(critic):
                 gan_logits = functional_call(critic, frozen, args, {"logit": True}, strict=False).float()
             gan = losses.gan_generator_loss(gan_logits, L.gan_logit_clamp)
             loss = loss + gan_w * gan.sum() / norm

@@ -88,7 +88,7 @@ def teacher_generator(spec: str, nfe: int, sampler: str = "heun", guidance_scale
 
 @torch.no_grad()
 def sample_teacher_spec(spec: str, num: int, *, nfe: int, sampler: str = "heun", prompts: list[str] | None = None,
-                        seed: int = 0, batch_size: int = 64, guidance_scale: float | None = None,
+                        seed: int = 0, batch_size: int = 256, guidance_scale: float | None = None,
                         device="cpu") -> tuple[torch.Tensor, int]:  # fmt: skip
     """`num` teacher samples (decoded images for a latent teacher, a class per column for a class-conditional one,
     a prompt per column for a text-to-image one) and their grid's columns, on the CPU."""

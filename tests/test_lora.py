@@ -245,3 +245,28 @@ def test_edm_lora_student_resumes_bitwise_exports_adapters_and_a_card_of_measure
     assert int(cells[3]) == newest["n_samples"] == 16 and cells[4] == newest["reference"]
     assert re.search(r"\| images seen \| 16 \|", card) and "dibregman sample --checkpoint" in card
     assert f"| divergence | `{full.cfg.divergence.name}`" in card
+
+
+def test_dit_lora_student_adapts_the_transformer_and_its_export_reloads(tmp_path):
+    from tiny_flow_hf import tiny_dit_components
+
+    tiny_dit_components(tmp_path / "dit", seed=0)
+    cfg = override(
+        get_preset("mnist"),
+        {
+            "model.teacher": f"dit:{tmp_path / 'dit'}", "model.real": "teacher", "model.teacher_pool": 4,
+            "model.teacher_pool_steps": 2, "model.student_lora_rank": 2, "model.guidance_scale": 2.0,
+            "optim.batch_size": 2, "run.total_kimg": 0.004, "run.tensorboard": False, "run.sample_every_kimg": 0.0,
+        },
+    )  # fmt: skip
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.train()
+    den = tr.m.generator.denoiser
+    assert den.guidance_scale == 1.0 and tr.m.teacher.guidance_scale == 2.0  # only the teacher is guided
+    assert den.vae is tr.m.teacher.vae and all(k.startswith("denoiser.transformer.") for k in tr.ema.state_dict())
+    meta = json.loads((tmp_path / "run" / "lora" / "dibregman.json").read_text())
+    assert meta["lora"]["prefix"] == "transformer" and meta["lora"]["network_class"] == "DiTTransformer2DModel"
+    gen, _ = load_generator(tmp_path / "run")
+    z, labels = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    with torch.no_grad():
+        assert torch.equal(gen(z, labels), tr.ema(z, labels))

@@ -252,15 +252,6 @@ def export_diffusers(gen: OneStepGenerator, cfg, out_dir: str | Path, num_images
     return out
 
 
-def find_export(path: str | Path) -> Path | None:
-    """The export folder of a run folder (or the export folder itself); None if there is none."""
-    path = Path(path)
-    for cand in (path, path / "diffusers"):
-        if (cand / META_NAME).is_file():
-            return cand
-    return None
-
-
 def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
     """Rebuild a one-step text-to-image generator from its diffusers export; returns (generator, metadata)."""
     folder = Path(folder)

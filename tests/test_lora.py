@@ -15,6 +15,7 @@ from torch import nn
 
 from dibregman import checkpoint as ckpt
 from dibregman.build import build_models
+from dibregman.cli import main
 from dibregman.config import override
 from dibregman.evaluate_run import evaluate_run, load_snapshot
 from dibregman.generators import load_generator
@@ -244,6 +245,13 @@ def test_edm_lora_student_resumes_bitwise_exports_adapters_and_a_card_of_measure
     assert float(cells[0]) == round(newest["fid"], 3) and cells[1] == curve["protocol"] == "random"
     assert int(cells[3]) == newest["n_samples"] == 16 and cells[4] == newest["reference"]
     assert re.search(r"\| images seen \| 16 \|", card) and "dibregman sample --checkpoint" in card
+    out = run / "fid_digits.json"  # `eval --checkpoint RUN --out RUN/X.json`: the card lists that result too
+    argv = ["eval", "--checkpoint", str(run), "--features", "mnist", "--reference", "digits::test", "--num", "8",
+            "--metrics", "fid", "--device", "cpu", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    res, card = json.loads(out.read_text()), (folder / "README.md").read_text()
+    row = next(line for line in card.splitlines() if "fid_digits.json" in line)
+    assert row.startswith(f"| {res['fid']:.3f} | {res['protocol']} | mnist | 8 | {res['reference']} |")
     assert f"| divergence | `{full.cfg.divergence.name}`" in card
 
 

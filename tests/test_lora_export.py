@@ -31,6 +31,7 @@ BATCH = 2
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     tiny_sd_components(root / "sd", seed=0)
+    (root / "sd" / "README.md").write_text("---\nlicense: creativeml-openrail-m\ntags: [tiny]\n---\n# a teacher\n")
     tiny_sd3_components(root / "sd3", seed=0)
     tiny_flux_components(root / "flux", seed=0, guidance_embeds=True)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -120,6 +121,8 @@ def test_lora_student_loads_in_stock_diffusers_and_reproduces_its_samples(folder
     recipe = meta["diffusers"]
     assert f"from diffusers import {recipe['pipeline']}, {recipe['scheduler']['class']}" in card
     assert f'pipe.load_lora_weights("{folder}")' in card and f"sigmas={recipe['call']['sigmas']!r}" in card
+    licence = "creativeml-openrail-m" if kind == "sd" else None  # copied from the teacher's own model card
+    assert f"license: {licence or 'other'}\n" in card and (licence is None or f"`{licence}`, copied" in card)
 
 
 def test_lora_student_resumes_bitwise(folders, tmp_path):

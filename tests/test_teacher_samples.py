@@ -14,7 +14,7 @@ from dibregman import api
 from dibregman.cli import main
 from dibregman.evaluate import evaluate_samples
 from dibregman.generators import generate
-from dibregman.sample import sample_teacher
+from dibregman.sample import euler_sampler, sample_teacher
 from dibregman.teacher_samples import TeacherSampler, num_steps_for, teacher_sigmas
 from dibregman.teachers import load_teacher
 from tiny_flow_hf import tiny_sd3_components
@@ -65,6 +65,12 @@ def test_text_to_image_teachers_sample_prompts_and_flow_teachers_their_pipeline_
     assert main([*argv, "--prompt", "a cat", "--guidance-scale", "2.0", "--out", str(png)]) == 0 and png.is_file()
     assert main([*argv, "--out", str(png)]) == 2  # a text-to-image teacher needs prompts, as its students
     assert "needs --prompt/--prompts" in capsys.readouterr().err
+    sd, prompts = load_teacher(f"sd:{tmp_path / 'sd'}"), ["a cat", "a dog"]
+    x = api.sample_teacher(f"sd:{tmp_path / 'sd'}", 2, nfe=2, sampler="euler", prompts=prompts, seed=4)
+    z = torch.randn((2, *sd.shape), generator=torch.Generator().manual_seed(4))  # the z of the student's images
+    with torch.no_grad():
+        ref = sd.decode(euler_sampler(sd, z, teacher_sigmas(sd, 2, "euler"), prompts).float())
+    assert x.shape == (2, 3, 16, 16) and torch.equal(x, ref) and sd.guidance_scale == 7.5  # the teacher's own CFG
     tiny_sd3_components(tmp_path / "sd3", seed=0)
     sd3 = load_teacher(f"sd3:{tmp_path / 'sd3'}")
     assert torch.equal(teacher_sigmas(sd3, 4, "flow_euler"), sd3.sampling_sigmas(4))  # shift 3, as the pipeline

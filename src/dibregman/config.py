@@ -47,7 +47,9 @@ class ModelConfig:
         "networks/lora.py STUDENT_TARGETS), exported as pytorch_lora_weights.safetensors (0 = full weights)",
     )
     share_lora_base: bool = opt(
-        True, "LoRA networks (G, psi, G's EMA) use the teacher's frozen weights themselves: one copy in memory"
+        True,
+        "LoRA networks (G, psi, G's EMA) use the teacher's frozen weight tensors themselves: one copy in memory "
+        "(with teacher_bf16 that base is bf16 for all of them; False: each holds its own float32 copy)",
     )
     teacher_bf16: bool = opt(False, "text-to-image: keep the frozen teacher UNet, VAE and text encoder in bf16")
     real_cache: str | None = opt(None, "text-to-image: file caching the real side's latents (None = off)")

@@ -61,6 +61,8 @@ class TeacherSampler(nn.Module):
         self.register_buffer("sigmas", teacher_sigmas(teacher, nfe, sampler), persistent=False)
 
     def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        if isinstance(cond, list | tuple) and cond and isinstance(cond[0], str):  # prompts: encoded once, not per step
+            cond = self.denoiser.encode_prompts(list(cond))
         return SAMPLERS[self.sampler](self.denoiser, z, self.sigmas.to(z.device), cond).float()
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dibregman import checkpoint as ckpt
+from dibregman import trainer_state
 from dibregman.build import build_models
 from dibregman.cli import main
 from dibregman.config import override
@@ -148,9 +149,10 @@ def sd_dir(tmp_path_factory):
 
 
 def _states_equal(a: Trainer, b: Trainer) -> None:
+    """Networks, EMA and optimisers of two trainers bitwise equal (their checkpoints' entries)."""
+    x, y = trainer_state.state_dict(a), trainer_state.state_dict(b)
     for name in ("generator", "fake", "disc", "ema", "opt_g", "opt_c"):
-        x, y = a._state_dict()[name], b._state_dict()[name]
-        assert ckpt.content_checksum(x) == ckpt.content_checksum(y), name
+        assert ckpt.content_checksum(x[name]) == ckpt.content_checksum(y[name]), name
 
 
 def test_a_pre_peft_checkpoint_resumes_as_if_written_by_peft(sd_dir, tmp_path):

@@ -166,7 +166,8 @@ def test_features_are_the_mid_block_output(sd_dir):
     lora = trainable_copy(teacher, lora_rank=4)
     assert torch.equal(lora(x, sigma, PROMPTS[:2]), fake(x, sigma, PROMPTS[:2]))  # B = 0: starts as the copy
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
-    assert names and all(n.endswith(("down.weight", "up.weight")) for n in names)
+    assert names and all(n.endswith(("lora_A.default.weight", "lora_B.default.weight")) for n in names)
+    assert set(lora.state_dict()) == set(names)  # the base is the teacher's: never in a state dict
 
 
 # ---- end to end --------------------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_captioned_images_with_lora_checkpointing_and_cache(sd_dir, prompts_file
     assert any(not torch.equal(a, b) for a, b in zip(gen0, tr.m.generator.parameters(), strict=True))
     fake1 = tr.m.fake.state_dict()
     changed = {k for k in fake0 if not torch.equal(fake0[k], fake1[k])}
-    assert changed and all(k.endswith(("down.weight", "up.weight")) for k in changed)  # only LoRA trains
+    assert changed and all(k.endswith(("lora_A.default.weight", "lora_B.default.weight")) for k in changed)
     assert (tmp_path / "real.safetensors").is_file()
     again = build_models(tr.cfg, torch.device("cpu"))  # from the cache
     g = torch.Generator().manual_seed(0)

@@ -4,6 +4,7 @@ from dibregman import api
 cfg = api.preset("mnist", **{"divergence.name": "sba", "divergence.lam": 5})
 summary = api.distill(cfg, "runs/mnist-sba")          # dibregman distill
 images = api.sample("runs/mnist-sba", 64)              # dibregman sample
+teacher = api.sample_teacher("edm:assets/mnist_teacher.safetensors", 64, nfe=35)  # sample --teacher ... --nfe 35
 scores = api.evaluate(images, "mnist:data/mnist:test") # dibregman eval
 """
 
@@ -51,6 +52,26 @@ def sample(checkpoint: str | Path, num: int, *, seed: int = 0, device: str = "cp
     return generate(gen, num, seed=seed, device=device)
 
 
+def sample_teacher(
+    teacher: str,  # teacher spec KIND:ARG
+    num: int,
+    *,
+    nfe: int = 35,  # denoiser evaluations (Heun: odd, 2N - 1 for N steps)
+    sampler: str = "heun",  # heun | euler | ddim | flow_euler (`teacher_samples.SAMPLERS`)
+    prompts: list[str] | None = None,  # text-to-image teachers: the prompts (cycled, a grid column each)
+    guidance_scale: float | None = None,  # classifier-free guidance (None: the teacher's own)
+    seed: int = 0,  # the z of `sample(run, num, seed=seed)`: student and teacher samples side by side
+    device: str = "cpu",
+) -> torch.Tensor:
+    """`num` samples of the teacher's ODE chain with `nfe` evaluations (decoded images for a latent teacher); the
+    same as `dibregman sample --teacher SPEC --nfe N`."""
+    from .teacher_samples import sample_teacher_spec
+
+    x, _ = sample_teacher_spec(teacher, num, nfe=nfe, sampler=sampler, prompts=prompts, seed=seed,
+                               guidance_scale=guidance_scale, device=device)  # fmt: skip
+    return x
+
+
 def evaluate(samples: torch.Tensor, reference="mnist:data/mnist:test", **kwargs) -> dict:
     """FID / KID / precision-recall (see `dibregman.evaluate.evaluate_samples` for the options)."""
     from .evaluate import evaluate_samples
@@ -67,4 +88,4 @@ def train_teacher(run_dir: str | Path, preset: str = "mnist", **options) -> Path
     return _train(teacher_config(preset, **options), run_dir)  # ValueError naming an unknown or invalid option
 
 
-__all__ = ["preset", "distill", "sample", "evaluate", "train_teacher"]
+__all__ = ["preset", "distill", "sample", "sample_teacher", "evaluate", "train_teacher"]

@@ -10,7 +10,6 @@ a family.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from collections.abc import Callable
@@ -22,10 +21,12 @@ from . import divergences
 from .conditions import LabelSet
 from .config import DistillConfig
 from .draws import generator_for
+from .export import export_student
 from .generators import export_generator, preview_samples
 from .models import Models
 from .networks.discriminator import build_critic
 from .networks.generator import OneStepGenerator
+from .networks.lora import full_copy, lora_copy
 from .networks.mlp import MLPConfig, MLPDenoiser
 from .noise import edm_preconditioning
 
@@ -35,8 +36,9 @@ def _frozen(net: nn.Module) -> nn.Module:
 
 
 def _trainable_copy(net: nn.Module) -> nn.Module:
-    # eval(): no dropout, so a run is a deterministic function of its seed; gradients still flow.
-    return copy.deepcopy(net).eval().requires_grad_(True)
+    # eval(): no dropout, so a run is a deterministic function of its seed; gradients still flow. full_copy: weights
+    # the teacher shares with LoRA copies (`networks/lora.py`) are copied too.
+    return full_copy(net).eval().requires_grad_(True)
 
 
 def pretrain_mlp(teacher, cfg: DistillConfig, device) -> MLPDenoiser:
@@ -147,7 +149,7 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
         teacher.feature_depth = cfg.model.feature_depth
     analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
     init = (pretrain or pretrain_mlp)(teacher, cfg, device) if analytic else teacher
-    generator = OneStepGenerator(_trainable_copy(init), cfg.model.sigma_init).to(device)
+    generator = OneStepGenerator(_student_copy(init, cfg.model, analytic), cfg.model.sigma_init).to(device)
     fake = _trainable_copy(init).to(device)
     num_classes = int(getattr(teacher, "num_classes", 0) or 0)  # class-conditional: labels are the conditions
     labels = LabelSet(num_classes) if num_classes else None
@@ -159,7 +161,19 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
     decode = getattr(teacher, "decode", None)  # a latent-space teacher's pictures are decoded
     preview = functools.partial(preview_samples, real=real, shape=shape, num_classes=num_classes, decode=decode)
     sd = float(teacher.sigma_data)
-    return Models(teacher, generator, critic, shape, sd, real, export_generator, preview, labels, labels)
+    export = functools.partial(export_student, full=export_generator)  # + a model card beside it
+    return Models(teacher, generator, critic, shape, sd, real, export, preview, labels, labels)
+
+
+def _student_copy(init: nn.Module, m, analytic: bool) -> nn.Module:
+    """G's network: a full trainable copy, or LoRA adapters on init's frozen weights (`model.student_lora_rank`)."""
+    if not m.student_lora_rank:
+        return _trainable_copy(init)
+    if analytic:
+        raise ValueError(
+            "model.student_lora_rank needs a teacher network to adapt; an analytic teacher has none: use 0"
+        )
+    return lora_copy(init, m.student_lora_rank, share_base=m.share_lora_base)
 
 
 def objective(cfg: DistillConfig) -> tuple[divergences.Divergence, divergences.Stabilizer]:

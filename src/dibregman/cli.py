@@ -86,16 +86,19 @@ def cmd_export(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from .generators import load_generator, sample_export
+    from .generators import sample_export
     from .viz import save_image_grid, save_scatter
 
     _positive(args, "num", "batch")
     _writable(args.out, "--out")
+    if bool(args.checkpoint) == bool(args.teacher):
+        raise ValueError("give one of --checkpoint RUN_OR_EXPORT (a student) or --teacher SPEC --nfe N (its teacher)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; use --device cpu or auto")
-    gen, meta = load_generator(args.checkpoint, device)
+    gen, meta = _load_sampler(args, device)
     x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
+    what = f"teacher samples ({args.sampler}, {args.nfe} evaluations)" if args.teacher else "one-step samples"
     out = args.out
     if out.endswith(".npz"):
         import numpy as np
@@ -106,7 +109,17 @@ def cmd_sample(args) -> None:
     else:
         save_scatter(x, out)
     finite = torch.isfinite(x.flatten(1)).all(1)
-    print(f"wrote {len(x)} one-step samples to {out} ({int((~finite).sum())} non-finite)")
+    print(f"wrote {len(x)} {what} to {out} ({int((~finite).sum())} non-finite)")
+
+
+def _load_sampler(args, device):
+    """(generator, metadata) of --checkpoint, or of --teacher's ODE chain at --nfe evaluations (the same z)."""
+    from .generators import load_generator
+    from .teacher_samples import teacher_generator
+
+    if args.teacher:
+        return teacher_generator(args.teacher, args.nfe, args.sampler, args.guidance_scale, device)
+    return load_generator(args.checkpoint, device)
 
 
 def _sample_prompts(args) -> list[str]:
@@ -146,11 +159,14 @@ def _eval(args, device) -> None:
         )
         if dist.rank() == 0:
             print(f"wrote {ref.protocol} statistics to {save_stats(ref, args.write_stats)}", file=sys.stderr)
-    sources = sum(map(bool, (args.samples, args.checkpoint, args.run)))
+    sources = sum(map(bool, (args.samples, args.checkpoint, args.run, args.teacher)))
     if sources == 0 and args.write_stats:
         return
     if sources != 1 or bool(args.run) != bool(args.every_ckpt or args.ckpt):
-        raise ValueError("give one of --samples PATH, --checkpoint PATH or --run RUN with --every-ckpt / --ckpt FILE")
+        raise ValueError(
+            "give one of --samples PATH, --checkpoint PATH, --teacher SPEC --nfe N or --run RUN with "
+            "--every-ckpt / --ckpt FILE"
+        )
     if args.run:
         from .evaluate_run import evaluate_run, fid_table
 
@@ -158,11 +174,10 @@ def _eval(args, device) -> None:
                            seed=args.seed, out=args.out or None, **kw, **opts)  # fmt: skip
         dist.print0(fid_table(out["rows"]) + "\n" + "\n".join(f"wrote {p}" for p in out.get("written", [])))
         return
-    if args.checkpoint:
-        from .generators import load_generator
-
-        gen, _ = load_generator(args.checkpoint, device)
+    if args.checkpoint or args.teacher:
+        gen, meta = _load_sampler(args, device)
         res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, **kw, **opts)
+        res.update({k: meta[k] for k in ("teacher", "sampler", "nfe") if k in meta})
     else:
         samples = evaluate.load_samples(args.samples)
         res = evaluate.evaluate_samples(samples, args.reference, seed=args.seed, **kw, **opts)
@@ -170,6 +185,10 @@ def _eval(args, device) -> None:
     if args.out and dist.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
+        if args.checkpoint and Path(args.out).parent.is_dir():  # written into a run folder: the card lists it
+            from .modelcard import refresh
+
+            refresh(Path(args.out).parent)
 
 
 def cmd_divergences(args) -> None:
@@ -264,6 +283,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _teacher_flags(p) -> None:
+    """--teacher SPEC --nfe N --sampler S --guidance-scale W: a teacher's samples instead of a student's."""
+    p.add_argument("--teacher", default="", help="teacher spec KIND:ARG: sample the teacher's ODE chain instead")
+    p.add_argument("--nfe", type=int, default=35, help="with --teacher: denoiser evaluations (Heun: odd, 2N - 1)")
+    p.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim", "flow_euler"], help="with --teacher")
+    p.add_argument("--guidance-scale", type=float, default=None, help="with --teacher: its CFG (default: its own)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -298,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run's newest checkpoint (also a sharded one) as its generator file")
     x.add_argument("run_dir", help="distillation run folder")
 
-    s = sub.add_parser("sample", help="one-step samples from an exported generator")
-    s.add_argument("--checkpoint", required=True, help="run folder or generator.safetensors")
+    s = sub.add_parser("sample", help="one-step samples from an exported generator, or its teacher's (--teacher)")
+    s.add_argument("--checkpoint", default="", help="run or export folder (LoRA, diffusers) or generator.safetensors")
+    _teacher_flags(s)
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=256)
@@ -312,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", default="", help=".npz or image folder")
     e.add_argument("--checkpoint", default="", help="run folder or generator.safetensors")
     e.add_argument("--run", default="", help="run folder: FID versus images of its EMA snapshots (JSON + PNG)")
+    _teacher_flags(e)
     e.add_argument("--every-ckpt", action="store_true", help="with --run: every ckpt-*.pt and ema-*.safetensors")
     e.add_argument("--ckpt", action="append", default=[], help="with --run: only these snapshot files (repeatable)")
     e.add_argument("--reference", default="mnist:data/mnist:test", help="KIND:PATH[:split] or stats:FILE.npz")

@@ -45,6 +45,16 @@ class ModelConfig:
         "pass (text-to-image: diffusers' own switch)",
     )
     fake_lora_rank: int = opt(0, "text-to-image: LoRA rank of psi's attention projections (0 = full weights)")
+    student_lora_rank: int = opt(
+        0,
+        "LoRA rank of the student G: PEFT adapters on the teacher's network (targets per network class: "
+        "networks/lora.py STUDENT_TARGETS), exported as pytorch_lora_weights.safetensors (0 = full weights)",
+    )
+    share_lora_base: bool = opt(
+        True,
+        "LoRA networks (G, psi, G's EMA) use the teacher's frozen weight tensors themselves: one copy in memory "
+        "(with teacher_bf16 that base is bf16 for all of them; False: each holds its own float32 copy)",
+    )
     teacher_bf16: bool = opt(False, "text-to-image: keep the frozen teacher UNet, VAE and text encoder in bf16")
     real_cache: str | None = opt(None, "text-to-image: file caching the real side's latents (None = off)")
     resolution: int | None = opt(None, "sd3/flux: image side in pixels (None = SD3's sample_size, FLUX's 1024)")
@@ -211,6 +221,7 @@ AT_LEAST = {  # lower bounds of counts, rates and periods (0 = off where the fie
     **dict.fromkeys(("run.log_every_kimg", "run.ckpt_every_kimg", "run.sample_every_kimg"), 0),
     **dict.fromkeys(("run.max_bad_steps", "run.keep_ckpts"), 1),
     "model.resolution": 1,
+    "model.student_lora_rank": 0,
 }
 
 

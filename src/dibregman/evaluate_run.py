@@ -70,6 +70,10 @@ def load_snapshot(path: str | Path, device="cpu") -> OneStepGenerator:
     latent = hasattr(teacher, "encode_prompts") or hasattr(teacher, "decode")  # text or latent-space teachers
     if latent or not any(True for _ in teacher.parameters()):
         raise ValueError(f"{path}: FID curves need an unconditional image generator (teacher {cfg.model.teacher!r})")
+    if cfg.model.student_lora_rank:  # a LoRA student: adapters (the checkpoint's) on the teacher's weights
+        from .networks.lora import lora_copy
+
+        teacher = lora_copy(teacher, cfg.model.student_lora_rank)
     gen = OneStepGenerator(teacher, cfg.model.sigma_init)  # the generator is a copy of the teacher network
     gen.load_state_dict(state["ema"])
     return gen.to(device).eval().requires_grad_(False)
@@ -114,6 +118,11 @@ def evaluate_run(
         out.with_suffix(".json").write_text(json.dumps(curve, indent=2))
         plot_curve(curve, out.with_suffix(".png"))
         curve["written"] = [str(out.with_suffix(".json")), str(out.with_suffix(".png"))]
+        if out.parent.resolve() == Path(run_dir).resolve():  # the export's model card lists the new FID
+            from .modelcard import refresh
+
+            card = refresh(run_dir)
+            curve["written"] += [str(card)] if card else []
     return curve
 
 

@@ -1,7 +1,8 @@
 """Exported one-step generators: metadata to rebuild the network, and loading for `dibregman sample`/`eval`.
 
 An export is `generator.safetensors` (EMA weights of `OneStepGenerator`) + `generator.json` (how to rebuild
-it); text-to-image runs write a diffusers folder instead (`teachers/t2i.py`).
+it); text-to-image runs write a diffusers folder instead (`teachers/t2i.py`), LoRA students their adapters
+(`export.py`).
 Loading never executes code from a file.
 """
 
@@ -20,8 +21,14 @@ from .networks.unet import EDMDenoiser, UNetConfig, build_unet
 
 
 def generator_meta(gen: OneStepGenerator, cfg, num_images: int) -> dict:
+    from .networks.lora import adapted_network, is_adapted
+
     net = gen.denoiser
-    if isinstance(net, EDMDenoiser):
+    if is_adapted(net):  # LoRA adapters on a copy of the teacher: rebuilt from the teacher spec, adapters loaded
+        info = adapted_network(net)[1].dibregman_lora
+        network = {"type": "teacher-lora", "teacher": cfg.model.teacher, "rank": info["rank"],
+                   "target_modules": info["targets"]}  # fmt: skip
+    elif isinstance(net, EDMDenoiser):
         network = {"type": "edm-unet", "config": net.cfg.to_dict()}
     elif isinstance(net, MLPDenoiser):
         network = {"type": "mlp", "config": net.cfg.to_dict()}
@@ -71,18 +78,19 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
     working directory may name a package asset such as `assets/mnist_student.safetensors`); returns
     (generator, metadata).
 
-    Text-to-image runs export a diffusers folder (`<run_dir>/diffusers`, see `t2i.export_diffusers`) instead.
+    Text-to-image runs export a diffusers folder (`<run_dir>/diffusers`, see `t2i.export_diffusers`) and LoRA
+    students their adapters (`<run_dir>/lora`, see `export.py`) instead: a folder holding either is read too.
     """
     path = Path(path)
     if not path.exists() and not path.is_absolute():  # a shipped asset, e.g. assets/mnist_student.safetensors
         packaged = Path(__file__).resolve().parent / path
         path = packaged if packaged.exists() else path
-    if path.is_dir():
-        from .teachers.t2i import find_export, load_t2i_generator
+    if path.is_dir():  # a run folder or an export folder: LoRA adapters or a diffusers folder (`export.py`)
+        from .export import find_export, load_export
 
         folder = find_export(path)
         if folder is not None:
-            return load_t2i_generator(folder, device)
+            return load_export(folder, device)
         path = path / "generator.safetensors"
     if not path.exists():
         raise FileNotFoundError(
@@ -92,9 +100,15 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
     if meta.get("kind") != "dibregman-one-step-generator":
         raise ValueError(f"{path} is not a dibregman generator export (kind={meta.get('kind')!r})")
     net_meta = meta.get("network") or {}
-    if net_meta.get("type") not in ("edm-unet", "mlp", "teacher-copy") or "sigma_init" not in meta:
-        raise ValueError(f"{path}: its JSON lacks a valid network description (type edm-unet | mlp | teacher-copy)")
-    if net_meta["type"] == "edm-unet":
+    kinds = ("edm-unet", "mlp", "teacher-copy", "teacher-lora")
+    if net_meta.get("type") not in kinds or "sigma_init" not in meta:
+        raise ValueError(f"{path}: its JSON lacks a valid network description (type {' | '.join(kinds)})")
+    if net_meta["type"] == "teacher-lora":
+        from .networks.lora import lora_copy
+        from .teachers import load_teacher
+
+        net = lora_copy(load_teacher(net_meta["teacher"]), net_meta["rank"], tuple(net_meta["target_modules"]))
+    elif net_meta["type"] == "edm-unet":
         net = build_unet(UNetConfig.from_dict(net_meta["config"]))
     elif net_meta["type"] == "mlp":
         net = MLPDenoiser(MLPConfig(**net_meta["config"]))
@@ -146,7 +160,7 @@ def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 
 def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 0, batch_size: int = 256):
     """`num` samples of a loaded export and the columns of their grid: (samples on the CPU, ncol). A text-to-image
     export takes prompts (cycled, a column each) and only it does."""
-    device = next(gen.parameters()).device
+    device = next(iter([*gen.parameters(), *gen.buffers()]), torch.empty(0)).device
     text_to_image = meta.get("kind") == "dibregman-one-step-text-to-image"
     if text_to_image != bool(prompts):
         raise ValueError("a text-to-image export needs --prompt/--prompts, and only such exports take them")

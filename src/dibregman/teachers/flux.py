@@ -53,6 +53,7 @@ class FluxTeacher(MMDiTTeacher):
 
     family = "flux"
     subfolders = SUBFOLDERS
+    pipeline_class = "FluxPipeline"
     max_shift_default = 1.15  # FluxPipeline's
 
     def __init__(

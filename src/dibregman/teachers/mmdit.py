@@ -214,6 +214,29 @@ class MMDiTTeacher(LatentVAE, FlowDenoiser):
             "usage": self.usage,
         }
 
+    pipeline_class = "StableDiffusion3Pipeline"  # the diffusers pipeline of the family
+
+    def pipeline_recipe(self, sigma_init: float) -> dict:
+        """How stock diffusers runs one student step (a LoRA export's dibregman.json): the family's pipeline with a
+        flow Euler scheduler without shift whose one time is t = sigma_init / (1 + sigma_init), latents t z (the
+        student's input x_t), no classifier-free guidance (a guidance-distilled FLUX keeps its guidance input);
+        the step to t = 0 is x_t - t v, the student's output."""
+        t = float(time_of_sigma(torch.tensor(float(sigma_init), dtype=torch.float64)))
+        _, guidance = self.guidance()
+        pixels = self.shape[1] * self.vae_scale_factor
+        call = {"sigmas": [t], "guidance_scale": 1.0 if guidance is None else guidance, "height": pixels,
+                "width": pixels, "max_sequence_length": getattr(self, "max_sequence_length", 256)}  # fmt: skip
+        return {
+            "pipeline": self.pipeline_class,
+            "scheduler": {
+                "class": "FlowMatchEulerDiscreteScheduler",
+                "config": {"shift": 1.0, "use_dynamic_shifting": False},
+            },
+            "call": call,
+            "latents_scale": t,  # the pipeline's latents: t * N(0, I) (it takes them as they are)
+            "latents_packed": self.family == "flux",  # FLUX takes its latents packed in 2x2 tokens
+        }
+
     usage = (
         "z = randn; v = transformer(input_scale * z, timestep, text) (no guidance); z0 = input_scale * (z - v); "
         "image = vae.decode(z0 / scaling_factor + shift_factor). Or: dibregman sample --checkpoint DIR --prompt TEXT"

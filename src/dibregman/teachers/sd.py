@@ -124,6 +124,19 @@ class StableDiffusionTeacher(LatentVAE, DiscreteVPDenoiser):
             "Or: dibregman sample --checkpoint DIR --prompt TEXT",
         }
 
+    def pipeline_recipe(self, sigma_init: float) -> dict:
+        """How stock diffusers runs one student step (a LoRA export's dibregman.json): `StableDiffusionPipeline`
+        with an Euler scheduler whose one sigma is sigma_init ("trailing": latents = sigma_init z, the UNet reads
+        them / sqrt(1 + sigma_init^2) at the timestep of sigma_init), no guidance; Euler's step to sigma = 0 is
+        x0 = x - sigma_init eps, the student's output."""
+        return {
+            "pipeline": "StableDiffusionPipeline",
+            "scheduler": {"class": "EulerDiscreteScheduler",
+                          "config": {"timestep_spacing": "trailing", "prediction_type": self.prediction_type}},
+            "call": {"sigmas": [float(sigma_init), 0.0], "guidance_scale": 1.0},
+            "latents_scale": 1.0,  # the pipeline's latents: latents_scale * N(0, I) (it multiplies by sigma_init)
+        }  # fmt: skip
+
     @classmethod
     def from_folder(
         cls,

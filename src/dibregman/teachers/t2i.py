@@ -3,8 +3,10 @@
 
 Algorithm 1 with conditions c (text embeddings of prompts):
 - phi: the teacher with classifier-free guidance scale w (`model.guidance_scale`), frozen;
-- G_theta(z, c) = U_theta(sigma_init z, sigma_init, c): a copy of the teacher's network (line 1), NOT guided;
+- G_theta(z, c) = U_theta(sigma_init z, sigma_init, c): a copy of the teacher's network (line 1), NOT guided
+  (full weights, or PEFT LoRA adapters on the teacher's frozen weights: `model.student_lora_rank`);
 - psi(x, sigma, c): another copy without guidance (optionally LoRA, `model.fake_lora_rank`);
+LoRA copies use the teacher's frozen tensors themselves (`model.share_lora_base`, `networks/lora.py`).
 - eta: a head on psi's features (a UNet's bottleneck, a transformer's image tokens at `model.feature_depth`).
 Only the network (UNet or transformer) trains. The VAE, text encoders and tokenizers stay in the teacher and are
 shared by reference (never copied, never in a state dict). Conditions c ~ D_c come from `model.prompts`; the real
@@ -19,7 +21,9 @@ A text-to-image teacher offers (`sd.StableDiffusionTeacher`, `mmdit.MMDiTTeacher
     encode(images), decode(latents), vae_scale_factor, shape, sigma_data
     export_meta(sigma_init)                how one student step runs in plain diffusers, and `load_kwargs` with
                                            which `from_folder` reloads the export as the student
-Export: a diffusers folder (the EMA generator's network in its subfolder + the teacher's other components,
+    pipeline_recipe(sigma_init)            how the family's stock diffusers pipeline runs it (LoRA exports)
+Export (`export.export_student`): a LoRA student's adapters (`<run_dir>/lora/`, diffusers' LoRA file), else
+a diffusers folder (the EMA generator's network in its subfolder + the teacher's other components,
 hard-linked or copied) with `dibregman.json` (sigma_init, the family's one-step recipe, `usage`).
 For `sd`: input_scale = sigma_init / sqrt(1 + sigma_init^2) and, for an epsilon model (v / sample:
 `x0_from_model_output`),
@@ -30,7 +34,6 @@ For `sd`: input_scale = sigma_init / sqrt(1 + sigma_init^2) and, for an epsilon 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -45,20 +48,26 @@ from ..draws import seed_for
 from ..models import Models
 from ..networks.discriminator import build_critic
 from ..networks.generator import OneStepGenerator
-from ..networks.lora import add_lora
+from ..networks.lora import PSI_TARGETS, full_copy, lora_copy
 from . import FAMILIES, resolve_path
 
 META_NAME = "dibregman.json"  # the export's description, beside model_index.json
 META_KIND = "dibregman-one-step-text-to-image"
 
 
-def trainable_copy(teacher, *, lora_rank: int = 0, grad_checkpointing: bool = False):
-    """A float32 copy of the teacher's network as a guidance-free denoiser (full weights or LoRA trainable)."""
-    net = copy.deepcopy(teacher.network).float().eval()  # eval(): no dropout, runs are functions of their seed
-    if lora_rank > 0:
-        add_lora(net, lora_rank)
+def trainable_copy(
+    teacher,
+    *,
+    lora_rank: int = 0,  # 0: full float32 weights, all trainable; r > 0: LoRA adapters of rank r only
+    targets: tuple[str, ...] | None = PSI_TARGETS,  # LoRA layers (None: the student's, `lora.STUDENT_TARGETS`)
+    share_base: bool = True,  # LoRA: the frozen base weights are the teacher's own tensors
+    grad_checkpointing: bool = False,
+):
+    """A copy of the teacher's network as a guidance-free denoiser: full weights or LoRA adapters trainable."""
+    if lora_rank > 0:  # eval(): no dropout, runs are functions of their seed
+        net = lora_copy(teacher.network, lora_rank, targets, share_base=share_base)
     else:
-        net.requires_grad_(True)
+        net = full_copy(teacher.network).float().eval().requires_grad_(True)
     if grad_checkpointing:
         net.enable_gradient_checkpointing()
     return teacher.unguided(net)
@@ -85,11 +94,12 @@ def build_t2i_models(cfg, teacher, device) -> Models:
         teacher.feature_depth = m.feature_depth  # where the head reads a transformer's tokens
     teacher.uncond_embedding()  # cached once, outside autocast
     conditions = ConditionSet(read_prompts(m.prompts), teacher.encode_prompts)
-    gen = OneStepGenerator(trainable_copy(teacher, grad_checkpointing=m.grad_checkpointing), m.sigma_init)
-    fake = trainable_copy(teacher, lora_rank=m.fake_lora_rank, grad_checkpointing=m.grad_checkpointing)
+    kw = dict(share_base=m.share_lora_base, grad_checkpointing=m.grad_checkpointing)
+    gen = OneStepGenerator(trainable_copy(teacher, lora_rank=m.student_lora_rank, targets=None, **kw), m.sigma_init)
+    fake = trainable_copy(teacher, lora_rank=m.fake_lora_rank, **kw)
     critic = build_critic(fake, m.disc_head, m.disc_placement, teacher=teacher.unguided(teacher.network))
-    if m.teacher_bf16:
-        teacher.to(torch.bfloat16)  # after copying: the trainable networks keep the float32 weights
+    if m.teacher_bf16:  # after copying: full-weight copies keep float32 weights, LoRA ones share the bf16 base
+        teacher.to(torch.bfloat16)
     latents, captions = real_side(cfg, teacher, conditions, device)
     real_conditions = ConditionSet(captions, teacher.encode_prompts)
 
@@ -97,8 +107,11 @@ def build_t2i_models(cfg, teacher, device) -> Models:
         idx = torch.randint(len(latents), (n,), generator=g)
         return latents[idx], idx
 
-    def export(gen, cfg, run_dir, num_images: int) -> Path:
-        return export_diffusers(gen, cfg, Path(run_dir) / "diffusers", num_images)
+    def export(gen, cfg, run_dir, num_images: int) -> Path:  # LoRA adapters, or a diffusers folder; + model card
+        from ..export import export_student
+
+        full = lambda g, c, r, n: export_diffusers(g, c, Path(r) / "diffusers", n)  # noqa: E731
+        return export_student(gen, cfg, run_dir, num_images, full)
 
     def preview(gen, path, seed: int, device, title: str = "") -> None:  # fixed prompts, a column each
         from ..viz import save_image_grid
@@ -231,15 +244,6 @@ def export_diffusers(gen: OneStepGenerator, cfg, out_dir: str | Path, num_images
     return out
 
 
-def find_export(path: str | Path) -> Path | None:
-    """The export folder of a run folder (or the export folder itself); None if there is none."""
-    path = Path(path)
-    for cand in (path, path / "diffusers"):
-        if (cand / META_NAME).is_file():
-            return cand
-    return None
-
-
 def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
     """Rebuild a one-step text-to-image generator from its diffusers export; returns (generator, metadata)."""
     folder = Path(folder)
@@ -255,13 +259,14 @@ def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerat
 
 @torch.no_grad()
 def sample_images(gen: OneStepGenerator, prompts: list[str], *, seed: int = 0, batch_size: int = 8, device="cpu"):
-    """One-step images [len(prompts), 3, H, W] in [-1, 1], VAE-decoded, on the CPU; deterministic in seed."""
+    """One-step images [len(prompts), 3, H, W] in [-1, 1], VAE-decoded, on the CPU; deterministic in seed. (Any
+    gen(z, prompts) with `.denoiser.shape` works: `teacher_samples.TeacherSampler` runs the teacher's chain.)"""
     den = gen.denoiser
     z = torch.randn((len(prompts), *den.shape), generator=torch.Generator().manual_seed(seed))
     out = []
     for i in range(0, len(prompts), batch_size):
         latents = gen(z[i : i + batch_size].to(device), list(prompts[i : i + batch_size]))
-        out.append(den.text.decode(latents.float()).cpu())
+        out.append(getattr(den, "text", den).decode(latents.float()).cpu())  # a copy's shared parts, or the teacher
     return torch.cat(out)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dibregman import divergences
-from dibregman.config import config_diff
+from dibregman.config_help import config_diff
 
 RESULT = "result.json"
 FIGURE4 = (  # (label, divergence, parameters): the paper's Figure 4 (reverse KL, SBA(lambda)), LR (= JS), forward KL

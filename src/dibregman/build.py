@@ -21,7 +21,6 @@ from . import divergences
 from .conditions import LabelSet
 from .config import DistillConfig
 from .draws import generator_for
-from .export import export_student
 from .generators import export_generator, preview_samples
 from .models import Models
 from .networks.discriminator import build_critic
@@ -161,8 +160,7 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
     decode = getattr(teacher, "decode", None)  # a latent-space teacher's pictures are decoded
     preview = functools.partial(preview_samples, real=real, shape=shape, num_classes=num_classes, decode=decode)
     sd = float(teacher.sigma_data)
-    export = functools.partial(export_student, full=export_generator)  # + a model card beside it
-    return Models(teacher, generator, critic, shape, sd, real, export, preview, labels, labels)
+    return Models(teacher, generator, critic, shape, sd, real, export_generator, preview, labels, labels)
 
 
 def _student_copy(init: nn.Module, m, analytic: bool) -> nn.Module:

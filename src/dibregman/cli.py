@@ -86,6 +86,7 @@ def cmd_export(args) -> None:
 def cmd_sample(args) -> None:
     import torch
 
+    from . import teacher_samples
     from .generators import sample_export
     from .viz import save_image_grid, save_scatter
 
@@ -96,7 +97,7 @@ def cmd_sample(args) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; use --device cpu or auto")
-    gen, meta = _load_sampler(args, device)
+    gen, meta = teacher_samples.load_sampler(args, device)
     x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
     what = f"teacher samples ({args.sampler}, {args.nfe} evaluations)" if args.teacher else "one-step samples"
     out = args.out
@@ -110,16 +111,6 @@ def cmd_sample(args) -> None:
         save_scatter(x, out)
     finite = torch.isfinite(x.flatten(1)).all(1)
     print(f"wrote {len(x)} {what} to {out} ({int((~finite).sum())} non-finite)")
-
-
-def _load_sampler(args, device):
-    """(generator, metadata) of --checkpoint, or of --teacher's ODE chain at --nfe evaluations (the same z)."""
-    from .generators import load_generator
-    from .teacher_samples import teacher_generator
-
-    if args.teacher:
-        return teacher_generator(args.teacher, args.nfe, args.sampler, args.guidance_scale, device)
-    return load_generator(args.checkpoint, device)
 
 
 def _sample_prompts(args) -> list[str]:
@@ -142,7 +133,7 @@ def cmd_eval(args) -> None:
 
 
 def _eval(args, device) -> None:
-    from . import dist, evaluate
+    from . import dist, evaluate, teacher_samples
 
     _positive(args, "num", "trials", "batch")
     if args.out:
@@ -175,7 +166,7 @@ def _eval(args, device) -> None:
         dist.print0(fid_table(out["rows"]) + "\n" + "\n".join(f"wrote {p}" for p in out.get("written", [])))
         return
     if args.checkpoint or args.teacher:
-        gen, meta = _load_sampler(args, device)
+        gen, meta = teacher_samples.load_sampler(args, device)
         res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, **kw, **opts)
         res.update({k: meta[k] for k in ("teacher", "sampler", "nfe") if k in meta})
     else:
@@ -283,15 +274,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _teacher_flags(p) -> None:
-    """--teacher SPEC --nfe N --sampler S --guidance-scale W: a teacher's samples instead of a student's."""
-    p.add_argument("--teacher", default="", help="teacher spec KIND:ARG: sample the teacher's ODE chain instead")
-    p.add_argument("--nfe", type=int, default=35, help="with --teacher: denoiser evaluations (Heun: odd, 2N - 1)")
-    p.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim", "flow_euler"], help="with --teacher")
-    p.add_argument("--guidance-scale", type=float, default=None, help="with --teacher: its CFG (default: its own)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .teacher_samples import add_teacher_flags
+
     p = _Parser(prog="dibregman", description="Di-Bregman one-step diffusion distillation")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -327,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="one-step samples from an exported generator, or its teacher's (--teacher)")
     s.add_argument("--checkpoint", default="", help="run or export folder (LoRA, diffusers) or generator.safetensors")
-    _teacher_flags(s)
+    add_teacher_flags(s)
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=256)
@@ -340,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", default="", help=".npz or image folder")
     e.add_argument("--checkpoint", default="", help="run folder or generator.safetensors")
     e.add_argument("--run", default="", help="run folder: FID versus images of its EMA snapshots (JSON + PNG)")
-    _teacher_flags(e)
+    add_teacher_flags(e)
     e.add_argument("--every-ckpt", action="store_true", help="with --run: every ckpt-*.pt and ema-*.safetensors")
     e.add_argument("--ckpt", action="append", default=[], help="with --run: only these snapshot files (repeatable)")
     e.add_argument("--reference", default="mnist:data/mnist:test", help="KIND:PATH[:split] or stats:FILE.npz")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, get_args, get_origin
 
 from .distill import Weighting
-from .divergences import Normalize
+from .divergences import Normalize, divergence_params
 from .noise import SigmaScheduleName
 
 
@@ -293,11 +293,6 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
-def divergence_params(d: DivergenceConfig) -> dict:
-    """The keyword parameters of the chosen divergence (lam for sba, alpha for alpha, none otherwise)."""
-    return {"sba": {"lam": d.lam}, "alpha": {"alpha": d.alpha}}.get(d.name, {})
-
-
 def saved_divergence_params(section: dict) -> dict:
     """`divergence_params` of a saved config's `divergence` section (a dict; keys this version lacks are ignored)."""
     known = {f.name for f in fields(DivergenceConfig)}
@@ -343,38 +338,6 @@ def override(cfg: DistillConfig, pairs: dict) -> DistillConfig:
     return replace(cfg, **sections)
 
 
-# Keys that may change between a checkpoint and its resumption (length and reporting only; the length not
-# under a cosine lr schedule, which depends on it).
-RESUMABLE_CHANGES = {
-    "run.total_kimg",
-    "run.log_every_kimg",
-    "run.ckpt_every_kimg",
-    "run.sample_every_kimg",
-    "run.keep_ckpts",
-    "run.keep_ema_every_kimg",
-    "run.threads",
-    "run.device",
-    "run.parallel",
-    "run.cpu_offload",
-    "model.grad_checkpointing",
-    "run.tensorboard",
-    "run.max_bad_steps",
-}
-
-
-def config_diff(a: dict, b: dict, prefix: str = "") -> set:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = set(a) | set(b)
-    out = set()
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb and not (isinstance(va, float | int) and isinstance(vb, float | int) and math.isclose(va, vb)):
-            out.add(f"{prefix}{k}")
-    return out
-
-
 def _parse_value(text: str):
     """`--set key=value`: JSON values where they parse (numbers, true/false, lists), plain strings otherwise."""
     try:
@@ -405,7 +368,6 @@ __all__ = [
     "override",
     "parse_set",
     "choices",
-    "config_diff",
     "validate",
     "divergence_params",
 ]

@@ -1,8 +1,10 @@
-"""`--list-keys`: every key of a config dataclass with its type, the preset's value and its help (the field
-metadata of `config.opt`)."""
+"""Reading configs: `--list-keys` (every key of a config dataclass with its type, the preset's value and its help,
+the field metadata of `config.opt`) and the comparison of a saved config with a new one (`config_diff`, the keys a
+resume may change)."""
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import fields, is_dataclass
 from typing import Literal, get_args, get_origin
@@ -35,4 +37,36 @@ def describe_keys(cfg) -> str:
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]]) for r in rows)
 
 
-__all__ = ["describe_keys"]
+# Keys that may change between a checkpoint and its resumption (length and reporting only; the length not
+# under a cosine lr schedule, which depends on it).
+RESUMABLE_CHANGES = {
+    "run.total_kimg",
+    "run.log_every_kimg",
+    "run.ckpt_every_kimg",
+    "run.sample_every_kimg",
+    "run.keep_ckpts",
+    "run.keep_ema_every_kimg",
+    "run.threads",
+    "run.device",
+    "run.parallel",
+    "run.cpu_offload",
+    "model.grad_checkpointing",
+    "run.tensorboard",
+    "run.max_bad_steps",
+}
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> set:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = set(a) | set(b)
+    out = set()
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (isinstance(va, float | int) and isinstance(vb, float | int) and math.isclose(va, vb)):
+            out.add(f"{prefix}{k}")
+    return out
+
+
+__all__ = ["RESUMABLE_CHANGES", "config_diff", "describe_keys"]

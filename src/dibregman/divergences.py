@@ -169,6 +169,12 @@ _REGISTRY: dict[str, tuple[dict[str, float], Callable[..., Divergence]]] = {
 _REGISTRY.update({"sba": ({"lam": 5.0}, _sba), "alpha": ({"alpha": 0.5}, _alpha)})
 
 
+def divergence_params(d) -> dict:
+    """The keyword parameters of the divergence a `config.DivergenceConfig` chooses (lam for sba, alpha for alpha,
+    none otherwise)."""
+    return {"sba": {"lam": d.lam}, "alpha": {"alpha": d.alpha}}.get(d.name, {})
+
+
 def names() -> list[str]:
     """Registered divergence names, sorted."""
     return sorted(_REGISTRY)

@@ -36,16 +36,12 @@ NATIVE_KIND = "dibregman-one-step-generator"  # = the kind of `generators.genera
 
 def export_student(gen: OneStepGenerator, cfg, run_dir, num_images: int, full) -> Path:
     """Export the EMA generator: its LoRA adapters if it has them, else `full(gen, cfg, run_dir, num_images)` (the
-    family's full-weight export); then the model card beside it. Returns the export's path."""
-    from .modelcard import write_card
-
-    path = export_lora(gen, cfg, run_dir, num_images) if is_adapted(gen) else Path(full(gen, cfg, run_dir, num_images))
-    write_card(path, run_dir)
-    return path
+    family's full-weight export). Returns the export's path (the method writes the model card beside it)."""
+    return export_lora(gen, cfg, run_dir, num_images) if is_adapted(gen) else Path(full(gen, cfg, run_dir, num_images))
 
 
 def _recipe(cfg) -> dict:
-    from .config import divergence_params
+    from .divergences import divergence_params
 
     d = cfg.divergence
     return {"divergence": d.name, "divergence_params": divergence_params(d), "weighting": cfg.loss.weighting,
@@ -136,14 +132,11 @@ def read_meta(folder: Path) -> dict:
 
 
 def load_export(folder: str | Path, device="cpu") -> tuple[OneStepGenerator, dict]:
-    """Rebuild the student of an export folder: a LoRA export (its base model + the adapters) or a diffusers
-    folder; returns (generator, metadata)."""
+    """Rebuild the student of a LoRA export folder (its base model + the adapters); returns (generator, metadata)."""
     folder = Path(folder)
     meta = read_meta(folder)
     if meta.get("format") != "lora":
-        from .teachers.t2i import load_t2i_generator
-
-        return load_t2i_generator(folder, device)
+        raise ValueError(f"{folder} is not a LoRA export (generators.load_generator reads diffusers folders)")
     gen = _lora_generator(folder, meta)
     return gen.to(device).eval().requires_grad_(False), meta
 

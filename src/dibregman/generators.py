@@ -86,11 +86,15 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
         packaged = Path(__file__).resolve().parent / path
         path = packaged if packaged.exists() else path
     if path.is_dir():  # a run folder or an export folder: LoRA adapters or a diffusers folder (`export.py`)
-        from .export import find_export, load_export
+        from .export import find_export, load_export, read_meta
 
         folder = find_export(path)
-        if folder is not None:
+        if folder is not None and read_meta(folder).get("format") == "lora":
             return load_export(folder, device)
+        if folder is not None:
+            from .teachers.t2i import load_t2i_generator
+
+            return load_t2i_generator(folder, device)
         path = path / "generator.safetensors"
     if not path.exists():
         raise FileNotFoundError(

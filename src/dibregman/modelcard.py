@@ -1,5 +1,5 @@
-"""A model card, `README.md`, beside every export (`export.export_student`): what a user of the weights needs, read
-from the run's own records and never typed by hand:
+"""A model card, `README.md`, beside every export (written by `DiBregman.export`): what a user of the weights needs,
+read from the run's own records and never typed by hand:
 
 - the teacher spec (the base model of a LoRA export) and the guidance it was distilled with;
 - the divergence and its parameters (the saved config's `divergence` section);

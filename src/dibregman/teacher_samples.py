@@ -100,7 +100,26 @@ def sample_teacher_spec(spec: str, num: int, *, nfe: int, sampler: str = "heun",
     return sample_export(chain, meta, num, list(prompts or []), seed=seed, batch_size=batch_size)
 
 
+def add_teacher_flags(p) -> None:
+    """--teacher SPEC --nfe N --sampler S --guidance-scale W: a teacher's samples instead of a student's."""
+    p.add_argument("--teacher", default="", help="teacher spec KIND:ARG: sample the teacher's ODE chain instead")
+    p.add_argument("--nfe", type=int, default=35, help="with --teacher: denoiser evaluations (Heun: odd, 2N - 1)")
+    p.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim", "flow_euler"], help="with --teacher")
+    p.add_argument("--guidance-scale", type=float, default=None, help="with --teacher: its CFG (default: its own)")
+
+
+def load_sampler(args, device):
+    """(generator, metadata) of --checkpoint, or of --teacher's ODE chain at --nfe evaluations (the same z)."""
+    from .generators import load_generator
+
+    if args.teacher:
+        return teacher_generator(args.teacher, args.nfe, args.sampler, args.guidance_scale, device)
+    return load_generator(args.checkpoint, device)
+
+
 __all__ = [
+    "add_teacher_flags",
+    "load_sampler",
     "SAMPLERS",
     "num_steps_for",
     "teacher_sigmas",

@@ -20,7 +20,8 @@ from torch.func import functional_call
 from .. import dist, divergences, optim, parallel, trainer_state
 from .. import distill as losses
 from ..build import build_models, objective
-from ..config import RESUMABLE_CHANGES, DistillConfig, config_diff, validate
+from ..config import DistillConfig, validate
+from ..config_help import RESUMABLE_CHANGES, config_diff
 from ..distill import NonFiniteError, bcast, per_sample_mean
 from ..draws import Batch, draw_batch, generator_for, local_slice, seed_for
 from ..engine import EngineSpec, Phase
@@ -218,8 +219,14 @@ class DiBregman:
         export_ema_snapshot(ema, self.cfg, engine.run_dir, engine.state.num_images, conditional)
 
     def export(self, ema, run_dir: Path, num_images: int):
-        """Write the EMA generator the teacher family's way (`Models.export`)."""
-        return self.m.export(ema, self.cfg, run_dir, num_images)
+        """Write the EMA generator: a LoRA student's adapters (`export.py`), else its full weights the teacher
+        family's way (`Models.export`); then its model card beside it."""
+        from ..export import export_student
+        from ..modelcard import write_card
+
+        path = export_student(ema, self.cfg, run_dir, num_images, full=self.m.export)
+        write_card(Path(path), run_dir)
+        return path
 
     # ---- the losses --------------------------------------------------------------------------------------
     def autocast(self):

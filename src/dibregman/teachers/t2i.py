@@ -22,7 +22,8 @@ A text-to-image teacher offers (`sd.StableDiffusionTeacher`, `mmdit.MMDiTTeacher
     export_meta(sigma_init)                how one student step runs in plain diffusers, and `load_kwargs` with
                                            which `from_folder` reloads the export as the student
     pipeline_recipe(sigma_init)            how the family's stock diffusers pipeline runs it (LoRA exports)
-Export (`export.export_student`): a LoRA student's adapters (`<run_dir>/lora/`, diffusers' LoRA file), else
+Export (`export.export_student`, called by the method): a LoRA student's adapters (`<run_dir>/lora/`, diffusers'
+LoRA file), else
 a diffusers folder (the EMA generator's network in its subfolder + the teacher's other components,
 hard-linked or copied) with `dibregman.json` (sigma_init, the family's one-step recipe, `usage`).
 For `sd`: input_scale = sigma_init / sqrt(1 + sigma_init^2) and, for an epsilon model (v / sample:
@@ -107,11 +108,8 @@ def build_t2i_models(cfg, teacher, device) -> Models:
         idx = torch.randint(len(latents), (n,), generator=g)
         return latents[idx], idx
 
-    def export(gen, cfg, run_dir, num_images: int) -> Path:  # LoRA adapters, or a diffusers folder; + model card
-        from ..export import export_student
-
-        full = lambda g, c, r, n: export_diffusers(g, c, Path(r) / "diffusers", n)  # noqa: E731
-        return export_student(gen, cfg, run_dir, num_images, full)
+    def export(gen, cfg, run_dir, num_images: int) -> Path:  # full weights: a diffusers folder (LoRA: export.py)
+        return export_diffusers(gen, cfg, Path(run_dir) / "diffusers", num_images)
 
     def preview(gen, path, seed: int, device, title: str = "") -> None:  # fixed prompts, a column each
         from ..viz import save_image_grid

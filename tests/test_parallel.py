@@ -154,3 +154,20 @@ def test_family_blocks_and_activation_checkpointing_keep_the_numbers(tmp_path, t
     for k, v in runs[False].items():
         torch.testing.assert_close(v, runs[True][k], rtol=1e-5, atol=1e-6, msg=k)
     assert FAMILIES["gmm"].parallelize(torch.nn.Linear(2, 2)) == []
+
+
+def test_compile_option_compiles_the_trained_networks_in_place(tmp_path, monkeypatch):
+    """run.compile: the engine compiles G and the critic in place (names unchanged, so checkpoints and exports
+    read as before); compilation itself is measured in bench/compile_speed.py, not here (minutes on a CPU)."""
+    from dibregman.config import override
+    from dibregman.loop import Trainer
+    from dibregman.presets import get_preset
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    cfg = override(get_preset("gmm"), {**PAIRS, "run.compile": True, "run.total_kimg": steps_kimg(1)})
+    tr = Trainer(cfg, tmp_path)
+    assert compiled == [tr.m.generator, tr.m.critic]
+    keys = set(tr.m.generator.state_dict())
+    tr.train()
+    assert keys == set(tr.m.generator.state_dict()) and all(not k.startswith("_orig_mod") for k in keys)

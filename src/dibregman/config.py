@@ -165,6 +165,7 @@ class RunConfig:
         "(DistributedDataParallel: bucketed all-reduce overlapped with backward) | fsdp (FSDP2 fully_shard)",
     )
     cpu_offload: bool = opt(False, "parallel=fsdp: keep parameters, gradients and AdamW states on the CPU")
+    compile: bool = opt(False, "torch.compile G's and the critic's forward (bench/results/compile_speed.md)")
     tensorboard: bool = opt(True, "also write TensorBoard scalars when tensorboard is installed")
 
 

@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = {
     "run.device",
     "run.parallel",
     "run.cpu_offload",
+    "run.compile",
     "model.grad_checkpointing",
     "run.tensorboard",
     "run.max_bad_steps",

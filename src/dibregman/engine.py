@@ -63,6 +63,7 @@ class EngineSpec:
     parallel: str = "none"  # auto | none | ddp | fsdp (`parallel.py`)
     activation_checkpointing: bool = False  # recompute the blocks' activations in backward (`parallel.py`)
     cpu_offload: bool = False  # FSDP2: parameters, gradients, optimiser states on the CPU
+    compile: bool = False  # torch.compile the trained networks' forward
     tensorboard: bool = False
     desc: str = "train"  # progress-bar label
 
@@ -85,6 +86,9 @@ class Engine:
         if self.spec.activation_checkpointing:
             for units in blocks.values():
                 parallel.checkpoint_blocks(units)
+        if self.spec.compile:  # in place (`nn.Module.compile`): parameter names and checkpoints unchanged
+            for net in trainable.values():
+                net.compile()
         self.wrapped = parallel.wrap(trainable, self.mode, self.device, blocks, self.spec.cpu_offload)
         if self.sharded_params and self.ema is not None:  # sharded like its source: the update is shard-local
             parallel.shard(self.ema, self.device, method.blocks(self.ema))

@@ -120,6 +120,7 @@ class DiBregman:
             # text-to-image families checkpoint with diffusers' own switch (teachers/t2i.py)
             activation_checkpointing=c.model.grad_checkpointing and self.family.build is None,
             cpu_offload=r.cpu_offload,
+            compile=r.compile,
             tensorboard=r.tensorboard,
             desc="distill",
         )

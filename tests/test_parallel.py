@@ -17,7 +17,14 @@ from test_distill import GMM_SMALL, steps_kimg
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
 PAIRS = {**GMM_SMALL, "loss.gan_weight": 0.1, "divergence.normalize": "softmax", "run.device": "cpu"}
-PORT = iter(range(29571, 29600))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _args(steps: int, **pairs) -> list[str]:
@@ -28,7 +35,7 @@ def _args(steps: int, **pairs) -> list[str]:
 def _run(run_dir: Path, steps: int, procs: int = 1, **pairs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "dibregman.cli", *_args(steps, **pairs), "--run-dir", str(run_dir)]
     if procs > 1:
-        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(next(PORT))]
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_free_port())]
         cmd = [sys.executable, *launch, *cmd[1:]]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -79,7 +86,15 @@ def test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_pa
     script = tmp_path / "kill_in_save.py"
     script.write_text(KILL_SCRIPT)
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORT))]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
     cmd = [*launch, str(script), *_args(3, **{"run.parallel": "ddp"}), "--run-dir", str(run)]
     killed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0
@@ -171,3 +186,65 @@ def test_compile_option_compiles_the_trained_networks_in_place(tmp_path, monkeyp
     keys = set(tr.m.generator.state_dict())
     tr.train()
     assert keys == set(tr.m.generator.state_dict()) and all(not k.startswith("_orig_mod") for k in keys)
+
+
+EVERY_PRESET = """
+import sys
+from pathlib import Path
+import torch
+from dibregman import checkpoint as ckpt, dist
+from dibregman.config import override
+from dibregman.loop import Trainer
+from dibregman.networks.unet import build_unet
+from dibregman.presets import PRESETS, get_preset
+from tiny_hf import tiny_sd_components
+
+root, mode = Path(sys.argv[1]), sys.argv[2]
+common = {"run.parallel": mode, "run.device": "cpu", "run.tensorboard": False, "run.sample_every_kimg": 0.0,
+          "loss.gen_warmup_kimg": 0.0, "optim.batch_size": 4, "optim.accum_steps": 1, "run.total_kimg": 0.008}
+dist.init("cpu")
+if dist.rank() == 0:
+    for c in (1, 3):
+        torch.manual_seed(0)
+        net = build_unet("tiny", img_channels=c)
+        ckpt.export_safetensors(net.state_dict(), {"kind": "edm-unet", "unet": net.cfg.to_dict()}, root / f"t{c}")
+    tiny_sd_components(root / "sd", seed=0)
+    (root / "prompts.txt").write_text("a cat\\na dog\\n")
+dist.barrier()
+tiny = {  # each preset's own recipe on tiny networks, two steps
+    "gmm": {"model.init_steps": 5, "model.mlp_hidden": 16, "model.mlp_depth": 1},
+    "mnist": {"model.teacher": f"edm:{root / 't1.safetensors'}", "model.real": "teacher", "model.teacher_pool": 8,
+              "model.teacher_pool_steps": 2},
+    "cifar10": {"model.teacher": f"edm:{root / 't3.safetensors'}", "model.real": "teacher", "model.teacher_pool": 8,
+                "model.teacher_pool_steps": 2},
+    "sd15": {"model.teacher": f"sd:{root / 'sd'}", "model.prompts": str(root / "prompts.txt"),
+             "model.teacher_pool": 4, "model.teacher_pool_steps": 2},
+}
+assert set(tiny) == set(PRESETS), sorted(PRESETS)
+for name, pairs in tiny.items():
+    out = Trainer(override(get_preset(name), {**common, **pairs}), root / f"{name}-{mode}").train()
+    assert out["steps"] == 2 and out["bad_steps"] == 0, (name, out)
+    dist.print0(f"ok {name} {mode}")
+dist.destroy()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_trains_the_tiny_variant_of_every_preset(tmp_path, mode):
+    script = tmp_path / "every_preset.py"
+    script.write_text(EVERY_PRESET)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    out = subprocess.run(
+        [*launch, str(script), str(tmp_path), mode], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(f"ok {name} {mode}" in out.stdout for name in ("gmm", "mnist", "cifar10", "sd15")), out.stdout[-2000:]

@@ -86,15 +86,21 @@ def cmd_sample(args) -> None:
     import torch
 
     from .generators import load_generator, sample_export
+    from .networks.student import check_steps
     from .viz import save_image_grid, save_scatter
 
     _positive(args, "num", "batch")
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 1 (or 0: all the student's steps), got {args.steps}")
     _writable(args.out, "--out")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; use --device cpu or auto")
     gen, meta = load_generator(args.checkpoint, device)
-    x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
+    steps = args.steps or None  # 0: every step the student was trained with
+    k = check_steps(gen, steps)  # ValueError for more steps than it was trained with, before anything is written
+    prompts = _sample_prompts(args)
+    x, ncol = sample_export(gen, meta, args.num, prompts, seed=args.seed, batch_size=args.batch, steps=steps)
     out = args.out
     if out.endswith(".npz"):
         import numpy as np
@@ -105,7 +111,7 @@ def cmd_sample(args) -> None:
     else:
         save_scatter(x, out)
     finite = torch.isfinite(x.flatten(1)).all(1)
-    print(f"wrote {len(x)} one-step samples to {out} ({int((~finite).sum())} non-finite)")
+    print(f"wrote {len(x)} {'one' if k == 1 else k}-step samples to {out} ({int((~finite).sum())} non-finite)")
 
 
 def _sample_prompts(args) -> list[str]:
@@ -161,7 +167,8 @@ def _eval(args, device) -> None:
         from .generators import load_generator
 
         gen, _ = load_generator(args.checkpoint, device)
-        res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, **kw, **opts)
+        steps = args.steps or None
+        res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, steps=steps, **kw, **opts)
     else:
         samples = evaluate.load_samples(args.samples)
         res = evaluate.evaluate_samples(samples, args.reference, seed=args.seed, **kw, **opts)
@@ -288,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run's newest checkpoint (also a sharded one) as its generator file")
     x.add_argument("run_dir", help="distillation run folder")
 
-    s = sub.add_parser("sample", help="one-step samples from an exported generator")
+    s = sub.add_parser("sample", help="one- or few-step samples from an exported generator")
     s.add_argument("--checkpoint", required=True, help="run folder or generator.safetensors")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
@@ -297,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeatable)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto | cpu | cuda")
     s.add_argument("--prompts", default="", help="text-to-image: prompts file (--num images cycle)")
+    s.add_argument("--steps", type=int, default=0, help="student steps, 1..K (0 = all K it was trained with)")
 
     e = sub.add_parser("eval", help="FID/KID/precision-recall of samples, a generator or a run's snapshots")
     e.add_argument("--samples", default="", help=".npz or image folder")
@@ -311,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", default="fid,kid,pr,score", help="comma-separated subset of fid,kid,pr,score")
     e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint / each --run snapshot")
     e.add_argument("--trials", type=int, default=1)
+    e.add_argument("--steps", type=int, default=0, help="with --checkpoint: student steps 1..K (0 = all K)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=int, default=256, help="images per feature-net batch")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda (as for training; torchrun: one per rank)")

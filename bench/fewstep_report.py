@@ -139,6 +139,9 @@ def plot_mnist(d: dict, path: Path) -> str:
                    [s["max"] - m for m, s in zip(mean, st, strict=True)]]  # fmt: skip
             ax.errorbar(ks, mean, yerr=err, marker="s", capsize=3, label=f"student: {mode}")
         ax.set(xscale="log", yscale="log")
+        ticks = sorted({r["steps"] for r in rows} | {r["nfe"] for r in d.get("teacher_curve", [])})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.suptitle("MNIST: K-step students (mean, min/max over seeds) and the teacher's sampler")
     fig.tight_layout()

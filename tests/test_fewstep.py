@@ -351,3 +351,20 @@ def test_noised_data_refuses_a_conditional_teacher_in_one_line():
     with pytest.raises(ValueError, match="needs an unconditional teacher") as e:
         build_fewstep(_gmm_cfg(**{"loss.student_inputs": "noised_data"}), models)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, parallel", [("backward_sim", "fsdp"), ("noised_data", "ddp")])
+def test_two_processes_train_a_k4_student_as_one_does(mode, parallel, tmp_path):
+    """Two CPU processes (gloo): each rank keeps its slice of the global few-step draws and runs as many chain steps
+    as the others (FSDP2's forwards gather parameters), so the student equals the one-process student up to the
+    floating-point order of the gradient reduction."""
+    from test_parallel import _generator, _run
+
+    # 2 samples per rank: a rank's own largest k is often below the global one (the case that must not hang)
+    pairs = {"model.student_steps": 4, "loss.student_inputs": mode, "optim.batch_size": 4, "run.total_kimg": 0.012}
+    _run(tmp_path / "one", 3, **pairs)
+    _run(tmp_path / "two", 3, procs=2, **{**pairs, "run.parallel": parallel})
+    a, b = _generator(tmp_path / "one"), _generator(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

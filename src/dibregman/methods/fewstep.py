@@ -16,7 +16,8 @@ Draws: one generator per micro-batch seeded ("student", step, round) -- a stream
 ("batch", step, round: `draws.draw_batch`) and every other stream stay as they were, and resume stays exact -- taken
 for the global micro-batch in this order: k [n], eps_2..eps_K [K - 1, n, *shape], then (noised_data) the real
 samples; each rank keeps its slice. Both phases of a step draw the same. Cost of backward_sim: up to K - 1 forward
-passes without gradient on the whole micro-batch (a sample's chain stops at its k: `torch.where`).
+passes without gradient on the whole micro-batch (a sample's chain stops at its k: `torch.where`), as many on every
+rank (the largest k of the global micro-batch: DDP and FSDP2 forwards hold collectives).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class StudentDraw:
     k: torch.Tensor  # [n] long: the trained step of each sample, 1..K
     noise: torch.Tensor  # [K - 1, n, *shape]: eps_2..eps_K
     real: torch.Tensor | None = None  # [n, *shape] real samples (noised_data only)
+    top: int | None = None  # the largest k of the GLOBAL micro-batch (None: of this slice)
 
 
 class FewStepInputs:
@@ -58,8 +60,9 @@ class FewStepInputs:
         k = torch.randint(1, self.num_steps + 1, (n,), generator=g)
         noise = torch.randn((self.num_steps - 1, n, *self.shape), generator=g)
         real = self.real(g, n)[0].cpu() if self.mode == "noised_data" else None
-        sl = local_slice(n)
-        return StudentDraw(k[sl].to(device), noise[:, sl].to(device), None if real is None else real[sl].to(device))
+        sl, top = local_slice(n), int(k.max())  # every rank runs the same number of chain steps (collectives)
+        real = None if real is None else real[sl].to(device)
+        return StudentDraw(k[sl].to(device), noise[:, sl].to(device), real, top)
 
     def trained_input(self, gen, b: Batch, d: StudentDraw) -> torch.Tensor:
         """x^(k) of every sample, without gradient (see the module docstring)."""
@@ -71,7 +74,8 @@ class FewStepInputs:
                 eps = d.noise[idx, torch.arange(len(k), device=k.device)]  # eps_k of each sample
                 s_k = torch.tensor(sig, dtype=b.z.dtype, device=k.device)[k - 1]
                 return torch.where(bcast(k > 1, x), d.real.to(x.dtype) + bcast(s_k, x) * eps, x)
-            for j in range(1, int(k.max())):  # step j's output, re-noised to sigma_{j+1}, for samples with k > j
+            top = d.top if d.top is not None else int(k.max())
+            for j in range(1, top):  # step j's output, re-noised to sigma_{j+1}, for samples with k > j
                 x0 = gen(x, b.cond, sigma=sig[j - 1]).to(x.dtype)
                 x = torch.where(bcast(k > j, x), x0 + sig[j] * d.noise[j - 1], x)
         return x

@@ -165,7 +165,10 @@ def plot_gmm(d: dict, path: Path) -> str:
             frac = [p[1]["mean"] / sub[0]["num_modes"] for p in pts]
             label = f"modes covered / {sub[0]['num_modes']}: {mode}"
             ax.plot([p[0] for p in pts], frac, ls=":", marker="o", label=label)
+        ks = sorted({r["steps"] for r in sub})
         ax.set(xscale="log", xlabel="student steps K", ylim=(0, 1.05), title=teacher)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.tight_layout()
     sweeprun.save_figure(fig, path)

@@ -353,18 +353,35 @@ def test_noised_data_refuses_a_conditional_teacher_in_one_line():
     assert "\n" not in str(e.value)
 
 
+def _distill_unet(run_dir, teacher: str, procs: int, **pairs) -> dict:
+    """A K = 4 student of the tiny U-Net through the CLI, on `procs` CPU processes (gloo); its generator."""
+    import subprocess
+    import sys
+
+    from test_parallel import ENV, PORT, _generator
+
+    sets = {"model.real": "teacher", "model.teacher_pool": 8, "model.teacher_pool_steps": 1,
+            "model.student_steps": 4, "optim.batch_size": 4, "optim.lr_schedule": "constant",
+            "run.total_kimg": 0.012, "run.log_every_kimg": 0.004, "run.sample_every_kimg": 0,
+            "run.tensorboard": "false", "run.device": "cpu", **pairs}  # fmt: skip
+    cmd = ["-m", "dibregman.cli", "distill", "--preset", "mnist", "--teacher", f"edm:{teacher}", "--run-dir"]
+    cmd += [str(run_dir), *(f"--set={k}={v}" for k, v in sets.items())]
+    if procs > 1:
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(next(PORT)), *cmd]
+    out = subprocess.run([sys.executable, *cmd], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _generator(run_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, parallel", [("backward_sim", "fsdp"), ("noised_data", "ddp")])
-def test_two_processes_train_a_k4_student_as_one_does(mode, parallel, tmp_path):
-    """Two CPU processes (gloo): each rank keeps its slice of the global few-step draws and runs as many chain steps
-    as the others (FSDP2's forwards gather parameters), so the student equals the one-process student up to the
+def test_two_processes_train_a_k4_student_as_one_does(mode, parallel, tmp_path, tiny_teacher):
+    """Two CPU processes (gloo) on the tiny U-Net (FSDP2 shards its blocks, each forward gathers them): each rank
+    keeps its slice of the global few-step draws and runs as many chain steps as the others (2 samples per rank: a
+    rank's own largest k is often below the global one), so the student equals the one-process student up to the
     floating-point order of the gradient reduction."""
-    from test_parallel import _generator, _run
-
-    # 2 samples per rank: a rank's own largest k is often below the global one (the case that must not hang)
-    pairs = {"model.student_steps": 4, "loss.student_inputs": mode, "optim.batch_size": 4, "run.total_kimg": 0.012}
-    _run(tmp_path / "one", 3, **pairs)
-    _run(tmp_path / "two", 3, procs=2, **{**pairs, "run.parallel": parallel})
-    a, b = _generator(tmp_path / "one"), _generator(tmp_path / "two")
+    pairs = {"loss.student_inputs": mode}
+    a = _distill_unet(tmp_path / "one", tiny_teacher, 1, **pairs)
+    b = _distill_unet(tmp_path / "two", tiny_teacher, 2, **{**pairs, "run.parallel": parallel})
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -107,12 +107,14 @@ def test_flow_teachers_get_the_flow_time_ladder(tmp_path):
     cfg = override(
         get_preset("mnist"),
         {"model.teacher": f"flow:{path}", "model.real": "teacher", "model.teacher_pool": 4,
-         "model.teacher_pool_steps": 1, "model.student_steps": 2, "run.device": "cpu"},
+         "model.teacher_pool_steps": 1, "model.student_steps": 2, "optim.batch_size": 4, "run.total_kimg": 0.004,
+         "run.sample_every_kimg": 0, "run.tensorboard": False, "run.device": "cpu"},
     )  # fmt: skip
-    gen = build_models(cfg, torch.device("cpu")).generator
-    assert gen.sigmas == ladder.flow_ladder(2, 2.5)
-    meta = ladder.student_meta(gen)
-    assert np.allclose(meta["student_times"], [2.5 / 3.5, 1.25 / 3.5]) and meta["student_steps"] == 2
+    assert build_models(cfg, torch.device("cpu")).generator.sigmas == ladder.flow_ladder(2, 2.5)
+    out = Trainer(cfg, tmp_path / "run").train()  # one step of a flow teacher's K = 2 student, exported
+    gen, meta = load_generator(out["export"])
+    assert gen.sigmas == ladder.flow_ladder(2, 2.5) and meta["student_steps"] == 2
+    assert np.allclose(meta["student_times"], [2.5 / 3.5, 1.25 / 3.5])  # the ladder in the flow's own time
 
 
 # ---- the student and its sampling chain ------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def test_k2_export_records_its_ladder_and_reloads_equal(unet_run):
     assert torch.equal(api.sample(trainer.run_dir, 6, seed=3, steps=2), generate(gen, 6, seed=3))
 
 
-def test_cli_sample_steps(unet_run, tmp_path):
+def test_cli_sample_steps(unet_run, tmp_path, capsys):
     trainer, _ = unet_run
     gen, _ = load_generator(trainer.run_dir)
     base = ["sample", "--checkpoint", str(trainer.run_dir), "--num", "6", "--seed", "3"]
@@ -283,6 +285,11 @@ def test_cli_sample_steps(unet_run, tmp_path):
     assert main([*base, "--out", str(tmp_path / "grid.png")]) == 0 and (tmp_path / "grid.png").is_file()
     refused = tmp_path / "s3.npz"
     assert main([*base, "--steps", "3", "--out", str(refused)]) == 2 and not refused.exists()
+    ev = ["eval", "--checkpoint", str(trainer.run_dir), "--features", "mnist", "--out", str(tmp_path / "e.json")]
+    assert main([*ev, "--steps", "3"]) == 2 and not (tmp_path / "e.json").exists()  # refused before any feature
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"dibregman {c}: error: steps=3: this student was trained with 2 step(s); valid: 1..2"
+                        for c in ("sample", "eval")]  # fmt: skip
 
 
 def test_an_export_without_a_ladder_loads_as_one_step():

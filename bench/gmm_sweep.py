@@ -109,9 +109,11 @@ def cached_pretrain(teacher, cfg, device):
     and by a resumed sweep: the fit takes about a minute on one CPU core).
 
     `build.pretrain_mlp` seeds torch with run.seed first, so its result and the RNG state it leaves behind
-    are functions of (teacher, model config, seed, device) only; replaying both equals recomputing them.
+    are functions of (teacher, model config, seed, device) only; replaying both equals recomputing them. The
+    student keys (`model.student_*`, few-step students) do not enter the fit: students of every K share one.
     """
-    key = json.dumps([cfg.model.__dict__, cfg.run.seed, str(device)], sort_keys=True)
+    model = {k: v for k, v in cfg.model.__dict__.items() if not k.startswith("student_")}
+    key = json.dumps([model, cfg.run.seed, str(device)], sort_keys=True)
     if key not in _INIT_CACHE:
         _INIT_CACHE[key] = _load_pretrained(key, device) or _pretrain_and_store(teacher, cfg, device, key)
     net, rng = _INIT_CACHE[key]

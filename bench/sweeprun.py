@@ -206,7 +206,7 @@ def result_problem(result: dict | None, cfg, eval_sizes: dict, teacher_sha: str 
     """Why `result` does not answer this config (and teacher file) at these evaluation sizes (None when it does)."""
     if result is None:
         return "not finished"
-    diff = config_diff(result["config"], cfg.to_dict()) - REPORTING_KEYS
+    diff = config_diff(saved_config(result["config"]), cfg.to_dict()) - REPORTING_KEYS
     if diff:
         return f"finished with another config (differs in {sorted(diff)})"
     if teacher_sha and result.get("teacher_sha256", teacher_sha) != teacher_sha:
@@ -214,6 +214,17 @@ def result_problem(result: dict | None, cfg, eval_sizes: dict, teacher_sha: str 
     if result.get("eval_sizes") != eval_sizes:
         return f"evaluated at other sizes ({result.get('eval_sizes')} != {eval_sizes})"
     return None
+
+
+def saved_config(config: dict) -> dict:
+    """A result's config with the keys added since it was written at their defaults (a key added later, e.g.
+    model.student_steps, does not make a finished run another config); as saved when it no longer parses."""
+    from dibregman.config import DistillConfig
+
+    try:
+        return DistillConfig.from_dict(config).to_dict()
+    except (ValueError, TypeError):
+        return config
 
 
 def check_teacher_file(run_dir: Path, sha: str | None) -> None:

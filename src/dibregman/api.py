@@ -44,12 +44,15 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, hooks=None, max_steps: i
     return _distill(cfg, run_dir, hooks=hooks, max_steps=max_steps)
 
 
-def sample(checkpoint: str | Path, num: int, *, seed: int = 0, device: str = "cpu") -> torch.Tensor:
-    """`num` one-step samples [num, *shape] from a run folder or a `generator.safetensors`."""
+def sample(
+    checkpoint: str | Path, num: int, *, seed: int = 0, device: str = "cpu", steps: int | None = None
+) -> torch.Tensor:
+    """`num` samples [num, *shape] from a run folder or a `generator.safetensors`, in `steps` steps (None: all the
+    student was trained with; 1..K; `ladder.py` gives the chain and its seeding)."""
     from .generators import generate, load_generator
 
     gen, _ = load_generator(checkpoint, device=device)
-    return generate(gen, num, seed=seed, device=device)
+    return generate(gen, num, seed=seed, device=device, steps=steps)
 
 
 def sample_teacher(

@@ -22,9 +22,9 @@ from .conditions import LabelSet
 from .config import DistillConfig
 from .draws import generator_for
 from .generators import export_generator, preview_samples
+from .ladder import make_student
 from .models import Models
 from .networks.discriminator import build_critic
-from .networks.generator import OneStepGenerator
 from .networks.lora import full_copy, lora_copy
 from .networks.mlp import MLPConfig, MLPDenoiser
 from .noise import edm_preconditioning
@@ -148,7 +148,9 @@ def native_models(cfg: DistillConfig, teacher, device, pretrain: Callable | None
         teacher.feature_depth = cfg.model.feature_depth
     analytic = hasattr(teacher, "sample") and not any(True for _ in teacher.parameters())
     init = (pretrain or pretrain_mlp)(teacher, cfg, device) if analytic else teacher
-    generator = OneStepGenerator(_student_copy(init, cfg.model, analytic), cfg.model.sigma_init).to(device)
+    generator = make_student(_student_copy(init, cfg.model, analytic), cfg, teacher).to(
+        device
+    )  # K = 1: OneStepGenerator
     fake = _trainable_copy(init).to(device)
     num_classes = int(getattr(teacher, "num_classes", 0) or 0)  # class-conditional: labels are the conditions
     labels = LabelSet(num_classes) if num_classes else None

@@ -88,9 +88,12 @@ def cmd_sample(args) -> None:
 
     from . import teacher_samples
     from .generators import sample_export
+    from .networks.student import check_steps
     from .viz import save_image_grid, save_scatter
 
     _positive(args, "num", "batch")
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 1 (or 0: all the student's steps), got {args.steps}")
     _writable(args.out, "--out")
     if bool(args.checkpoint) == bool(args.teacher):
         raise ValueError("give one of --checkpoint RUN_OR_EXPORT (a student) or --teacher SPEC --nfe N (its teacher)")
@@ -98,8 +101,11 @@ def cmd_sample(args) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; use --device cpu or auto")
     gen, meta = teacher_samples.load_sampler(args, device)
-    x, ncol = sample_export(gen, meta, args.num, _sample_prompts(args), seed=args.seed, batch_size=args.batch)
-    what = f"teacher samples ({args.sampler}, {args.nfe} evaluations)" if args.teacher else "one-step samples"
+    steps = None if args.teacher else (args.steps or None)  # 0: every step the student was trained with
+    k = 1 if args.teacher else check_steps(gen, steps)  # more steps than trained: refused before any write
+    prompts = _sample_prompts(args)
+    x, ncol = sample_export(gen, meta, args.num, prompts, seed=args.seed, batch_size=args.batch, steps=steps)
+    what = f"teacher samples ({args.sampler}, {args.nfe} evaluations)" if args.teacher else f"{k}-step samples"
     out = args.out
     if out.endswith(".npz"):
         import numpy as np
@@ -167,7 +173,8 @@ def _eval(args, device) -> None:
         return
     if args.checkpoint or args.teacher:
         gen, meta = teacher_samples.load_sampler(args, device)
-        res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, **kw, **opts)
+        steps = None if args.teacher else (args.steps or None)
+        res = evaluate.evaluate_generator(gen, args.num, args.reference, seed=args.seed, steps=steps, **kw, **opts)
         res.update({k: meta[k] for k in ("teacher", "sampler", "nfe") if k in meta})
     else:
         samples = evaluate.load_samples(args.samples)
@@ -310,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run's newest checkpoint (also a sharded one) as its generator file")
     x.add_argument("run_dir", help="distillation run folder")
 
-    s = sub.add_parser("sample", help="one-step samples from an exported generator, or its teacher's (--teacher)")
+    s = sub.add_parser("sample", help="one- or few-step samples from an exported generator, or its teacher's")
     s.add_argument("--checkpoint", default="", help="run or export folder (LoRA, diffusers) or generator.safetensors")
     add_teacher_flags(s)
     s.add_argument("--num", type=int, default=64)
@@ -320,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="text-to-image: a prompt (repeatable)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto | cpu | cuda")
     s.add_argument("--prompts", default="", help="text-to-image: prompts file (--num images cycle)")
+    s.add_argument("--steps", type=int, default=0, help="student steps, 1..K (0 = all K it was trained with)")
 
     e = sub.add_parser("eval", help="FID/KID/precision-recall of samples, a generator or a run's snapshots")
     e.add_argument("--samples", default="", help=".npz or image folder")
@@ -335,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", default="fid,kid,pr,score", help="comma-separated subset of fid,kid,pr,score")
     e.add_argument("--num", type=int, default=2000, help="samples drawn from --checkpoint / each --run snapshot")
     e.add_argument("--trials", type=int, default=1)
+    e.add_argument("--steps", type=int, default=0, help="with --checkpoint: student steps 1..K (0 = all K)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=int, default=256, help="images per feature-net batch")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda (as for training; torchrun: one per rank)")

@@ -30,6 +30,12 @@ class ModelConfig:
     teacher_pool: int = opt(2048, "teacher samples drawn once for real='teacher' when no exact sampler exists")
     teacher_pool_steps: int = opt(18, "Heun steps for that pool (2n-1 evaluations)")
     sigma_init: float = opt(2.5, "G(z) = D_init(sigma_init * z, sigma_init) (SiD)")
+    student_steps: int = opt(1, "K-step student (ladder.py): 1 = the one-step generator; 2, 4, ...")
+    student_sigmas: str | None = opt(
+        None,
+        "the student's ladder sigma_1 > ... > sigma_K, e.g. 2.5,0.8 (sigma_1 = sigma_init); None = the "
+        "teacher family's default (ladder.py: EDM sigma, or even in flow time t for flow teachers)",
+    )
     init_steps: int = opt(2000, "analytic teachers: steps fitting the MLP copy (G, psi) to the exact denoiser")
     mlp_hidden: int = opt(128, "analytic teachers: MLP width")
     mlp_depth: int = opt(3, "analytic teachers: MLP depth")
@@ -126,6 +132,11 @@ class LossConfig:
     )
     regression_pairs: int = opt(4096, "number of (z, teacher ODE sample) pairs, kept in the run folder")
     regression_steps: int = opt(18, "Heun intervals of the teacher's ODE for the pairs (2n - 1 evaluations each)")
+    student_inputs: Literal["backward_sim", "noised_data"] = opt(
+        "backward_sim",
+        "K > 1: the trained step's input: backward_sim (DMD2: the student's own chain, no gradient through earlier "
+        "steps) | noised_data (FastGen: model.real samples noised to sigma_k); methods/fewstep.py",
+    )
 
 
 @dataclass(frozen=True)
@@ -291,6 +302,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     from .rewards import check_config
 
     check_config(cfg)  # the reward section (Appendix G)
+    from .ladder import check_config as check_student
+
+    check_student(cfg)  # model.student_steps / student_sigmas (few-step students)
     return cfg
 
 

@@ -227,13 +227,17 @@ def evaluate_generator(
     num_reference: int | None = None,
     cache_dir: str | Path | None | bool = None,
     progress: bool = False,
+    steps: int | None = None,  # a K-step student's steps, 1..K (None: all K)
     **options,  # the metric options of `evaluate_samples` (metrics, num_trials, kid_subsets, ...)
 ) -> dict:
-    """`evaluate_samples(generate(gen, num_samples, seed))` without holding other ranks' samples: under
+    """`evaluate_samples(generate(gen, num_samples, seed, steps=steps))` without holding other ranks' samples: under
     torchrun each rank generates and extracts only its slice."""
     batch_size = options.pop("batch_size", 256)
     opt = dict(ALL_DEFAULTS, **options, batch_size=batch_size, seed=seed, progress=progress)
     _check_options(opt, num_samples)
+    from .networks.student import check_steps
+
+    check_steps(gen, steps)  # before the reference's features are extracted
     net = get_feature_net(feature_net, device, protocol)
     ref = prepare_reference(
         reference, net, num_reference=num_reference, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
@@ -242,7 +246,9 @@ def evaluate_generator(
     from .generators import generate_rows
 
     rows = rank_rows(num_samples)
-    x = generate_rows(gen, num_samples, rows, seed=seed, batch_size=gen_batch_size, device=device, progress=progress)
+    x = generate_rows(
+        gen, num_samples, rows, seed=seed, batch_size=gen_batch_size, device=device, progress=progress, steps=steps
+    )
     x, n_bad = _finite_samples(x)
     counts = torch.tensor([len(x), n_bad], dtype=torch.float64)
     dist.all_reduce_sum_(counts)

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from . import dist
 from .evaluate import DEFAULT_REFERENCE, evaluate_generator, prepare_reference
 from .generators import EMA_SNAPSHOT, load_generator
+from .ladder import make_student
 from .metrics.features import get_feature_net
 from .metrics.progress import note
 from .networks.generator import OneStepGenerator
@@ -74,7 +75,7 @@ def load_snapshot(path: str | Path, device="cpu") -> OneStepGenerator:
         from .networks.lora import lora_copy
 
         teacher = lora_copy(teacher, cfg.model.student_lora_rank)
-    gen = OneStepGenerator(teacher, cfg.model.sigma_init)  # the generator is a copy of the teacher network
+    gen = make_student(teacher, cfg, teacher)  # the generator is a copy of the teacher network (K steps)
     gen.load_state_dict(state["ema"])
     return gen.to(device).eval().requires_grad_(False)
 

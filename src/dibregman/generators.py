@@ -1,8 +1,11 @@
-"""Exported one-step generators: metadata to rebuild the network, and loading for `dibregman sample`/`eval`.
+"""Exported one- and few-step generators: metadata to rebuild the network, loading and sampling for `dibregman
+sample`/`eval`.
 
-An export is `generator.safetensors` (EMA weights of `OneStepGenerator`) + `generator.json` (how to rebuild
-it); text-to-image runs write a diffusers folder instead (`teachers/t2i.py`), LoRA students their adapters
-(`export.py`).
+An export is `generator.safetensors` (EMA weights of `OneStepGenerator` / `Student`) + `generator.json` (how to
+rebuild it, with the student's ladder `student_sigmas`; an export without one is a one-step generator: it loads as
+a `Student` with K = 1); text-to-image runs write a diffusers folder instead (`teachers/t2i.py`), LoRA students
+their adapters (`export.py`). Sampling follows `ladder.py`'s rule: a K-step student samples in K steps unless fewer
+are asked for.
 Loading never executes code from a file.
 """
 
@@ -15,8 +18,10 @@ import torch
 
 from . import checkpoint as ckpt
 from . import dist
+from .ladder import chain_generators, chain_noise, student_meta
 from .networks.generator import OneStepGenerator
 from .networks.mlp import MLPConfig, MLPDenoiser
+from .networks.student import Student, check_steps, sample_chain
 from .networks.unet import EDMDenoiser, UNetConfig, build_unet
 
 
@@ -37,6 +42,7 @@ def generator_meta(gen: OneStepGenerator, cfg, num_images: int) -> dict:
     return {
         "kind": "dibregman-one-step-generator",
         "sigma_init": gen.sigma_init,
+        **student_meta(gen),  # the ladder (ladder.py); an export without it is a one-step generator
         "network": network,
         "shape": list(getattr(net, "shape", ())),
         "num_images": num_images,
@@ -65,7 +71,8 @@ def preview_samples(gen, path, seed: int, device, *, real, shape, title: str = "
     g = torch.Generator().manual_seed(seed)
     n = 64 if len(shape) == 3 else 2000
     z, labels = torch.randn((n, *shape), generator=g).to(device), class_grid(n, num_classes, 8)
-    x = gen(z, None if labels is None else labels.to(device)).float()
+    eps = [e.to(device) for e in chain_noise(chain_generators(seed, check_steps(gen, None)), n, shape)]
+    x = sample_chain(gen, z, None if labels is None else labels.to(device), noise=eps).float()  # every step
     x = (decode(x) if decode is not None else x).cpu()
     if len(shape) == 3:
         save_image_grid(x, path, ncol=8)
@@ -120,12 +127,21 @@ def load_generator(path: str | Path, device="cpu") -> tuple[OneStepGenerator, di
         from .teachers import load_teacher
 
         net = load_teacher(net_meta["teacher"])
-    gen = OneStepGenerator(net, meta["sigma_init"])
+    gen = Student(net, _ladder_of_meta(meta, path))
     problem = ckpt.describe_mismatch(state, gen.state_dict())
     if problem:
         raise ValueError(f"{path} and its JSON do not belong together ({problem})")
     gen.load_state_dict(state)
     return gen.to(device).eval().requires_grad_(False), meta
+
+
+def _ladder_of_meta(meta: dict, path) -> list[float]:
+    """The ladder an export records (`student_sigmas`), or [sigma_init] for an export written before few-step
+    students (a one-step generator); ValueError naming the file for a ladder that does not start at sigma_init."""
+    sigmas = meta.get("student_sigmas") or [meta["sigma_init"]]
+    if abs(float(sigmas[0]) - float(meta["sigma_init"])) > 1e-6 * float(meta["sigma_init"]):
+        raise ValueError(f"{path}: its student_sigmas {sigmas} do not start at its sigma_init {meta['sigma_init']}")
+    return sigmas
 
 
 EMA_SNAPSHOT = re.compile(r"^ema-(\d+)\.safetensors$")
@@ -148,20 +164,24 @@ def export_ema_snapshot(ema, cfg, run_dir: Path, num_images: int, conditional: b
 
 
 @torch.no_grad()
-def generate(gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 256, cond=None, device="cpu"):
-    """n one-step samples G(z), z ~ N(0, I), deterministic in `seed`; [n, *shape] on CPU."""
-    shape = tuple(gen.denoiser.shape)
-    g = torch.Generator().manual_seed(seed)
+def generate(
+    gen: OneStepGenerator, n: int, *, seed: int = 0, batch_size: int = 256, cond=None, device="cpu", steps=None
+):
+    """n samples of a student in `steps` steps (None: all it was trained with; a one-step generator: G(z)),
+    z ~ N(0, I) and the chain's noise deterministic in `seed` (`ladder.py`'s rule); [n, *shape] on CPU."""
+    shape, k = tuple(gen.denoiser.shape), check_steps(gen, steps)
+    g, gens = torch.Generator().manual_seed(seed), chain_generators(seed, k)
     out = []
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
         z = torch.randn((m, *shape), generator=g).to(device)
+        eps = [e.to(device) for e in chain_noise(gens, m, shape)]  # eps_2..eps_k; [] for one step
         c = None if cond is None else cond[i : i + m].to(device)
-        out.append(gen(z, c).float().cpu())
+        out.append(sample_chain(gen, z, c, k, noise=eps).float().cpu())
     return torch.cat(out)
 
 
-def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 0, batch_size: int = 256):
+def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 0, batch_size: int = 256, steps=None):
     """`num` samples of a loaded export and the columns of their grid: (samples on the CPU, ncol). A text-to-image
     export takes prompts (cycled, a column each) and only it does."""
     device = next(iter([*gen.parameters(), *gen.buffers()]), torch.empty(0)).device
@@ -172,31 +192,35 @@ def sample_export(gen, meta: dict, num: int, prompts: list[str], *, seed: int = 
         den, ncol = gen.denoiser, min(16, num)
         labels = class_grid(num, int(getattr(den, "num_classes", 0) or 0), ncol)
         ncol = min(ncol, len(set(labels.tolist()))) if labels is not None else ncol
-        x = generate(gen, num, seed=seed, batch_size=batch_size, cond=labels, device=device)
+        x = generate(gen, num, seed=seed, batch_size=batch_size, cond=labels, device=device, steps=steps)
         if hasattr(den, "decode"):
             x = torch.cat([den.decode(x[i : i + 16].to(device)).cpu() for i in range(0, len(x), 16)])
         return x, ncol
     from .teachers.t2i import sample_images
 
     prompts = [prompts[i % len(prompts)] for i in range(max(num, len(prompts)))]
-    x = sample_images(gen, prompts, seed=seed, batch_size=min(batch_size, 16), device=device)
+    x = sample_images(gen, prompts, seed=seed, batch_size=min(batch_size, 16), device=device, steps=steps)
     return x, min(len(set(prompts)), 16)
 
 
 @torch.no_grad()
-def generate_rows(gen, n: int, rows: slice, *, seed: int, batch_size: int, device, progress: bool) -> torch.Tensor:
-    """Rows `rows` of `generate(gen, n, seed=seed, batch_size=batch_size)` (the same z stream; the generator
-    runs on those rows only: a torchrun rank's share), on the CPU, with a progress line."""
+def generate_rows(
+    gen, n: int, rows: slice, *, seed: int, batch_size: int, device, progress: bool, steps=None
+) -> torch.Tensor:
+    """Rows `rows` of `generate(gen, n, seed=seed, batch_size=batch_size, steps=steps)` (the same z and noise
+    streams; the generator runs on those rows only: a torchrun rank's share), on the CPU, with a progress line."""
     from .metrics.progress import Progress
 
-    shape = tuple(gen.denoiser.shape)
-    g = torch.Generator().manual_seed(seed)
+    shape, k = tuple(gen.denoiser.shape), check_steps(gen, steps)
+    g, gens = torch.Generator().manual_seed(seed), chain_generators(seed, k)
     bar = Progress("generation", rows.stop - rows.start, enabled=progress)
     out = []
     for i in range(0, n, batch_size):
         z = torch.randn((min(batch_size, n - i), *shape), generator=g)
+        eps = chain_noise(gens, len(z), shape)
         lo, hi = max(rows.start - i, 0), min(rows.stop - i, len(z))
         if lo < hi:
-            out.append(gen(z[lo:hi].to(device), None).float().cpu())
+            noise = [e[lo:hi].to(device) for e in eps]
+            out.append(sample_chain(gen, z[lo:hi].to(device), None, k, noise=noise).float().cpu())
             bar.update(hi - lo)
     return torch.cat(out) if out else torch.empty(0, *shape)

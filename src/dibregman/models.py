@@ -19,7 +19,7 @@ Preview = Callable  # preview(generator, path, seed, device) -> None: a sample p
 @dataclass
 class Models:
     teacher: nn.Module  # phi, frozen
-    generator: nn.Module  # G_theta (networks.generator.OneStepGenerator)
+    generator: nn.Module  # G_theta (networks.generator.OneStepGenerator; networks.student.Student for K > 1)
     critic: nn.Module  # psi and eta as one module (networks.discriminator.Critic)
     shape: tuple  # per-sample shape
     sigma_data: float

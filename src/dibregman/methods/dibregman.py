@@ -28,6 +28,7 @@ from ..engine import EngineSpec, Phase
 from ..regression import build_regression
 from ..rewards import build_target
 from ..teachers import family
+from .fewstep import build_fewstep
 
 
 def critic_optimizer(cfg: DistillConfig, critic: torch.nn.Module) -> tuple[list, torch.optim.AdamW]:
@@ -95,6 +96,7 @@ class DiBregman:
         self.div, self.stab = objective(cfg)  # Eq. 4's weight: divergence and stabiliser
         self.target = build_target(cfg, self.m, self.device)  # Appendix G reward tilt (rewards.py), or None
         self.regression = build_regression(cfg, self.m, Path(run_dir), self.device)  # DMD's term, or None
+        self.fewstep = build_fewstep(cfg, self.m)  # a K-step student's training inputs (fewstep.py), None for K = 1
         self.optimizers: dict[str, torch.optim.Optimizer] = {}  # `make_optimizers`, once the engine placed the nets
         t = self.m.teacher
         lo, hi = cfg.loss.gen_sigma_min, cfg.loss.gen_sigma_max  # None: the teacher's
@@ -245,15 +247,17 @@ class DiBregman:
         if self.target is not None:  # Z = E_p[R] on the real side
             mon.add(self.target.observe(real, dist.all_gather_cat if dist.world_size() > 1 else None))
         with self.autocast():
-            loss, stats, by_sigma = self.critic_round(b, real, norm)
+            loss, stats, by_sigma = self.critic_round(b, real, norm, rnd=rnd, n=n)
         mon.add(stats)
         for prefix, (values, sigma) in by_sigma.items():
             mon.add_by_sigma(prefix, values, sigma)
         return loss
 
-    def critic_round(self, b: Batch, real: torch.Tensor, norm: int) -> tuple[torch.Tensor, dict, dict]:
+    def critic_round(
+        self, b: Batch, real: torch.Tensor, norm: int, rnd: int = 0, n: int | None = None
+    ) -> tuple[torch.Tensor, dict, dict]:
         with torch.no_grad():
-            x_fake = self.net["generator"](b.z, b.cond).float()
+            x_fake = self.student_output(b, rnd, n or len(b.z)).float()
         return critic_round(self.net["critic"], b, x_fake, real, norm, self.cfg.loss.disc_weight)
 
     def generator_loss(self, rnd: int, n: int, norm: int, mon) -> torch.Tensor:
@@ -284,11 +288,18 @@ class DiBregman:
         sl = local_slice(len(local[0]) * dist.world_size())
         return tuple(o[sl] for o in out) if isinstance(out, tuple) else out[sl]
 
+    def student_output(self, b: Batch, rnd: int, n: int) -> torch.Tensor:
+        """G(z) for K = 1; a K-step student's trained step for micro-batch `rnd` (n samples over all ranks)."""
+        if self.fewstep is None:
+            return self.net["generator"](b.z, b.cond)
+        d = self.fewstep.draw(self.state.step, rnd, n, self.device)
+        return self.fewstep.output(self.net["generator"], b, d)
+
     def generator_round(self, b: Batch, gan_w: float, norm: int, rnd: int, n: int) -> tuple[torch.Tensor, dict]:
         """Lines 5-15 for micro-batch `rnd` (n samples over all ranks): the networks at x_t, then Eq. 4 (+ Eq. 14,
         + regression, + GAN) from `distill`."""
         m, L, critic = self.m, self.cfg.loss, self.m.critic  # the critic is read, not trained: unwrapped
-        x = self.net["generator"](b.z, b.cond).float()  # line 5
+        x = self.student_output(b, rnd, n).float()  # line 5 (a K-step student: its trained step's output)
         s = bcast(b.gen_sigma, x)
         x_t = x.detach() + s * b.gen_noise  # line 6: forward process q_{t|0}(x_t | x_theta)
         with torch.no_grad():

@@ -46,10 +46,12 @@ from .. import checkpoint as ckpt
 from .. import dist
 from ..conditions import ConditionSet, load_image, read_captioned_images, read_prompts
 from ..draws import seed_for
+from ..ladder import chain_generators, chain_noise, make_student, t2i_student_meta
 from ..models import Models
 from ..networks.discriminator import build_critic
 from ..networks.generator import OneStepGenerator
 from ..networks.lora import PSI_TARGETS, full_copy, lora_copy
+from ..networks.student import Student, check_steps, sample_chain
 from . import FAMILIES, resolve_path
 
 META_NAME = "dibregman.json"  # the export's description, beside model_index.json
@@ -96,7 +98,8 @@ def build_t2i_models(cfg, teacher, device) -> Models:
     teacher.uncond_embedding()  # cached once, outside autocast
     conditions = ConditionSet(read_prompts(m.prompts), teacher.encode_prompts)
     kw = dict(share_base=m.share_lora_base, grad_checkpointing=m.grad_checkpointing)
-    gen = OneStepGenerator(trainable_copy(teacher, lora_rank=m.student_lora_rank, targets=None, **kw), m.sigma_init)
+    student_net = trainable_copy(teacher, lora_rank=m.student_lora_rank, targets=None, **kw)
+    gen = make_student(student_net, cfg, teacher)  # K steps (K = 1: OneStepGenerator)
     fake = trainable_copy(teacher, lora_rank=m.fake_lora_rank, **kw)
     critic = build_critic(fake, m.disc_head, m.disc_placement, teacher=teacher.unguided(teacher.network))
     if m.teacher_bf16:  # after copying: full-weight copies keep float32 weights, LoRA ones share the bf16 base
@@ -227,9 +230,9 @@ def export_diffusers(gen: OneStepGenerator, cfg, out_dir: str | Path, num_images
     meta = {
         "kind": META_KIND,
         "family": text.family,
-        "one_step": True,
         "sigma_init": gen.sigma_init,
         **text.export_meta(gen.sigma_init),
+        **t2i_student_meta(gen, text),  # the ladder and, for K > 1, each step's recipe (ladder.py)
         "teacher": cfg.model.teacher,
         "teacher_guidance_scale": cfg.model.guidance_scale,
         "num_images": num_images,
@@ -251,19 +254,24 @@ def load_t2i_generator(folder: str | Path, device="cpu") -> tuple[OneStepGenerat
     kind = meta.get("family", "sd")  # exports written before sd3/flux name no family
     kwargs = meta.get("load_kwargs", {"prediction_type": meta.get("prediction_type"), "guidance_scale": 1.0})
     parts = FAMILIES[kind].load(str(folder), **kwargs).to(device)  # the student's network + the shared parts
-    gen = OneStepGenerator(parts.unguided(parts.network), meta["sigma_init"])
+    gen = Student(parts.unguided(parts.network), meta.get("student_sigmas") or [meta["sigma_init"]])  # old: K = 1
     return gen.to(device).eval().requires_grad_(False), meta
 
 
 @torch.no_grad()
-def sample_images(gen: OneStepGenerator, prompts: list[str], *, seed: int = 0, batch_size: int = 8, device="cpu"):
-    """One-step images [len(prompts), 3, H, W] in [-1, 1], VAE-decoded, on the CPU; deterministic in seed. (Any
-    gen(z, prompts) with `.denoiser.shape` works: `teacher_samples.TeacherSampler` runs the teacher's chain.)"""
-    den = gen.denoiser
+def sample_images(
+    gen: OneStepGenerator, prompts: list[str], *, seed: int = 0, batch_size: int = 8, device="cpu", steps=None
+):
+    """Images [len(prompts), 3, H, W] in [-1, 1] of a student in `steps` steps (None: all), VAE-decoded, on the
+    CPU; deterministic in seed (`ladder.py`'s rule). (Any gen(z, prompts) with `.denoiser.shape` works:
+    `teacher_samples.TeacherSampler` runs the teacher's chain.)"""
+    den, k = gen.denoiser, check_steps(gen, steps)
     z = torch.randn((len(prompts), *den.shape), generator=torch.Generator().manual_seed(seed))
+    eps = chain_noise(chain_generators(seed, k), len(prompts), den.shape)  # eps_2..eps_k; [] for one step
     out = []
     for i in range(0, len(prompts), batch_size):
-        latents = gen(z[i : i + batch_size].to(device), list(prompts[i : i + batch_size]))
+        noise = [e[i : i + batch_size].to(device) for e in eps]
+        latents = sample_chain(gen, z[i : i + batch_size].to(device), list(prompts[i : i + batch_size]), k, noise=noise)
         out.append(getattr(den, "text", den).decode(latents.float()).cpu())  # a copy's shared parts, or the teacher
     return torch.cat(out)
 

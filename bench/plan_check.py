@@ -152,9 +152,9 @@ class Step:
         self.fake = copy.deepcopy(net).requires_grad_(True)
         self.teacher = net.eval().requires_grad_(False).to(teacher_dtype)
         if cfg.model.fake_lora_rank:
-            from dibregman.networks.lora import add_lora
+            from dibregman.networks.lora import PSI_TARGETS, add_lora
 
-            add_lora(self.fake.net, cfg.model.fake_lora_rank)
+            add_lora(self.fake.net, cfg.model.fake_lora_rank, PSI_TARGETS)
         self.device = device or next(net.parameters()).device  # where the draws and the compute are
         self.psi_eta = Critic(self.fake, "linear").to(self.device)  # psi + eta as the engine holds them
         self.disc = functools.partial(self.psi_eta, logit=True)

@@ -142,7 +142,7 @@ def test_reward_returning_nan_on_some_samples_is_a_skipped_counted_step(tmp_path
 
 
 def test_teacher_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
-    from dibregman import train_teacher as tt
+    from dibregman.methods import denoising as tt  # the teacher's loss, as the Denoising method calls it
 
     calls, edm_loss = {"n": 0}, tt.edm_loss
 
@@ -164,7 +164,7 @@ def test_teacher_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_teacher_sigint_checkpoints_and_resumes_exactly_also_from_the_old_format(tmp_path, monkeypatch):
-    from dibregman import train_teacher as tt
+    from dibregman.methods import denoising as tt  # the teacher's loss, as the Denoising method calls it
 
     cfg = teacher_config(data="digits:", unet="tiny", batch_size=4, total_kimg=0.024, ckpt_every_kimg=0.016)
     full = ckpt.load_safetensors(train_teacher(cfg, tmp_path / "full"))[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, FluxPipeline, StableDiffusion3Pipeline, Transformer2DModel
 
-from dibregman.networks.discriminator import DiscriminatorHead
+from dibregman.networks.discriminator import Critic
 from dibregman.teachers import load_teacher
 from dibregman.teachers.diffusers import ddim_sigmas
 from dibregman.teachers.dit import DiTTeacher
@@ -178,10 +178,11 @@ def test_the_tap_reads_the_chosen_block_and_the_head_gets_gradients(depth):
         assert f.shape == (2, den.feature_channels, 4, 4), name
         assert torch.equal(f, tokens.transpose(1, 2).reshape(f.shape)), name
 
-        head = DiscriminatorHead(den, "linear")
+        critic = Critic(den, "linear")  # the head on psi = den's features, reached through forward
+        head = critic.disc
         torch.nn.init.normal_(head.linear.weight)  # zero-initialised: give the features a gradient path
         den.requires_grad_(True)
-        head(x, sigma, cond).sum().backward()
+        critic(x, sigma, cond, logit=True).sum().backward()
         assert head.linear.weight.grad.abs().sum() > 0, name
         grads = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in b.parameters()) for b in blocks]
         assert grads == [i <= index for i in range(len(blocks))], (name, grads)  # none past the tap

@@ -128,9 +128,9 @@ def _networks(arch: pm.Arch, cfg) -> tuple[nn.Module, nn.Module, nn.Module]:
     if lora_rank:
         if not arch.text_to_image:
             raise ValueError(f"--lora-rank applies to text-to-image teachers, not {cfg.model.teacher!r}")
-        from .networks.lora import add_lora
+        from .networks.lora import PSI_TARGETS, add_lora
 
-        add_lora(fake.net, lora_rank)
+        add_lora(fake.net, lora_rank, PSI_TARGETS)
     placement = cfg.model.disc_placement
     if placement not in ("fake_score", "teacher"):
         raise ValueError(f"dibregman plan models disc_placement fake_score or teacher, not {placement!r}")

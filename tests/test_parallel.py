@@ -27,16 +27,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(procs: int) -> list[str]:
+    """The command that starts `procs` processes on this machine (a free port each time)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+            str(_free_port())]  # fmt: skip
+
+
 def _args(steps: int, **pairs) -> list[str]:
     sets = {**PAIRS, "run.total_kimg": steps_kimg(steps), "run.ckpt_every_kimg": steps_kimg(1), **pairs}
     return ["distill", "--preset", "gmm", *(f"--set={k}={v}" for k, v in sets.items())]
 
 
 def _run(run_dir: Path, steps: int, procs: int = 1, **pairs) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dibregman.cli", *_args(steps, **pairs), "--run-dir", str(run_dir)]
-    if procs > 1:
-        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_free_port())]
-        cmd = [sys.executable, *launch, *cmd[1:]]
+    cmd = ["-m", "dibregman.cli", *_args(steps, **pairs), "--run-dir", str(run_dir)]
+    cmd = [*torchrun(procs), *cmd] if procs > 1 else [sys.executable, *cmd]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -86,15 +90,7 @@ def test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_pa
     script = tmp_path / "kill_in_save.py"
     script.write_text(KILL_SCRIPT)
     run = tmp_path / "run"
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
+    launch = torchrun(2)
     cmd = [*launch, str(script), *_args(3, **{"run.parallel": "ddp"}), "--run-dir", str(run)]
     killed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0
@@ -234,15 +230,7 @@ dist.destroy()
 def test_torchrun_trains_the_tiny_variant_of_every_preset(tmp_path, mode):
     script = tmp_path / "every_preset.py"
     script.write_text(EVERY_PRESET)
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
+    launch = torchrun(2)
     out = subprocess.run(
         [*launch, str(script), str(tmp_path), mode], env=ENV, capture_output=True, text=True, timeout=600
     )

@@ -161,3 +161,21 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_lora_student_on_the_shared_base_holds_only_its_adapters():
+    """model.student_lora_rank: G trains (and keeps fp32 masters, EMA, AdamW states of) its adapters only; with
+    model.share_lora_base off it also holds a frozen copy of the teacher's weights."""
+    from dibregman.plan import plan
+
+    full = plan("sd15", gpus=1, gpu_mem_gib=80, parallel="none")
+    lora = plan("sd15", gpus=1, gpu_mem_gib=80, parallel="none", pairs={"model.student_lora_rank": 64})
+    own = plan("sd15", gpus=1, gpu_mem_gib=80, parallel="none",
+               pairs={"model.student_lora_rank": 64, "model.share_lora_base": False})  # fmt: skip
+    c = lora.counts
+    assert 0 < c.generator_trainable < 0.2 * c.generator and own.counts.generator_own_base == c.generator
+    for key in ((False, False), (True, False)):
+        f, lo, ow = (x.rows[("none", *key)] for x in (full, lora, own))
+        assert lo["adamw"] == 8 * (c.generator_trainable + c.fake_trainable + c.head)
+        assert lo["total"] < ow["total"] < f["total"] + 4 * c.generator
+        assert lo["weights"] + 4 * c.generator == ow["weights"]

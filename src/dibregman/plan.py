@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ class Counts:
     fake: int  # P_psi, all of psi's parameters
     fake_trainable: int  # P_psi': what psi trains (LoRA: the factors only)
     head: int  # P_h: the discriminator's linear head
+    generator_trainable: int | None = None  # P_G': what G trains (a LoRA student: the factors only); None = P_G
+    generator_own_base: int = 0  # a LoRA student that does not share the teacher's weights: its frozen fp32 copy
     buffers: int = 0  # bytes of G's buffers (psi and the EMA have as many)
     units: dict = field(default_factory=dict)  # network -> (largest unit's parameters, the root's own parameters)
 
@@ -194,23 +196,29 @@ def phase_bytes(c: Counts, t: dict, *, mode: str, world: int, micro: int, checkp
     nets = {"generator": [("net", pb, True), ("net", teacher_bytes, False), ("fake", pb, False)],
             "critic": [("net", pb, False), ("fake", pb, True)]}  # fmt: skip
     phases = {  # what trains; what the forward keeps before the no-grad passes, and after; the no-grad passes
-        "generator": (c.generator, t["generator"], t["gan"], micro * t.get("nograd", 0)),
+        "generator": (
+            c.generator if c.generator_trainable is None else c.generator_trainable,
+            t["generator"],
+            t["gan"],
+            micro * t.get("nograd", 0),
+        ),
         "critic": (critic, ZERO, t["fake"] + t["features"].times(2), 0),
     }
     host_all = offload and mode == "fsdp"  # FSDP2's CPUOffloadPolicy: sharded weights, gradients, optimiser
+    g = c.generator if c.generator_trainable is None else c.generator_trainable  # what G trains
     rows = {
         "teacher": (c.teacher * teacher_bytes + c.buffers) / shard,
         "encoders": c.encoders * teacher_bytes,
-        "weights": (4 * (c.generator + c.fake + c.head) + 2 * c.buffers) / shard,
-        "ema": (4 * c.generator + c.buffers) / shard,
-        "adamw": 8 * (c.generator + critic) / shard,
+        "weights": (4 * (g + c.generator_own_base + c.fake + c.head) + 2 * c.buffers) / shard,
+        "ema": (4 * (g + c.generator_own_base) + c.buffers) / shard,
+        "adamw": 8 * (g + critic) / shard,
     }
-    host = rows["adamw"] + (rows["weights"] + rows["ema"] + 4 * (c.generator + critic) / shard if host_all else 0)
+    host = rows["adamw"] + (rows["weights"] + rows["ema"] + 4 * (g + critic) / shard if host_all else 0)
     if offload:
         rows.update(adamw=0, **({"weights": 0, "ema": 0} if host_all else {}))
     persistent = sum(rows.values())
     if mode == "ddp":
-        rows["gradients"] = 4 * (c.generator + critic)
+        rows["gradients"] = 4 * ((c.generator if c.generator_trainable is None else c.generator_trainable) + critic)
         persistent += rows["gradients"]
     best, extras = None, {}
     for phase, (trained, before, after, nograd) in phases.items():
@@ -281,9 +289,11 @@ def plan_arch(name: str, arch: pm.Arch, cfg, *, gpus: int, gpu_mem_gib: float, p
     net, fake, backbone = _networks(arch, cfg)
     bf16, gan = cfg.optim.bf16, cfg.loss.gan_weight > 0
     teacher_bf16 = bool(cfg.model.teacher_bf16 and arch.text_to_image)
+    trainable, own_base = pm.student_lora_counts(net, cfg)  # a LoRA student: its adapters, its own base
+    counts = replace(_counts(arch, net, fake), generator_trainable=trainable, generator_own_base=own_base)
     p = Plan(name, arch.title, arch.source, arch.note, gpus, gpu_mem_gib, MODES if parallel == "all" else (parallel,),
              cfg.optim.batch_size, cfg.optim.accum_steps, bf16, teacher_bf16, cfg.model.grad_checkpointing,
-             cfg.model.fake_lora_rank, gan, _counts(arch, net, fake), tuple(arch.shape))  # fmt: skip
+             cfg.model.fake_lora_rank, gan, counts, tuple(arch.shape))  # fmt: skip
     t = traces(arch, net, fake, backbone, cfg)
     for mode in p.modes:
         for ckpt in (False, True):
@@ -337,7 +347,9 @@ def _header(p: Plan) -> list[str]:
         f"  config: {p.source}" + (f"; {p.note}" if p.note else ""),
         f"  teacher {fmt_count(c.teacher)} ({t_dtype}, frozen)"
         + (f" + VAE/text encoders {fmt_count(c.encoders)}" if c.encoders else "")
-        + f"; G {fmt_count(c.generator)} and psi {psi} (fp32 masters); head {fmt_count(c.head)}",
+        + f"; G {fmt_count(c.generator)}"
+        + (f" ({fmt_count(c.generator_trainable)} LoRA trainable)" if c.generator_trainable is not None else "")
+        + f" and psi {psi} (fp32 masters); head {fmt_count(c.head)}",
         f"  sample {'x'.join(map(str, p.shape))}; batch {p.batch} in {p.accum} micro-batch(es): "
         + ", ".join(f"{m} {p.micro(m)}/rank" for m in p.modes)
         + f"; {'bf16 autocast' if p.bf16 else 'fp32'}; GAN term {'on' if p.gan else 'off'}",

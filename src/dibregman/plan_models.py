@@ -10,6 +10,7 @@ published shapes: enough to count parameters and the tensors a forward pass keep
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -267,4 +268,21 @@ def latent_side(pixels: int, factor: int = 8) -> int:
     return max(2, 2 * math.ceil(pixels / factor / 2))
 
 
-__all__ = ["Arch", "TextNet", "PUBLISHED", "published", "native", "arch_for", "count", "units", "UNIT_CLASSES"]
+def student_lora_counts(net: nn.Module, cfg) -> tuple[int | None, int]:
+    """(parameters G trains, parameters of G's own frozen base) of a LoRA student (`model.student_lora_rank`: the
+    adapters of `networks.lora.STUDENT_TARGETS` on the teacher's weights, or on a frozen copy of its own when
+    `model.share_lora_base` is off); (None, 0) for a full-weight student."""
+    rank = cfg.model.student_lora_rank
+    if not rank:
+        return None, 0
+    from .networks.lora import STUDENT_TARGETS, add_lora, lora_parameter_count, lora_root
+
+    root = copy.deepcopy(lora_root(net))
+    add_lora(root, rank, STUDENT_TARGETS[type(root).__name__])
+    return lora_parameter_count(root), (0 if cfg.model.share_lora_base else count(net))
+
+
+__all__ = [
+    "Arch", "TextNet", "PUBLISHED", "published", "native", "arch_for", "count", "units", "UNIT_CLASSES",
+    "student_lora_counts",
+]  # fmt: skip

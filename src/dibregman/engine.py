@@ -118,7 +118,7 @@ class Engine:
         a skipped update. A non-finite loss raises `_EndStep` (the step's remaining phases are skipped too)."""
         spec, opt = self.spec, self.method.optimizers[phase.name]
         n = spec.batch_size // spec.accum_steps
-        scale = float(dist.world_size()) if self.spec.parallel != "none" else 1.0  # DDP/FSDP average over ranks
+        scale = float(dist.world_size()) if self.mode != "none" else 1.0  # DDP/FSDP2 average over ranks
         try:
             for rnd in range(spec.accum_steps):
                 with parallel.no_sync(self.wrapped.get(phase.name), last=rnd == spec.accum_steps - 1):

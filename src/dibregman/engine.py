@@ -94,6 +94,10 @@ class Engine:
             parallel.shard(self.ema, self.device, method.blocks(self.ema))
         method.use_wrapped(self.wrapped)
         method.make_optimizers()  # after wrapping: FSDP2 replaces the parameters by their shards
+        if self.sharded_params:  # torch 2.13: the first foreach step over many DTensor shards takes minutes
+            for opt in method.optimizers.values():
+                for group in opt.param_groups:
+                    group["foreach"] = False
         self.phase_params = {name: _trainable(mod) for name, mod in method.trainable().items()}
         self.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in method.optimizers.items()}
         self.state = State()

@@ -14,7 +14,6 @@ DCP reshards on load, so a run resumes exactly on another number of processes, a
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -23,8 +22,6 @@ import torch
 from . import checkpoint as ckpt
 from . import dist
 from .checkpoint import FILES_KEY, META, files_checksum
-
-DIR_PATTERN = re.compile(r"^ckpt-(\d+)$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,4 +92,4 @@ def full_state_dict(module: torch.nn.Module) -> dict:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-__all__ = ["DIR_PATTERN", "full_state_dict", "load", "remove", "save"]
+__all__ = ["full_state_dict", "load", "remove", "save"]

@@ -7,15 +7,13 @@ logit-normal t), exported as kind "flow-unet" and loaded by `flow:PATH.safetenso
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import dist, optim, runguard
+from . import dist, optim, trainer_state
 from .config import opt
 from .data import load_dataset
 from .methods.denoising import OBJECTIVES, edm_loss
@@ -162,9 +160,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file; give a folder")
-    runguard.RunLock(run_dir).probe()  # every refusal before the data is loaded or a file written
-    runguard.check_writable(run_dir)
-    _previous_run(run_dir)
+    trainer_state.check_folder(run_dir, "teacher")  # before the data is loaded or a file written
     device = dist.init(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -182,29 +178,6 @@ def train_teacher(cfg: TeacherConfig, run_dir: str | Path) -> Path:
     engine = Engine(Denoising(cfg, net.to(device), images, labels, device), run_dir)
     engine.train()
     return run_dir / "teacher-ema.safetensors"
-
-
-def _previous_run(run_dir: Path) -> None:
-    """ValueError for another kind of run's folder (a distillation's config.json or checkpoint), checked before the
-    data is loaded or a file written."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):  # none, or unreadable: rewritten on start
-        config = None
-    if isinstance(config, dict) and "teacher" not in config:
-        kind = " (a distill run's)" if "model" in config else ""
-        raise ValueError(
-            f"{run_dir} is not a train-teacher run folder: its config.json{kind} has no 'teacher' section; "
-            "give train-teacher a run folder of its own"
-        )
-    for path in reversed(ckpt.list_checkpoints(run_dir)):
-        state = ckpt.peek(path)  # unverified: only its config is read here
-        if isinstance(state, dict):
-            saved = state.get("config")
-            if not (isinstance(saved, dict) and "teacher" in saved):
-                by = " (distill wrote it)" if "generator" in state or "model" in (saved or {}) else ""
-                raise ValueError(f"{path} is not a teacher checkpoint{by}; give train-teacher a run folder of its own")
-            return
 
 
 __all__ = ["TeacherConfig", "teacher_config", "validate_teacher", "train_teacher", "load_teacher", "edm_loss"]

@@ -71,31 +71,49 @@ def _checker(keys: list[str], *, healthy_only: bool):
     return check
 
 
-def preflight(run_dir: Path, method) -> tuple[tuple[dict, Path] | None, Path | None]:
-    """Everything a run refuses, before the method builds a model or anything is written (a refusal leaves the
-    folder as it found it): a folder another process holds or that cannot be written, another kind of run's
-    folder or checkpoint (`method.run_kind`: the config section only its kind writes), a checkpoint written by
-    another config (`method.check_resume`). Returns ((state, path) of the newest healthy checkpoint, else of the
-    newest loadable one, or None; the newest checkpoint's path)."""
-    run_dir, kind = Path(run_dir), method.run_kind
+RUN_KINDS = {"model": "distill", "teacher": "train-teacher"}  # the config section only one command writes -> it
+
+
+def check_folder(run_dir: Path, kind: str) -> None:
+    """The refusals that need no model: a folder another process holds or that cannot be written, and another
+    command's folder (`kind`: the config section this command writes), told by its config.json or its newest
+    readable checkpoint."""
+    run_dir, own = Path(run_dir), RUN_KINDS[kind]
     if dist.rank() == 0:  # another process on this folder: stop before reading it
         runguard.RunLock(run_dir).probe()
     runguard.check_writable(run_dir)
+
+    def other(config) -> str:
+        return next((cmd for section, cmd in RUN_KINDS.items() if section in config), "another command")
+
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):  # none, or unreadable: rewritten on start
         config = None
     if isinstance(config, dict) and kind not in config:
-        raise ValueError(f"{run_dir} is another kind of run's folder (its config.json has no {kind!r} section)")
+        raise ValueError(f"{run_dir} is a {other(config)} run folder; give {own} a run folder of its own")
+    for path in reversed(ckpt.list_checkpoints(run_dir)):
+        state = ckpt.peek(path)  # unverified: only its config is read here
+        if isinstance(state, dict):
+            saved = state.get("config")
+            if not (isinstance(saved, dict) and kind in saved):
+                written_by = other(saved if isinstance(saved, dict) else {})
+                raise ValueError(f"{path} was written by {written_by}; give {own} a run folder of its own")
+            return
+
+
+def preflight(run_dir: Path, method) -> tuple[tuple[dict, Path] | None, Path | None]:
+    """Everything a run refuses, before the method builds a model or anything is written (a refusal leaves the
+    folder as it found it): `check_folder` (`method.run_kind`), then a checkpoint written by another config
+    (`method.check_resume`). Returns ((state, path) of the newest healthy checkpoint, else of the newest loadable
+    one, or None; the newest checkpoint's path)."""
+    check_folder(run_dir, method.run_kind)
     keys = method.checkpoint_keys
     found = ckpt.load_latest(run_dir, check=_checker(keys, healthy_only=True))
     if found is None:
         found = ckpt.load_latest(run_dir, check=_checker(keys, healthy_only=False))
     if found is not None:
-        state, path = found
-        if not (isinstance(state.get("config"), dict) and kind in state["config"]):
-            raise ValueError(f"{path} is another kind of run's checkpoint; give this command a run folder of its own")
-        method.check_resume(state, path)
+        method.check_resume(*found)
     return found, (ckpt.list_checkpoints(run_dir) or [None])[-1]
 
 

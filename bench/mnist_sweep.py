@@ -5,11 +5,12 @@ the same weight sigmoid(l)) and forward KL, each with `--seeds` seeds.
     python bench/mnist_sweep.py [--kimg 150] [--seeds 2] [--teacher edm:PATH] [--fid-every-kimg 5]
                                 [--n-fid-loop 500] [--n-fid 2000] [--n-inception 500] [--teacher-nfe 35]
                                 [--target-fid F] [--only rkl,fkl] [--set optim.gen_lr=2e-4 ...] [--collect]
-                                [--until-kimg K]
+                                [--until-kimg K] [--paper-design]
 
 Config of every run: the `mnist` preset (real side mnist:data/mnist, batch 64), then RECIPE (the setting that
 ended the oscillation over 300k images: bench/tuning/results/mnist_oscillation/README.md), then `--teacher` and
-`--set`, then the objective, seed and sizes. Runs resume (`sweeprun.py`): stop the command at any point and run it
+`--set`, then the objective, seed and sizes; `--paper-design` puts the paper's own design (`presets.PAPER_DESIGN`:
+SiDA's mean head, raw weights, t ~ U[0, 1], no GAN) between RECIPE and `--set`. Runs resume (`sweeprun.py`): stop the command at any point and run it
 again to continue; finished runs are skipped; two processes with disjoint `--only` lists may share --work/--out.
 
 In-loop, every --fid-every-kimg: FID of the EMA generator with the MNIST feature net (n = --n-fid-loop against
@@ -42,7 +43,7 @@ from dibregman import divergences, runguard
 from dibregman.config import override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
-from dibregman.presets import get_preset
+from dibregman.presets import PAPER_DESIGN, get_preset
 
 NAME = "mnist_sweep"
 TITLE = mnist_report.TITLE
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", default="", help="objectives, comma-separated (default: all ten, placebos included)")
     p.add_argument("--only", default="", help="comma-separated labels or divergence names this process trains")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all runs")
+    p.add_argument(
+        "--paper-design",
+        action="store_true",
+        help="the paper's own design over the recipe (presets.PAPER_DESIGN: mean head, raw weights, t ~ U[0, 1], no "
+        "GAN), before --set; its runs live in <work>/mnist_sweep_paper",
+    )
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")
     p.add_argument(
         "--until-kimg",
@@ -110,7 +117,7 @@ def sizes_of(args) -> dict:
 
 
 def make_config(args, name: str, params: dict, seed: int, sizes: dict, real: str):
-    pairs = {**RECIPE, **parse_set(args.set)}
+    pairs = {**RECIPE, **(PAPER_DESIGN if getattr(args, "paper_design", False) else {}), **parse_set(args.set)}
     if args.teacher:
         pairs["model.teacher"] = args.teacher
     if real == "teacher":  # smoke run without data/mnist: a tiny teacher pool is the real side (as the demo)
@@ -198,6 +205,11 @@ def log_start(trainer, ctx: dict, n: int, seed: int) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
+def work_dir(args) -> Path:
+    """Where the runs live: the paper design's apart (its folders would otherwise share the recipe's names)."""
+    return args.work / (f"{NAME}_paper" if getattr(args, "paper_design", False) else NAME)
+
+
 def check_loop_n(run_dir: Path, n: int) -> None:
     logged = {r[f"{FID_KEY}_n"] for r in sweeprun.read_log(run_dir) if f"{FID_KEY}_n" in r}
     if logged - {n}:
@@ -208,7 +220,7 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
     """Train (or resume) and evaluate one run; its result.json, or None when another process holds it."""
     label, name, params = spec
     cfg = make_config(args, name, params, seed, sizes, ctx["real"])
-    rd = sweeprun.run_folder(args.work / NAME, sizes, label, seed)
+    rd = sweeprun.run_folder(work_dir(args), sizes, label, seed)
     eval_sizes = {"n_fid": sizes["n_fid"], "n_inception": sizes["n_inception"]}
     done = sweeprun.read_result(rd)
     if sweeprun.result_problem(done, cfg, eval_sizes, ctx["teacher_sha"]) is None:
@@ -315,7 +327,7 @@ def collect(args, sizes: dict, specs: list, alias: dict, real: str, sha: str | N
         src = by_label[alias.get(label, label)]
         for seed in sizes["seeds"]:
             cfg = make_config(args, src[1], src[2], seed, sizes, real)
-            r = sweeprun.read_result(sweeprun.run_folder(args.work / NAME, sizes, src[0], seed))
+            r = sweeprun.read_result(sweeprun.run_folder(work_dir(args), sizes, src[0], seed))
             problem = sweeprun.result_problem(r, cfg, eval_sizes, sha)
             if problem:
                 missing.append({"label": label, "seed": seed, "why": problem})

@@ -211,6 +211,8 @@ tiny = {  # each preset's own recipe on tiny networks, two steps
     "gmm": {"model.init_steps": 5, "model.mlp_hidden": 16, "model.mlp_depth": 1},
     "mnist": {"model.teacher": f"edm:{root / 't1.safetensors'}", "model.real": "teacher", "model.teacher_pool": 8,
               "model.teacher_pool_steps": 2},
+    "mnist-paper": {"model.teacher": f"edm:{root / 't1.safetensors'}", "model.real": "teacher",
+                    "model.teacher_pool": 8, "model.teacher_pool_steps": 2},
     "cifar10": {"model.teacher": f"edm:{root / 't3.safetensors'}", "model.real": "teacher", "model.teacher_pool": 8,
                 "model.teacher_pool_steps": 2},
     "sd15": {"model.teacher": f"sd:{root / 'sd'}", "model.prompts": str(root / "prompts.txt"),
@@ -235,4 +237,4 @@ def test_torchrun_trains_the_tiny_variant_of_every_preset(tmp_path, mode):
         [*launch, str(script), str(tmp_path), mode], env=ENV, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert all(f"ok {name} {mode}" in out.stdout for name in ("gmm", "mnist", "cifar10", "sd15")), out.stdout[-2000:]
+    assert all(f"ok {name} {mode}" in out.stdout for name in ("gmm", "mnist", "mnist-paper", "cifar10", "sd15")), out.stdout[-2000:]

@@ -152,7 +152,7 @@ def test_cli_prints_every_mode_and_the_verdict(capsys, mnist_plan):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--preset", "nope"], "unknown preset 'nope'; valid: gmm, mnist, cifar10, sd15, sdxl, sd3, flux"),
+        (["--preset", "nope"], "unknown preset 'nope'; valid: gmm, mnist, cifar10, sd15, mnist-paper, sdxl, sd3, flux"),
         (["--preset", "mnist", "--gpus", "0"], "--gpus must be >= 1"),
         (["--preset", "mnist", "--parallel", "zero"], "unknown --parallel 'zero'; valid: none, ddp, fsdp, all"),
     ],

@@ -10,8 +10,9 @@ the same weight sigmoid(l)) and forward KL, each with `--seeds` seeds.
 Config of every run: the `mnist` preset (real side mnist:data/mnist, batch 64), then RECIPE (the setting that
 ended the oscillation over 300k images: bench/tuning/results/mnist_oscillation/README.md), then `--teacher` and
 `--set`, then the objective, seed and sizes; `--paper-design` puts the paper's own design (`presets.PAPER_DESIGN`:
-SiDA's mean head, raw weights, t ~ U[0, 1], no GAN) between RECIPE and `--set`. Runs resume (`sweeprun.py`): stop the command at any point and run it
-again to continue; finished runs are skipped; two processes with disjoint `--only` lists may share --work/--out.
+SiDA's mean head, raw weights, t ~ U[0, 1], no GAN) between RECIPE and `--set`. Runs resume (`sweeprun.py`):
+stop the command at any point and run it again to continue; finished runs are skipped; two processes with
+disjoint `--only` lists may share --work/--out.
 
 In-loop, every --fid-every-kimg: FID of the EMA generator with the MNIST feature net (n = --n-fid-loop against
 the 10k test set, log key `fid_mnist`) and the classifier score exp(E KL(p(y|x) || p(y))) of the same samples

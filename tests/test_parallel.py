@@ -237,4 +237,6 @@ def test_torchrun_trains_the_tiny_variant_of_every_preset(tmp_path, mode):
         [*launch, str(script), str(tmp_path), mode], env=ENV, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert all(f"ok {name} {mode}" in out.stdout for name in ("gmm", "mnist", "mnist-paper", "cifar10", "sd15")), out.stdout[-2000:]
+    assert all(f"ok {name} {mode}" in out.stdout for name in ("gmm", "mnist", "mnist-paper", "cifar10", "sd15")), (
+        out.stdout[-2000:]
+    )

@@ -370,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kimg", type=float, default=None, help="read every run only up to this many kimg (equal images)")
 
     pl = sub.add_parser("plan", help="GPU memory per rank under none / ddp / fsdp, and which settings fit")
-    pl.add_argument("--preset", required=True, help="gmm | mnist | mnist-paper | cifar10 | sd15, or a size: sdxl | sd3 | flux")
+    pl.add_argument(
+        "--preset", required=True, help="gmm | mnist | mnist-paper | cifar10 | sd15, or a size: sdxl | sd3 | flux"
+    )
     pl.add_argument("--gpus", type=int, default=1, help="GPUs, one rank each (ddp, fsdp)")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB")
     pl.add_argument("--parallel", default="all", help="none | ddp | fsdp | all")

@@ -138,23 +138,12 @@ def inception_net(sizes: dict, device, ctx: dict):
         return None
 
 
-@torch.no_grad()
 def add_inception(a, label: str, seed: int, sizes: dict, ctx: dict, result: dict) -> None:
     """Inception FID of the final EMA student (its export) at n = n_inception_full against the whole reference,
     the samples of the MNIST-feature FID (`mnist_sweep.final_metrics`: seed 20000 + seed); kept in result.json."""
-    n = sizes["n_inception_full"]
-    if result.get("final", {}).get("inception_full", {}).get("n_samples") == n:
-        return
-    if result.get("failed"):  # a diverged run has no export and is left out of the summaries
-        return
-    from dibregman.generators import generate, load_generator
-
     rd = sweeprun.run_folder(a.work / mnist_sweep.NAME, sizes, label, seed)
-    gen, _ = load_generator(rd / "generator.safetensors", ctx["device"])
-    x = generate(gen, n, seed=20_000 + seed, device=ctx["device"])
-    result["final"]["inception_full"] = common.fid(x, ctx["reference"], ctx["inception_net"], None, ctx["device"])
-    common.write_json(rd / sweeprun.RESULT, result)
-    print(f"[{NAME}] {label} seed {seed}: Inception FID {result['final']['inception_full']['fid']:.2f}", flush=True)
+    if sweeprun.add_inception_full(rd, result, sizes["n_inception_full"], ctx):
+        print(f"[{NAME}] {label} seed {seed}: Inception FID {result['final']['inception_full']['fid']:.2f}", flush=True)
 
 
 def collect_mnist(args, work, specs, sizes, real, sha) -> tuple[list, list]:

@@ -244,6 +244,24 @@ def check_teacher_file(run_dir: Path, sha: str | None) -> None:
         marker.write_text(f"{sha}\n")
 
 
+@torch.no_grad()
+def add_inception_full(run_dir: Path, result: dict, n: int, ctx: dict) -> bool:
+    """Inception FID of a finished MNIST run's exported student (`<run_dir>/generator.safetensors`) at n samples
+    against the whole reference `ctx["reference"]` with `ctx["inception_net"]`: the samples of its final
+    MNIST-feature FID (seed 20000 + the run's seed, `mnist_sweep.final_metrics`). Kept in result.json as
+    final.inception_full; False (nothing done) where it is there at this n already or the run diverged."""
+    if result.get("final", {}).get("inception_full", {}).get("n_samples") == n or result.get("failed"):
+        return False
+    from common import fid, write_json
+    from dibregman.generators import generate, load_generator
+
+    gen, _ = load_generator(Path(run_dir) / "generator.safetensors", ctx["device"])
+    x = generate(gen, n, seed=20_000 + result["seed"], device=ctx["device"])
+    result["final"]["inception_full"] = fid(x, ctx["reference"], ctx["inception_net"], None, ctx["device"])
+    write_json(Path(run_dir) / RESULT, result)
+    return True
+
+
 def save_figure(fig, path: Path) -> Path:
     """`fig.savefig(path)` atomically (a temp file of this process, then a rename)."""
     path = Path(path)

@@ -121,8 +121,9 @@ def make_config(args, name: str, params: dict, seed: int, sizes: dict, real: str
     pairs = {**RECIPE, **(PAPER_DESIGN if getattr(args, "paper_design", False) else {}), **parse_set(args.set)}
     if args.teacher:
         pairs["model.teacher"] = args.teacher
-    if real == "teacher":  # smoke run without data/mnist: a tiny teacher pool is the real side (as the demo)
-        pairs.update({"model.real": "teacher", "model.teacher_pool": 64, "model.teacher_pool_steps": 2})
+    if real == "teacher":  # smoke run without data/mnist: a tiny teacher pool is the real side (as the demo); a
+        # pool size given by --set wins (decisive_gpu.py's smoke run draws a smaller one)
+        pairs = {"model.teacher_pool": 64, "model.teacher_pool_steps": 2, **pairs, "model.real": "teacher"}
     cfg = override(get_preset("mnist"), pairs)
     return override(
         cfg,

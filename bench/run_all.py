@@ -37,7 +37,8 @@ SCRIPTS = {
     "speed": "--speed-args",
 }
 REPORT_ORDER = ("gmm_sweep", "mnist_sweep", "teacher_quality", "speed")
-ALSO_REPORTED = ("fewstep",)  # not run by `make bench` (CPU hours); reported after the others when its JSON is there
+# not run by `make bench` (CPU hours; a GPU): reported after the others when their JSON is there
+ALSO_REPORTED = ("fewstep", "decisive_gpu")
 COMMON_FLAGS = ("out", "work", "scale", "threads", "device", "seed")
 
 

@@ -268,7 +268,7 @@ def collect(args, sizes: dict, jobs: list, alias: dict) -> tuple[list[dict], lis
             missing.append({"teacher": teacher, "label": label, "seed": seed, "why": problem})
             continue
         rec = {k: v for k, v in r.items() if k != "config"}
-        rec.update(label=label, divergence=name, params=params, weight=divergences.get(name, **params).formula)
+        rec.update(label=label, divergence=name, params=params, weight=sweeprun.formula(name, params))
         if src[0] != label:
             rec["alias_of"] = src[0]
         runs.append(rec)

@@ -40,7 +40,7 @@ import torch
 import common
 import mnist_report
 import sweeprun
-from dibregman import divergences, runguard
+from dibregman import runguard
 from dibregman.config import override, parse_set
 from dibregman.generators import generate
 from dibregman.loop import Trainer
@@ -335,7 +335,7 @@ def collect(args, sizes: dict, specs: list, alias: dict, real: str, sha: str | N
                 missing.append({"label": label, "seed": seed, "why": problem})
                 continue
             rec = {k: v for k, v in r.items() if k != "config"}
-            rec.update(label=label, divergence=name, params=params, weight=divergences.get(name, **params).formula)
+            rec.update(label=label, divergence=name, params=params, weight=sweeprun.formula(name, params))
             if label != src[0]:
                 rec["alias_of"] = src[0]
             runs.append(rec)

@@ -80,6 +80,17 @@ def select(specs: list[Spec], only: str) -> list[Spec]:
     return [s for s in specs if not keep or s[0] in keep or s[1] in keep]
 
 
+def divergence_of(name: str, params: dict):
+    """The divergence of a spec: its parameters without the stabiliser's options (`shuffle_weights`)."""
+    return divergences.get(name, **{k: v for k, v in params.items() if k in ("lam", "alpha")})
+
+
+def formula(name: str, params: dict) -> str:
+    """The weight of a spec as written in the reports (a shuffled placebo says so)."""
+    f = divergence_of(name, params).formula
+    return f"{f}, shuffled within sigma bins" if params.get("shuffle_weights") else f
+
+
 def identical_weights(specs: list[Spec]) -> dict[str, str]:
     """{label: label of the first spec with a bitwise-equal log-weight} for the specs that repeat an earlier one.
 
@@ -92,7 +103,7 @@ def identical_weights(specs: list[Spec]) -> dict[str, str]:
     for label, name, params in specs:
         if params.get("shuffle_weights"):  # random assignment: equal to no other spec
             continue
-        div = divergences.get(name, **{k: v for k, v in params.items() if k in ("lam", "alpha")})
+        div = divergence_of(name, params)
         lw = [div.log_weight(grid64), div.log_weight(grid64.float())]
         first = next((lab for lab, ref in seen if all(torch.equal(a, b) for a, b in zip(lw, ref, strict=True))), None)
         if first is None:
@@ -186,7 +197,7 @@ def record(spec: Spec, seed: int, cfg, eval_sizes: dict, run_dir: Path, counters
         "seed": seed,
         "divergence": name,
         "params": params,
-        "weight": divergences.get(name, **params).formula,
+        "weight": formula(name, params),
         "config": cfg.to_dict(),
         "eval_sizes": eval_sizes,
         "run_dir": str(run_dir),

@@ -30,7 +30,7 @@ import torch
 import common
 import gmm_report
 import seedstats as ss
-from dibregman import divergences
+import sweeprun
 
 BASELINE = "rkl"
 TITLE = "Verdict: each objective against reverse KL at equal images"
@@ -87,7 +87,7 @@ def log_weight_slope(name: str, params: dict) -> float:
     """|d log w / d l| at l = 0: a logit error delta moves the objective's log weight by about this times delta
     (SBA(lambda): |lambda|; LR: 1/2; reverse KL: 0, its weight is 1 whatever the discriminator says)."""
     l = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    log_w = divergences.get(name, **params).log_weight(l)
+    log_w = sweeprun.divergence_of(name, params).log_weight(l)
     if not log_w.requires_grad:  # a constant weight
         return 0.0
     (grad,) = torch.autograd.grad(log_w, l)

@@ -183,6 +183,25 @@ def test_killed_mnist_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, mo
 
 
 @pytest.mark.slow
+def test_the_shuffled_placebo_and_the_paper_design_finish_and_are_reported(tmp_path, monkeypatch):
+    """The placebo `sba(lam=5) shuffled` carries a stabiliser option in its spec: it trains, is recorded (its
+    weight says it is shuffled) and collected; `--paper-design` runs live apart, with the paper's config."""
+    import mnist_sweep
+
+    monkeypatch.chdir(ROOT)
+    argv = [*_mnist_argv(tmp_path, "placebo"), "--objectives", "sba(lam=5) shuffled"]
+    data = mnist_sweep.main(argv)
+    (run,) = data["runs"]
+    assert run["label"] == "sba(lam=5) shuffled" and run["weight"].endswith("shuffled within sigma bins")
+    assert run["params"] == {"lam": 5.0, "shuffle_weights": True} and not data["missing"]
+    paper = mnist_sweep.main([*argv, "--paper-design"])
+    (folder,) = (tmp_path / "placebo" / "mnist_sweep_paper").glob("*/sba_lam_5_shuffled-s0")
+    saved = json.loads((folder / sweeprun.RESULT).read_text())["config"]
+    assert saved["model"]["disc_head"] == "mean" and saved["divergence"]["normalize"] == "none"
+    assert saved["loss"]["gen_t_max"] == 1.0 and paper["runs"][0]["curve"] != run["curve"]
+
+
+@pytest.mark.slow
 def test_a_run_held_by_another_process_is_skipped_then_collected(tmp_path, monkeypatch, capsys):
     """Two processes on one work folder: a run whose lock is held is skipped (listed as missing), the others
     train; once it is free the same command trains it, and --collect alone rebuilds the complete JSON."""

@@ -30,6 +30,9 @@ JOBS=(
   # item 2: the placebos' second seed
   "$SWEEP --seed 1 --only sba(lam=-5)"
   "$SWEEP --seed 1 --only sba(lam=5) shuffled"
+  # item 6: the full-sigma-range student (the run lost at 160k) to 300k images, from the shipped teacher (the mnist
+  # preset's; grid_t1.json named a teacher file of the machine that was lost); EMA snapshots every 10 kimg
+  "$PY bench/tuning/mnist_probe.py bench/tuning/results/student_background/grid_t1_shipped.json $WORK/student_t1 --every 10"
   # item 3: SBA(3) and SBA(10) under the paper's design
   "$PAPER --seed 0 --only sba(lam=3)"
   "$PAPER --seed 0 --only sba(lam=10)"

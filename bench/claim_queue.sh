@@ -10,7 +10,8 @@
 # same two commands pick up where the queue was. Runs live in $WORK (default /work/runs, outside the work tree);
 # each run's small files are what bench/results/*_runs/ keep. A job that fails is retried twice, then skipped.
 # DRY=1 prints each worker's jobs as argument lists instead of running them.
-# Each 150k-image MNIST run takes about 90 min on one quiet core of the 2-core AMD EPYC (25-29 img/s).
+# Each 150k-image MNIST run takes about 90 min on one quiet core of the 2-core AMD EPYC (25-29 img/s); a GMM
+# few-step job (10 students of 2000 kimg) about 90 min.
 set -u
 cd "$(dirname "$0")/.."
 W=${1:?worker index 0 or 1}
@@ -19,13 +20,12 @@ PY=${PY:-.venv/bin/python}
 SWEEP="$PY bench/mnist_sweep.py --out $WORK/mnist_out --work $WORK/mnist_work --threads 1 --device cpu --seeds 1 --teacher-nfe 0"
 PAPER="$PY bench/mnist_sweep.py --paper-design --out $WORK/paper_out --work $WORK/mnist_work --threads 1 --device cpu --seeds 1 --teacher-nfe 0"
 TUNE="$PY bench/equal_tuning.py --out $WORK/tuning_out --work $WORK/tuning_work --threads 1 --device cpu"
+PAPER_STOP="$PAPER --stop-diverged"
 FEW="$PY bench/fewstep.py --out $WORK/fewstep_out --work $WORK/fewstep_work --threads 1 --device cpu --no-gmm --seeds 1"
+FEW_GMM="$PY bench/fewstep.py --out $WORK/fewstep_out --work $WORK/fewstep_work --threads 1 --device cpu --no-mnist --gmm-seeds 2"
 
 JOBS=(
-  # issue 31 item 3: the paper's design, seed 0, reverse KL. SBA(5) under it (`$PAPER --seed 0 --only
-  # sba(lam=5)`, the same folder resumes) was stopped by hand at 52k images: it diverged (in-loop FID 68 at 15k,
-  # then 94, 115, 131, 149, 180, 258 and 325 at 50k, above the initial generator's 314; weights' ESS 3 % of the
-  # batch); bench/results/mnist_paper_runs/ keeps its log
+  # issue 31 item 3: the paper's design, seed 0, reverse KL
   "$PAPER --seed 0 --only rkl"
   # item 2: the placebos' second seed
   "$SWEEP --seed 1 --only sba(lam=-5)"
@@ -33,10 +33,25 @@ JOBS=(
   # item 6: the full-sigma-range student (the run lost at 160k) to 300k images, from the shipped teacher (the mnist
   # preset's; grid_t1.json named a teacher file of the machine that was lost); EMA snapshots every 10 kimg
   "$PY bench/tuning/mnist_probe.py bench/tuning/results/student_background/grid_t1_shipped.json $WORK/student_t1 --every 10"
-  # item 3: SBA(3) and SBA(10) under the paper's design
-  "$PAPER --seed 0 --only sba(lam=3)"
-  "$PAPER --seed 0 --only sba(lam=10)"
-  # item 4: equal tuning, six 40k-image probes per objective (the start is read from the sweep's records)
+  # item 3: SBA(3), SBA(10) and SBA(5) under the paper's design, ended early where they diverge (--stop-diverged:
+  # the last 3 in-loop FIDs each above 2x the run's best before them). SBA(5) seed 0 was stopped by hand at 52k
+  # images (in-loop FID 68 at 15k, then 94, 115, 131, 149, 180, 258, 325 at 50k); resumed with the rule, it meets
+  # it at its next evaluation and gets its record
+  "$PAPER_STOP --seed 0 --only sba(lam=3)"
+  "$PAPER_STOP --seed 0 --only sba(lam=10)"
+  "$PAPER_STOP --seed 0 --only sba(lam=5)"
+  # issue 34: 1-, 2- and 4-step students, both training inputs, seeds 0 and 1; then the GMM exact teachers
+  "$FEW --seed 0 --steps 1,2 --inputs backward_sim"
+  "$FEW --seed 0 --steps 4 --inputs backward_sim"
+  "$FEW --seed 0 --steps 2 --inputs noised_data"
+  "$FEW --seed 0 --steps 4 --inputs noised_data"
+  "$FEW --seed 1 --steps 1,2 --inputs backward_sim"
+  "$FEW --seed 1 --steps 4 --inputs backward_sim"
+  "$FEW --seed 1 --steps 2 --inputs noised_data"
+  "$FEW --seed 1 --steps 4 --inputs noised_data"
+  "$FEW_GMM --gmm-teachers gmm:ring8"
+  "$FEW_GMM --gmm-teachers gmm:ring8-uneven"
+  # issue 31 item 4: equal tuning, six 40k-image probes per objective (the start is read from the sweep's records)
   "$TUNE --only rkl --probes head-mean"
   "$TUNE --only sba(lam=5) --probes head-mean"
   "$TUNE --only rkl --probes head-x10"
@@ -52,18 +67,9 @@ JOBS=(
   # item 4: each best setting to 150k images, three seeds
   "$TUNE --finals --only rkl"
   "$TUNE --finals --only sba(lam=5)"
-  # the paper's design, seed 1 of reverse KL and SBA(5)
-  "$PAPER --seed 1 --only rkl"
-  "$PAPER --seed 1 --only sba(lam=5)"
-  # issue 34: 1-, 2- and 4-step students, both training inputs, seeds 0 and 1
-  "$FEW --seed 0 --steps 1,2 --inputs backward_sim"
-  "$FEW --seed 0 --steps 4 --inputs backward_sim"
-  "$FEW --seed 0 --steps 2 --inputs noised_data"
-  "$FEW --seed 0 --steps 4 --inputs noised_data"
-  "$FEW --seed 1 --steps 1,2 --inputs backward_sim"
-  "$FEW --seed 1 --steps 4 --inputs backward_sim"
-  "$FEW --seed 1 --steps 2 --inputs noised_data"
-  "$FEW --seed 1 --steps 4 --inputs noised_data"
+  # item 3: the paper's design, seed 1 of reverse KL and SBA(5)
+  "$PAPER_STOP --seed 1 --only rkl"
+  "$PAPER_STOP --seed 1 --only sba(lam=5)"
 )
 
 # a job as an argument list: the words after --only / --probes may hold spaces or parentheses (one argument each)

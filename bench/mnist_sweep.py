@@ -5,14 +5,15 @@ the same weight sigmoid(l)) and forward KL, each with `--seeds` seeds.
     python bench/mnist_sweep.py [--kimg 150] [--seeds 2] [--teacher edm:PATH] [--fid-every-kimg 5]
                                 [--n-fid-loop 500] [--n-fid 2000] [--n-inception 500] [--teacher-nfe 35]
                                 [--target-fid F] [--only rkl,fkl] [--set optim.gen_lr=2e-4 ...] [--collect]
-                                [--until-kimg K] [--paper-design]
+                                [--until-kimg K] [--paper-design] [--stop-diverged]
 
 Config of every run: the `mnist` preset (real side mnist:data/mnist, batch 64), then RECIPE (the setting that
 ended the oscillation over 300k images: bench/tuning/results/mnist_oscillation/README.md), then `--teacher` and
 `--set`, then the objective, seed and sizes; `--paper-design` puts the paper's own design (`presets.PAPER_DESIGN`:
 SiDA's mean head, raw weights, t ~ U[0, 1], no GAN) between RECIPE and `--set`. Runs resume (`sweeprun.py`):
 stop the command at any point and run it again to continue; finished runs are skipped; two processes with
-disjoint `--only` lists may share --work/--out.
+disjoint `--only` lists may share --work/--out. `--stop-diverged` ends a run once its last 3 in-loop FIDs each
+exceed twice its best before them (`sweeprun.diverged`); it is evaluated where it stopped and recorded as failed.
 
 In-loop, every --fid-every-kimg: FID of the EMA generator with the MNIST feature net (n = --n-fid-loop against
 the 10k test set, log key `fid_mnist`) and the classifier score exp(E KL(p(y|x) || p(y))) of the same samples
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the paper's own design over the recipe (presets.PAPER_DESIGN: mean head, raw weights, t ~ U[0, 1], no "
         "GAN), before --set; its runs live in <work>/mnist_sweep_paper",
+    )
+    p.add_argument(
+        "--stop-diverged",
+        action="store_true",
+        help="end a run early once it diverged (sweeprun.diverged: its last 3 in-loop FIDs each above 2x its best "
+        "before them); it is evaluated where it stopped and recorded as failed, so a rerun skips it",
     )
     p.add_argument("--collect", action="store_true", help="train nothing: rebuild JSON and PNGs from finished runs")
     p.add_argument(
@@ -230,7 +237,15 @@ def train_run(args, spec: tuple, seed: int, sizes: dict, ctx: dict) -> dict | No
         return done
     sweeprun.check_teacher_file(rd, ctx["teacher_sha"])
     print(f"[{NAME}] {label} seed {seed}: {sizes['kimg']:g} kimg, batch {cfg.optim.batch_size}", flush=True)
-    hook = lambda trainer, num_images: loop_metrics(trainer.ema, ctx, sizes["n_fid_loop"], seed)  # noqa: E731
+
+    def hook(trainer, num_images: int) -> dict:
+        rec = loop_metrics(trainer.ema, ctx, sizes["n_fid_loop"], seed)
+        why = getattr(args, "stop_diverged", False) and sweeprun.diverged(
+            [(k, v) for k, v, _ in _points(sweeprun.read_log(rd))] + [(num_images / 1000, rec[FID_KEY])]
+        )
+        if why:
+            raise runguard.StopRun(why, rec)
+        return rec
 
     def prepare(trainer) -> None:
         check_loop_n(rd, sizes["n_fid_loop"])

@@ -229,6 +229,27 @@ def test_sigterm_in_process_checkpoints_and_raises_a_typed_exception(tmp_path):
     assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [2]
 
 
+def test_a_hook_raising_stoprun_logs_its_record_checkpoints_and_the_run_resumes(tmp_path):
+    """An early-stopping hook (runguard.StopRun) at step 2: its record is logged, step 2 is checkpointed and the
+    exception comes back with that checkpoint; the same command resumes and finishes the run."""
+
+    def stop_at_step_2(trainer, num_images):
+        if trainer.state.step == 2:
+            raise runguard.StopRun("diverged: test", {"probe": 7.0})
+        return {"probe": 1.0}
+
+    pairs = {"run.total_kimg": steps_kimg(4), "run.log_every_kimg": steps_kimg(1)}
+    with pytest.raises(runguard.StopRun, match="diverged: test") as e:
+        Trainer(gmm_cfg(**pairs), tmp_path, hooks=[stop_at_step_2]).train()
+    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert e.value.checkpoint is not None and Path(e.value.checkpoint).name == ckpt.list_checkpoints(tmp_path)[0].name
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["probe"] for r in log] == [1.0, 7.0]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored, lock released: it resumes
+    out = Trainer(gmm_cfg(**pairs), tmp_path).train()
+    assert out["steps"] == 4 and out["export"] is not None
+
+
 def _distill_cmd(run_dir: Path, steps: int, **pairs) -> list[str]:
     sets = {**GMM_SMALL, "run.total_kimg": steps_kimg(steps), "run.log_every_kimg": steps_kimg(1), **pairs}
     return ["distill", "--preset", "gmm", "--run-dir", str(run_dir), *[f"--set={k}={v}" for k, v in sets.items()]]

@@ -331,6 +331,36 @@ def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypat
     assert len(gmm_sweep.main(argv)["runs"]) == len(d["runs"])
 
 
+def test_the_divergence_rule_stops_the_diverged_committed_curve_and_no_healthy_one():
+    """`sweeprun.diverged` over every prefix of the committed MNIST curves: the paper design's SBA(5) seed 0 (stopped
+    by hand at 52k images) meets it at 45 kimg, first; no other committed run ever does."""
+    logs = sorted((ROOT / "bench" / "results").glob("mnist_*_runs/*/*/*/log.jsonl"))
+    assert len(logs) >= 19
+    first = {}
+    for path in logs:
+        curve = [(float(r["kimg"]), float(r["fid_mnist"])) for r in sweeprun.read_log(path.parent) if "fid_mnist" in r]
+        hits = [curve[i - 1][0] for i in range(1, len(curve) + 1) if sweeprun.diverged(curve[:i])]
+        if hits:
+            first[path.parent.relative_to(ROOT / "bench" / "results").as_posix()] = hits[0]
+    assert first == {"mnist_paper_runs/mnist_sweep_paper/150kimg-b64/sba_lam_5-s0": pytest.approx(45.056)}
+    assert sweeprun.diverged([(0.0, 300.0), (5.0, 10.0), (10.0, 21.0), (15.0, 25.0)]) is None  # too few after
+    assert sweeprun.diverged([(5.0, 10.0), (10.0, 21.0), (15.0, 25.0), (20.0, 19.0)]) is None  # one back under 2x
+    assert "21.0, 25.0, 30.0" in sweeprun.diverged([(5.0, 10.0), (10.0, 21.0), (15.0, 25.0), (20.0, 30.0)])
+
+
+def test_stop_diverged_records_the_run_as_failed_where_it_stopped_and_a_rerun_skips_it(tmp_path, monkeypatch):
+    import mnist_sweep
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sweeprun, "diverged", lambda curve: "diverged: test" if curve[-1][0] >= 0.016 else None)
+    argv = [*_mnist_argv(tmp_path, "div"), "--only", "sba(lam=5)", "--stop-diverged"]
+    (run,) = mnist_sweep.main(argv)["runs"]
+    assert run["failed"] == "diverged: test" and run["images_seen"] == 16
+    assert [c["kimg"] for c in run["curve"]] == [0.0, 0.016] and run["final"]["mnist_features"]["fid"] > 0
+    monkeypatch.setattr(mnist_sweep, "Trainer", None)  # a rerun builds no Trainer: the run is finished
+    assert mnist_sweep.main(argv)["runs"][0]["failed"] == "diverged: test"
+
+
 # ---- the verdict follows the numbers ----------------------------------------------------------------------
 def _mnist_json(sba_fids: list[float], rkl_fids: list[float]) -> dict:
     """Two seeds each of rkl and sba(lam=5) with constant in-loop curves at the given final FIDs."""

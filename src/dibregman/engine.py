@@ -189,7 +189,8 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> dict:
         """Train to the spec's length (or `max_steps` more steps) holding the run folder's lock; SIGINT/SIGTERM
-        finish the step, checkpoint and raise `runguard.RunInterrupted`."""
+        finish the step, checkpoint and raise `runguard.RunInterrupted`; a hook that raises `runguard.StopRun` ends
+        the run the same way (its metrics logged, a checkpoint written, the exception raised again)."""
         lock = runguard.RunLock(self.run_dir)
         if dist.rank() == 0:
             lock.acquire()
@@ -212,13 +213,14 @@ class Engine:
         runguard.truncate_log(self.run_dir / "log.jsonl", self.state.num_images)
         (self.run_dir / "config.json").write_text(self.method.config_json())
 
-    def _stop_requested(self, stop: runguard.StopSignals) -> int:
-        """The signal number if any rank was signalled (all ranks agree, so they stop at the same step), else 0."""
+    def _stop_requested(self, stop: runguard.StopSignals, early: bool) -> tuple[int, bool]:
+        """(the signal number if any rank was signalled else 0, whether a hook on any rank raised StopRun): all
+        ranks agree, so they stop at the same step."""
         if dist.world_size() == 1:
-            return stop.signum or 0
-        flag = torch.tensor([float(stop.signum or 0)], device=self.device)
-        dist.all_reduce_max_(flag)
-        return int(flag.item())
+            return stop.signum or 0, early
+        flags = torch.tensor([float(stop.signum or 0), float(early)], device=self.device)
+        dist.all_reduce_max_(flags)
+        return int(flags[0].item()), bool(flags[1].item())
 
     def _train(self, max_steps: int | None, stop: runguard.StopSignals) -> dict:
         s, spec = self.state, self.spec
@@ -240,17 +242,23 @@ class Engine:
             mon.progress(spec.batch_size)
             crossed = {k: every[k] > 0 and (s.num_images // every[k]) > (before // every[k]) for k in every}
             done = s.num_images >= total
+            early = None  # a hook's runguard.StopRun
             if crossed["log"] or done:
                 extra = {}
                 for hook in self.hooks:
-                    extra.update(hook(self, s.num_images) or {})
+                    try:
+                        extra.update(hook(self, s.num_images) or {})
+                    except runguard.StopRun as e:
+                        early = early or e
+                        extra.update(e.metrics)
                 mon.flush(s.num_images, s.step, {"bad_steps_total": s.bad_steps, **extra})
             if crossed["sample"] or (done and every["sample"] > 0):
                 ema = self.whole_ema()
                 if dist.rank() == 0:
                     self.method.preview(ema, self.run_dir, s.num_images)
-            signum = self._stop_requested(stop)
-            path = self.save() if crossed["ckpt"] or done or signum else None
+            signum, halt = self._stop_requested(stop, early is not None)
+            halt = halt and not done
+            path = self.save() if crossed["ckpt"] or done or signum or halt else None
             if path is not None:
                 ema = self.whole_ema()
                 if dist.rank() == 0:
@@ -258,6 +266,11 @@ class Engine:
             if signum and not done:
                 mon.close()
                 raise runguard.interrupted(signum, f"{s.num_images / 1000:g} kimg (step {s.step})", path)
+            if halt:
+                mon.close()
+                early = early or runguard.StopRun("a training hook on another rank stopped the run")
+                early.checkpoint = path
+                raise early
         mon.close()
         export = self.export() if s.num_images >= total else None
         return {

@@ -40,6 +40,16 @@ class TooManyBadSteps(RuntimeError):
     """`max_bad_steps` consecutive NaN/Inf steps: the run stopped; its newest healthy checkpoint is intact."""
 
 
+class StopRun(Exception):
+    """Raised by a training hook to end the run early (an early-stopping rule, e.g. on divergence). The engine logs
+    the step with `metrics` (the hook's record), checkpoints, and raises it again with `checkpoint` set; running the
+    same command again resumes the run, so a caller that means "never resume" records that itself."""
+
+    def __init__(self, reason: str, metrics: dict | None = None):
+        super().__init__(reason)
+        self.metrics, self.checkpoint = dict(metrics or {}), None
+
+
 class UserCodeError(Exception):
     """A user's function (`python:MODULE:FUNCTION`) raised; `__cause__` is its exception, with its traceback."""
 

@@ -130,9 +130,16 @@ def record(name: str, args: argparse.Namespace, device: torch.device, sizes: dic
     }
 
 
-def finish(data: dict, out: Path) -> Path:
+def finish(data: dict, out: Path, render=None) -> Path:
+    """Stamp the wall time and write BENCHMARK.json; given `render(data) -> str`, also BENCHMARK.md beside it (one
+    final newline) and say so on stdout. Returns the JSON's path."""
+    name = data["benchmark"]
     data["wall_sec"] = round(time.time() - data.pop("_t0"), 1)
-    return write_json(out / f"{data['benchmark']}.json", data)
+    path = write_json(out / f"{name}.json", data)
+    if render is not None:
+        (out / f"{name}.md").write_text(render(data).rstrip("\n") + "\n")
+        print(f"[{name}] wrote {path} and {name}.md ({data['wall_sec']:g} s)", flush=True)
+    return path
 
 
 def write_json(path: Path, data: dict) -> Path:

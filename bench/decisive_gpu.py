@@ -338,9 +338,7 @@ def run(args) -> dict:
         data["inception_skipped"] = ctx["inception_skipped"]
     data["summary"] = report.summarise(data)
     data["plots"] = report.plot_all(data, args.out)
-    path = common.finish(data, args.out)
-    (args.out / f"{NAME}.md").write_text(report.render(data, {}) + "\n")
-    print(f"[{NAME}] wrote {path} ({data['wall_sec']:g} s)", flush=True)
+    common.finish(data, args.out, lambda d: report.render(d, {}))
     return data
 
 

@@ -202,9 +202,7 @@ def run(args) -> dict:
     data["finals"] = finals_phase(args, sizes, ctx if args.finals else None, real, data["best"])
     data["summary"] = report.summarise_finals(data["finals"])
     data["plots"] = report.plot(data, args.out)
-    path = common.finish(data, args.out)
-    (args.out / f"{NAME}.md").write_text(report.render(data, {}) + "\n")
-    print(f"[{NAME}] wrote {path}", flush=True)
+    common.finish(data, args.out, lambda d: report.render(d, {}))
     return data
 
 

@@ -270,9 +270,7 @@ def run(args) -> dict:
         data["gmm"] = gmm_part(args, sizes["gmm"])
     data["summary"] = fewstep_report.summarise(data)
     data["plots"] = fewstep_report.plot_all(data, args.out)
-    path = common.finish(data, args.out)
-    (args.out / f"{NAME}.md").write_text(fewstep_report.render(data, {}) + "\n")
-    print(f"[{NAME}] wrote {path}", flush=True)
+    common.finish(data, args.out, lambda d: fewstep_report.render(d, {}))
     return data
 
 

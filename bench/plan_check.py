@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     data["rows"] = [row for label, build, cfg in configs(args.quick) for row in check(label, build, cfg)]
     data["measure_sec"] = round(time.time() - t0, 1)
-    common.finish(data, args.out)
-    (args.out / f"{NAME}.md").write_text(markdown(data))
+    common.finish(data, args.out, markdown)
     return data
 
 

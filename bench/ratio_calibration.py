@@ -116,8 +116,7 @@ def run(args) -> dict:
                 )
     data["plots"] = [plot(data, args.out)]
     data["cpu_sec"] = round(time.process_time(), 1)  # the machine is shared: CPU time next to the wall time
-    common.finish(data, args.out)
-    (args.out / f"{NAME}.md").write_text(render(data) + "\n")
+    common.finish(data, args.out, render)
     return data
 
 

@@ -116,8 +116,7 @@ def run(args) -> dict:
     data["real"] = real_floor(sizes, nets, reference, args.seed, device) if common.mnist_available() else None
     data["plots"] = [f"{data['benchmark']}.png"]
     plot(data, args.out / data["plots"][0])
-    common.finish(data, args.out)
-    (args.out / f"{data['benchmark']}.md").write_text(render(data, {}))
+    common.finish(data, args.out, lambda d: render(d, {}))
     return data
 
 

@@ -10,12 +10,13 @@ teachers with the same K, where mode coverage is counted exactly (`gmm_sweep.py`
                             [--gmm-teachers gmm:ring8,gmm:ring8-uneven] [--gmm-kimg K] [--gmm-seeds 2]
                             [--set KEY=VALUE ...] [--gmm-set KEY=VALUE ...] [--collect]
 
-MNIST runs: `mnist_sweep.py`'s config (the `mnist` preset, its RECIPE, the preset's reverse KL) plus
-`model.student_steps = K` and `loss.student_inputs`, trained and evaluated by `mnist_sweep.train_run` (resumable,
-in-loop FID at n = --n-fid-loop); then the Inception FID of the final EMA student against all reference images
-(kept in the run's result.json). GMM runs: `gmm_sweep.one_run` on the `gmm` preset with the same keys. K = 1 has no
-training inputs to choose: it is trained once and shown under both modes. Every run is a folder under --work
-(`sweeprun.py`): stop the command and run it again to continue; `--collect` rebuilds the JSON and plots alone.
+MNIST runs: `mnist_sweep.py`'s config (the `mnist` preset, its RECIPE, the preset's reverse KL) over the whole
+sigma range (FULL_RANGE, before --set) plus `model.student_steps = K` and `loss.student_inputs`, trained and
+evaluated by `mnist_sweep.train_run` (resumable, in-loop FID at n = --n-fid-loop); then the Inception FID of the
+final EMA student against all reference images (kept in the run's result.json). GMM runs: `gmm_sweep.one_run` on
+the `gmm` preset with the same keys. K = 1 has no training inputs to choose: it is trained once and shown under
+both modes. Every run is a folder under --work (`sweeprun.py`): stop the command and run it again to continue;
+`--collect` rebuilds the JSON and plots alone.
 Writes `fewstep.json`, `fewstep.md`, `fewstep.png` (MNIST) and `fewstep_gmm.png` into --out.
 """
 
@@ -34,11 +35,16 @@ import fewstep_report
 import gmm_sweep
 import mnist_sweep
 import sweeprun
+from dibregman.config import parse_set
 from dibregman.methods.fewstep import INPUTS
 from dibregman.presets import get_preset
 
 NAME = "fewstep"
 TITLE = fewstep_report.TITLE
+# The MNIST students' generator and critic see every sigma the teacher knows, down to sigma_min: the sweep's RECIPE
+# stops the generator at sigma >= 0.085 (gen_t_max 0.8), above the last rungs of a K-step ladder, and leaves a faint
+# background noise that costs a one-step student its Inception FID (bench/tuning/results/student_background/).
+FULL_RANGE = ["loss.gen_t_max=1.0", "loss.disc_t_max=1.0"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +112,8 @@ def mnist_sizes(args) -> dict:
 def mnist_part(args, device, sizes: dict) -> dict:
     specs, real = settings(args), mnist_sweep.real_side(args)
     work = args.work / NAME
-    cfg0 = mnist_sweep.make_config(with_student(args, work, 1, INPUTS[0], args.set), "rkl", {}, args.seed, sizes, real)
+    sets = [*FULL_RANGE, *args.set]
+    cfg0 = mnist_sweep.make_config(with_student(args, work, 1, INPUTS[0], sets), "rkl", {}, args.seed, sizes, real)
     sizes["batch"] = cfg0.optim.batch_size
     teacher = common.teacher_info(cfg0.model.teacher)
     sha, ctx = teacher.get("sha256"), None
@@ -115,12 +122,13 @@ def mnist_part(args, device, sizes: dict) -> dict:
         ctx["inception_net"] = inception_net(sizes, device, ctx)
         for label, k, mode in specs:
             for seed in sizes["seeds"]:
-                a = with_student(args, work, k, mode, args.set)
+                a = with_student(args, work, k, mode, sets)
                 result = mnist_sweep.train_run(a, (label, "rkl", {}), seed, sizes, ctx)
                 if result is not None and ctx["inception_net"] is not None:
                     add_inception(a, label, seed, sizes, ctx, result)
     runs, missing = collect_mnist(args, work, specs, sizes, real, sha)
-    return {"teacher": teacher, "preset": cfg0.to_dict(), "recipe": mnist_sweep.RECIPE, "runs": runs,
+    recipe = {**mnist_sweep.RECIPE, **parse_set(FULL_RANGE)}
+    return {"teacher": teacher, "preset": cfg0.to_dict(), "recipe": recipe, "runs": runs,
             "missing": missing, "reference": mnist_sweep.REFERENCE if real == "mnist" else "teacher samples",
             "speed": None if args.collect else sampling_speed(cfg0, sorted({s[1] for s in specs}), sizes, device),
             "inception_skipped": (ctx or {}).get("inception_skipped")}  # fmt: skip
@@ -151,7 +159,7 @@ def collect_mnist(args, work, specs, sizes, real, sha) -> tuple[list, list]:
     runs, missing = [], []
     for label, k, mode in specs:
         for seed in sizes["seeds"]:
-            a = with_student(args, work, k, mode, args.set)
+            a = with_student(args, work, k, mode, [*FULL_RANGE, *args.set])
             cfg = mnist_sweep.make_config(a, "rkl", {}, seed, sizes, real)
             r = sweeprun.read_result(sweeprun.run_folder(work / mnist_sweep.NAME, sizes, label, seed))
             problem = sweeprun.result_problem(r, cfg, eval_sizes, sha)

@@ -33,6 +33,9 @@ def test_fewstep_quick_trains_reports_and_resumes(tmp_path, monkeypatch, capsys)
     assert [r["label"] for r in data["gmm"]["runs"]] == labels and not data["gmm"]["missing"]
     assert [r["sigmas"] for r in data["mnist"]["runs"]] == [[2.5], [2.5, 0.8], [2.5, 0.8]]
     assert all(r["images_seen"] == 16 for r in data["mnist"]["runs"])  # equal training images
+    run0 = json.loads((Path(data["mnist"]["runs"][0]["run_dir"]) / "config.json").read_text())
+    assert run0["loss"]["gen_t_max"] == run0["loss"]["disc_t_max"] == 1.0  # fewstep.FULL_RANGE
+    assert data["mnist"]["recipe"]["loss.gen_t_max"] == 1.0
     assert [r["nfe"] for r in data["mnist"]["speed"]] == [1, 2, 35]
     out = tmp_path / "out"
     for png in data["plots"]:

@@ -38,7 +38,7 @@ SCRIPTS = {
 }
 REPORT_ORDER = ("gmm_sweep", "mnist_sweep", "teacher_quality", "speed")
 # not run by `make bench` (CPU hours; a GPU): reported after the others when their JSON is there
-ALSO_REPORTED = ("fewstep", "decisive_gpu")
+ALSO_REPORTED = ("claim_evidence", "fewstep", "decisive_gpu")
 COMMON_FLAGS = ("out", "work", "scale", "threads", "device", "seed")
 
 

@@ -98,6 +98,11 @@ def with_student(args, work, k: int, mode: str, sets: list[str], **extra):
 
 
 # ---- MNIST -------------------------------------------------------------------------------------------------------
+def mnist_sets(args) -> list[str]:
+    """The --set of every MNIST run, for training and for collecting alike: FULL_RANGE, then the user's --set."""
+    return [*FULL_RANGE, *args.set]
+
+
 def mnist_sizes(args) -> dict:
     a = copy.copy(args)
     a.teacher_nfe = 0  # the teacher's numbers come from teacher_quality.json
@@ -112,7 +117,7 @@ def mnist_sizes(args) -> dict:
 def mnist_part(args, device, sizes: dict) -> dict:
     specs, real = settings(args), mnist_sweep.real_side(args)
     work = args.work / NAME
-    sets = [*FULL_RANGE, *args.set]
+    sets = mnist_sets(args)
     cfg0 = mnist_sweep.make_config(with_student(args, work, 1, INPUTS[0], sets), "rkl", {}, args.seed, sizes, real)
     sizes["batch"] = cfg0.optim.batch_size
     teacher = common.teacher_info(cfg0.model.teacher)
@@ -159,7 +164,7 @@ def collect_mnist(args, work, specs, sizes, real, sha) -> tuple[list, list]:
     runs, missing = [], []
     for label, k, mode in specs:
         for seed in sizes["seeds"]:
-            a = with_student(args, work, k, mode, [*FULL_RANGE, *args.set])
+            a = with_student(args, work, k, mode, mnist_sets(args))
             cfg = mnist_sweep.make_config(a, "rkl", {}, seed, sizes, real)
             r = sweeprun.read_result(sweeprun.run_folder(work / mnist_sweep.NAME, sizes, label, seed))
             problem = sweeprun.result_problem(r, cfg, eval_sizes, sha)

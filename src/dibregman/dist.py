@@ -5,6 +5,7 @@ CUDA. With a single process every helper is a no-op.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -79,5 +80,12 @@ def all_reduce_max_(t: torch.Tensor) -> None:
 
 
 def destroy() -> None:
+    """End the process group while the interpreter is fully alive. The run's objects (FSDP2 state, DTensors, gloo
+    work handles) sit in reference cycles; collected only at interpreter exit, a gloo worker thread could still
+    own one, and its teardown aborts the process ("terminate called without an active exception") after a run
+    that succeeded. So: collect them now, let every rank arrive, then destroy the group."""
     if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def cmd_train_teacher(args) -> None:
     from dataclasses import asdict
 
+    from . import dist
     from .config import parse_set
     from .config_help import describe_keys
     from .train_teacher import teacher_config, train_teacher
@@ -31,7 +32,8 @@ def cmd_train_teacher(args) -> None:
         print(json.dumps(asdict(cfg), indent=2))
         return
     out = train_teacher(cfg, run_dir)
-    print(f"teacher EMA weights: {out}")
+    dist.print0(f"teacher EMA weights: {out}")
+    dist.destroy()  # under torchrun: end the process group while the interpreter is alive (dist.destroy)
 
 
 # The common `distill` flags and the config keys they set (everything else: --set section.key=value).

@@ -331,9 +331,16 @@ def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypat
     assert len(gmm_sweep.main(argv)["runs"]) == len(d["runs"])
 
 
-def test_the_divergence_rule_stops_the_diverged_committed_curve_and_no_healthy_one():
+def _result(run: Path) -> dict:
+    path = run / "result.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_the_divergence_rule_stops_the_diverged_committed_curves_and_no_healthy_one():
     """`sweeprun.diverged` over every prefix of the committed MNIST curves: the paper design's SBA(5) seed 0 (stopped
-    by hand at 52k images) meets it at 45 kimg, first; no other committed run ever does."""
+    by hand at 52k images, before the rule existed) meets it at 45 kimg, first; SBA(3) seed 0, run with
+    --stop-diverged, at 40 kimg, where it stopped; the runs it meets are exactly those recorded as diverged, and no
+    healthy committed run ever meets it."""
     logs = sorted((ROOT / "bench" / "results").glob("mnist_*_runs/*/*/*/log.jsonl"))
     assert len(logs) >= 19
     first = {}
@@ -342,7 +349,14 @@ def test_the_divergence_rule_stops_the_diverged_committed_curve_and_no_healthy_o
         hits = [curve[i - 1][0] for i in range(1, len(curve) + 1) if sweeprun.diverged(curve[:i])]
         if hits:
             first[path.parent.relative_to(ROOT / "bench" / "results").as_posix()] = hits[0]
-    assert first == {"mnist_paper_runs/mnist_sweep_paper/150kimg-b64/sba_lam_5-s0": pytest.approx(45.056)}
+    paper = "mnist_paper_runs/mnist_sweep_paper/150kimg-b64"
+    assert first == {f"{paper}/sba_lam_5-s0": pytest.approx(45.056), f"{paper}/sba_lam_3-s0": pytest.approx(40.0)}
+    recorded = {
+        path.parent.relative_to(ROOT / "bench" / "results").as_posix()
+        for path in logs
+        if str(_result(path.parent).get("failed", "")).startswith("diverged")
+    }
+    assert recorded == set(first)
     assert sweeprun.diverged([(0.0, 300.0), (5.0, 10.0), (10.0, 21.0), (15.0, 25.0)]) is None  # too few after
     assert sweeprun.diverged([(5.0, 10.0), (10.0, 21.0), (15.0, 25.0), (20.0, 19.0)]) is None  # one back under 2x
     assert "21.0, 25.0, 30.0" in sweeprun.diverged([(5.0, 10.0), (10.0, 21.0), (15.0, 25.0), (20.0, 30.0)])

@@ -331,11 +331,6 @@ def test_a_diverged_run_is_recorded_left_out_and_not_retried(tmp_path, monkeypat
     assert len(gmm_sweep.main(argv)["runs"]) == len(d["runs"])
 
 
-def _result(run: Path) -> dict:
-    path = run / "result.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def test_the_divergence_rule_stops_the_diverged_committed_curves_and_no_healthy_one():
     """`sweeprun.diverged` over every prefix of the committed MNIST curves meets exactly the runs recorded as
     diverged, and no healthy one: the paper design's SBA(5) seed 0 (stopped by hand at 52k images, before the rule
@@ -349,7 +344,7 @@ def test_the_divergence_rule_stops_the_diverged_committed_curves_and_no_healthy_
         hits = [curve[i - 1][0] for i in range(1, len(curve) + 1) if sweeprun.diverged(curve[:i])]
         if hits:
             first[run], last[run] = hits[0], curve[-1][0]
-        if str(_result(path.parent).get("failed", "")).startswith("diverged"):
+        if str((sweeprun.read_result(path.parent) or {}).get("failed", "")).startswith("diverged"):
             recorded.add(run)
     paper = "mnist_paper_runs/mnist_sweep_paper/150kimg-b64"
     assert {f"{paper}/sba_lam_5-s0", f"{paper}/sba_lam_3-s0"} <= recorded == set(first)
